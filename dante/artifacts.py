@@ -1,0 +1,332 @@
+"""Run folders, atomic writes and stage manifests.
+
+Every stage writes under ``<run.root>/<run.name>/<NN>_<stage>/`` and writes ``manifest.json`` LAST
+(atomically), so a manifest's presence means the stage completed. A stage reads the manifests of its
+inputs before any work and refuses a missing or incompatible one with the script to run.
+
+Lifecycle used by every numbered script::
+
+    stage = Stage.open(cfg, "03_shards", force=args.force)   # no-op exit if already complete
+    corpus = stage.require("01_corpus")                        # input manifest or a clear error
+    ... work, writing files with atomic_write_* / stage.progress ...
+    stage.finish(outputs={...}, counts={...})                  # manifest.json, last
+
+Resume: an interrupted stage leaves its partial outputs and ``progress.json`` (no manifest); the next
+run reuses them when the resolved config is the same, and refuses (naming --force) when it differs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import hashlib
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+from dante import config as C
+
+MANIFEST = "manifest.json"
+PROGRESS = "progress.json"
+
+
+class StageError(RuntimeError):
+    """A problem with a stage's inputs or outputs that the user fixes by running something."""
+
+
+class StageAlreadyDone(Exception):
+    """Raised by Stage.open when the stage is complete and --force was not given."""
+
+
+# ---------------------------------------------------------------------------------------------------
+# Atomic writes
+# ---------------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """Yield a temp path in the same folder; rename onto ``path`` only if the block succeeds."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        with open(tmp_path, "rb+") as f:  # durability: data on disk before the rename makes it visible
+            os.fsync(f.fileno())
+        os.replace(tmp_path, path)
+    finally:
+        if tmp_path.exists():
+            tmp_path.unlink()
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: str | Path, obj: Any) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, ensure_ascii=False, default=_json_default) + "\n")
+
+
+def _json_default(o: Any) -> Any:
+    if isinstance(o, Path):
+        return str(o)
+    if hasattr(o, "item"):
+        return o.item()
+    raise TypeError(f"not JSON serializable: {type(o).__name__}")
+
+
+def read_json(path: str | Path) -> Any:
+    return json.loads(Path(path).read_text(encoding="utf-8"))
+
+
+def file_sha256(path: str | Path, limit: int | None = None) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        remaining = limit
+        while True:
+            n = 1 << 20 if remaining is None else min(1 << 20, remaining)
+            if n == 0:
+                break
+            chunk = f.read(n)
+            if not chunk:
+                break
+            h.update(chunk)
+            if remaining is not None:
+                remaining -= len(chunk)
+    return h.hexdigest()
+
+
+def describe_path(path: str | Path, hash_limit: int = 64 << 20) -> dict:
+    """Path with size and (for files up to hash_limit) sha256: for manifests' `inputs`."""
+    p = Path(path)
+    if p.is_dir():
+        files = [f for f in sorted(p.rglob("*")) if f.is_file()]
+        return {"path": str(p), "kind": "dir", "files": len(files), "bytes": sum(f.stat().st_size for f in files)}
+    info = {"path": str(p), "kind": "file", "bytes": p.stat().st_size}
+    if p.stat().st_size <= hash_limit:
+        info["sha256"] = file_sha256(p)
+    return info
+
+
+# ---------------------------------------------------------------------------------------------------
+# Environment facts for manifests
+# ---------------------------------------------------------------------------------------------------
+
+
+def software_versions() -> dict[str, str]:
+    """Versions of the packages already imported (importing more here would slow every stage)."""
+    out = {"python": platform.python_version()}
+    for name in ("torch", "numpy", "tokenizers", "transformers", "datasets", "deepspeed", "torchao", "safetensors"):
+        mod = sys.modules.get(name)
+        if mod is not None:
+            out[name] = str(getattr(mod, "__version__", "?"))
+    return out
+
+
+def git_commit() -> str:
+    try:
+        here = Path(__file__).resolve().parent.parent
+        r = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5)
+        if r.returncode == 0:
+            dirty = subprocess.run(
+                ["git", "status", "--porcelain", "--untracked-files=no"], cwd=here, capture_output=True, text=True, timeout=5
+            ).stdout.strip()
+            return r.stdout.strip() + ("-dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return "unknown"
+
+
+def now_iso() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Stages
+# ---------------------------------------------------------------------------------------------------
+
+
+def run_dir(run: C.RunConfig) -> Path:
+    return Path(run.root) / run.name
+
+
+def stage_dir(run: C.RunConfig, stage: str) -> Path:
+    if stage not in C.STAGES:
+        raise KeyError(f"unknown stage {stage!r}; known: {list(C.STAGES)}")
+    return run_dir(run) / stage
+
+
+def script_for(stage: str) -> str:
+    return C.STAGES[stage][0]
+
+
+def read_manifest(run: C.RunConfig, stage: str, format_version: int | None = None) -> dict:
+    """The manifest of a completed stage, or a StageError that names the script to run."""
+    d = stage_dir(run, stage)
+    path = d / MANIFEST
+    script = script_for(stage)
+    if not path.is_file():
+        hint = " (it started but did not finish: rerun it to resume)" if d.exists() else ""
+        raise StageError(
+            f"{stage} is missing for run {run.name!r}: no {path}{hint}.\n"
+            f"  HINT: run `python {script} --config configs/<profile>/{C.PROFILE_FILES[stage]}` first."
+        )
+    try:
+        m = read_json(path)
+    except (json.JSONDecodeError, OSError) as e:
+        raise StageError(f"{path} is unreadable ({e}); rerun `python {script} --force`.") from None
+    if m.get("stage") != stage:
+        raise StageError(f"{path} describes stage {m.get('stage')!r}, expected {stage!r}; rerun {script} --force.")
+    if format_version is not None and m.get("format_version") != format_version:
+        raise StageError(
+            f"{stage} output has format version {m.get('format_version')}, this code reads version "
+            f"{format_version}; rerun `python {script} --force` to rebuild it."
+        )
+    return m
+
+
+def stage_done(run: C.RunConfig, stage: str) -> bool:
+    return (stage_dir(run, stage) / MANIFEST).is_file()
+
+
+@dataclass
+class Stage:
+    """One execution of a stage: its folder, its inputs, progress and its final manifest."""
+
+    name: str
+    dir: Path
+    cfg: Any
+    format_version: int
+    started: str = field(default_factory=now_iso)
+    inputs: dict = field(default_factory=dict)
+    resumed: bool = False
+
+    @classmethod
+    def open(cls, cfg: Any, name: str, format_version: int = 1, force: bool = False) -> "Stage":
+        """Prepare the stage folder. Raises StageAlreadyDone if complete (unless force).
+
+        An unfinished folder from an earlier run is kept for resuming if its recorded config matches;
+        a mismatch is refused, because mixing outputs of two configs would silently corrupt the result.
+        """
+        d = stage_dir(cfg.run, name)
+        manifest = d / MANIFEST
+        cfg_dict = C.to_dict(cfg)
+        if manifest.exists() and not force:
+            raise StageAlreadyDone(
+                f"{name} is already complete for run {cfg.run.name!r} ({manifest}); nothing to do. "
+                f"Use --force to redo it."
+            )
+        if force and d.exists():
+            shutil.rmtree(d)
+        resumed = False
+        prog_path = d / PROGRESS
+        if d.exists() and prog_path.exists():
+            prog = read_json(prog_path)
+            if _stable(prog.get("config")) != _stable(cfg_dict):
+                diff = diff_configs(prog.get("config") or {}, cfg_dict)
+                raise StageError(
+                    f"{d} holds an unfinished {name} run made with a different config "
+                    f"(differs at: {', '.join(diff[:8]) or '?'}).\n"
+                    f"  HINT: rerun with the same config to resume, or pass --force to start over."
+                )
+            resumed = True
+        d.mkdir(parents=True, exist_ok=True)
+        st = cls(name=name, dir=d, cfg=cfg, format_version=format_version, resumed=resumed)
+        if not resumed:
+            st.save_progress({})
+        return st
+
+    # -- inputs -------------------------------------------------------------------------------------
+    def require(self, stage: str, format_version: int | None = None) -> dict:
+        m = read_manifest(self.cfg.run, stage, format_version)
+        self.inputs[stage] = {
+            "manifest": str(stage_dir(self.cfg.run, stage) / MANIFEST),
+            "manifest_sha256": file_sha256(stage_dir(self.cfg.run, stage) / MANIFEST),
+            "finished": m.get("finished"),
+        }
+        return m
+
+    def add_input(self, key: str, path: str | Path) -> None:
+        self.inputs[key] = describe_path(path)
+
+    # -- progress (resume state) --------------------------------------------------------------------
+    def load_progress(self) -> dict:
+        p = self.dir / PROGRESS
+        return read_json(p).get("state", {}) if p.exists() else {}
+
+    def save_progress(self, state: dict) -> None:
+        atomic_write_json(self.dir / PROGRESS, {"config": C.to_dict(self.cfg), "state": state, "updated": now_iso()})
+
+    # -- completion ---------------------------------------------------------------------------------
+    def finish(self, outputs: dict | None = None, counts: dict | None = None, extra: dict | None = None) -> dict:
+        manifest = {
+            "stage": self.name,
+            "script": script_for(self.name),
+            "format_version": self.format_version,
+            "config": C.to_dict(self.cfg),
+            "inputs": self.inputs,
+            "outputs": outputs or {},
+            "counts": counts or {},
+            "software": software_versions(),
+            "git_commit": git_commit(),
+            "host": platform.node(),
+            "started": self.started,
+            "finished": now_iso(),
+            "resumed": self.resumed,
+        }
+        if extra:
+            manifest.update(extra)
+        atomic_write_json(self.dir / MANIFEST, manifest)  # LAST: its presence means "complete"
+        p = self.dir / PROGRESS
+        if p.exists():
+            p.unlink()
+        return manifest
+
+
+def _stable(obj: Any) -> str:
+    return json.dumps(obj, sort_keys=True, default=str)
+
+
+def diff_configs(a: dict, b: dict, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two config dicts."""
+    out = []
+    for k in sorted(set(a) | set(b), key=str):
+        key = f"{prefix}{k}"
+        va, vb = a.get(k), b.get(k)
+        if isinstance(va, dict) and isinstance(vb, dict):
+            out += diff_configs(va, vb, key + ".")
+        elif _stable(va) != _stable(vb):
+            out.append(key)
+    return out
+
+
+def check_writable(path: str | Path) -> list[str]:
+    """Problems (as messages) if ``path`` cannot be created/written. Probes for real: root ignores
+    permission bits, so os.access would say yes where a read-only mount or a file in the way says no."""
+    p = Path(path).absolute()
+    probe = p
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir():
+        return [f"output folder {p} cannot be created: {probe} is a file; choose another run.root / run.name"]
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=".dante-write-probe-", dir=probe)
+        os.close(fd)
+        os.unlink(tmp)
+    except OSError as e:
+        return [f"output folder {p} is not writable ({probe}: {e.strerror}); choose another run.root"]
+    return []

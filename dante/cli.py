@@ -1,0 +1,98 @@
+"""The command line shared by every numbered script.
+
+Each script calls ``parse_stage_args`` and ``run_stage``; this gives all of them the same flags
+(``--config``, repeated ``--set``, ``--print-config``, ``--help-config``, ``--force``, ``--dry-run``)
+and the same exit behaviour: a config, input or stage problem prints one clear message and exits 2,
+and an already complete stage prints that it is a no-op and exits 0.
+
+Example::
+
+    python 3_tokenize_shards.py --config configs/tiny/shards.yaml --set shards.workers=2
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any, Callable
+
+from dante import config as C
+from dante.artifacts import Stage, StageAlreadyDone, StageError, check_writable, run_dir
+
+
+class UserError(RuntimeError):
+    """Bad input (data or arguments) found by a stage; printed without a traceback."""
+
+
+def build_parser(stage: str, description: str) -> argparse.ArgumentParser:
+    script, _ = C.STAGES[stage]
+    ap = argparse.ArgumentParser(
+        prog=script,
+        description=description,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=f"example: python {script} --config configs/tiny/{C.PROFILE_FILES[stage]}",
+    )
+    ap.add_argument("--config", required=False, help=f"YAML config (e.g. configs/tiny/{C.PROFILE_FILES[stage]})")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a dotted config key, e.g. --set run.name=exp1 (repeatable)")
+    ap.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")
+    ap.add_argument("--help-config", action="store_true", help="list every config key with its default and doc")
+    ap.add_argument("--force", action="store_true", help="redo the stage even if complete (deletes its folder)")
+    ap.add_argument("--dry-run", action="store_true", help="validate and print the plan; do no work")
+    return ap
+
+
+def load_stage_config(stage: str, args: argparse.Namespace) -> Any:
+    _, cls = C.STAGES[stage]
+    if args.help_config:
+        print("\n".join(C.describe(cls)))
+        raise SystemExit(0)
+    if not args.config:
+        raise C.ConfigError([f"--config is required (e.g. --config configs/tiny/{C.PROFILE_FILES[stage]})"], "<command line>")
+    return C.load_config(cls, args.config, args.overrides)
+
+
+def run_stage(
+    stage: str,
+    description: str,
+    main: Callable[[Stage, Any, argparse.Namespace], dict | None],
+    *,
+    format_version: int = 1,
+    extra_args: Callable[[argparse.ArgumentParser], None] | None = None,
+    dry_run: Callable[[Any, argparse.Namespace], None] | None = None,
+    argv: list[str] | None = None,
+) -> int:
+    """Parse args, validate, open the stage, call ``main(stage, cfg, args)``; map errors to exit codes.
+
+    ``main`` does the work and calls ``stage.finish(...)`` itself (writing the manifest last).
+    """
+    ap = build_parser(stage, description)
+    if extra_args:
+        extra_args(ap)
+    args = ap.parse_args(argv)
+    try:
+        cfg = load_stage_config(stage, args)
+        if args.print_config:
+            print(C.to_yaml(cfg), end="")
+            return 0
+        if args.dry_run:
+            if dry_run is None:
+                print(C.to_yaml(cfg), end="")
+                print(f"# dry run: config valid; {stage} would write to {run_dir(cfg.run) / stage}")
+            else:
+                dry_run(cfg, args)
+            return 0
+        problems = check_writable(run_dir(cfg.run))
+        if problems:
+            raise UserError("\n".join(problems))
+        st = Stage.open(cfg, stage, format_version=format_version, force=args.force)
+        if st.resumed:
+            print(f"[{stage}] resuming unfinished run in {st.dir}", flush=True)
+        main(st, cfg, args)
+        return 0
+    except StageAlreadyDone as e:
+        print(f"[{stage}] {e}")
+        return 0
+    except (C.ConfigError, StageError, UserError) as e:
+        print(f"[{stage}] ERROR: {e}", file=sys.stderr)
+        return 2

@@ -1,0 +1,843 @@
+"""Typed configuration for every Dante stage.
+
+Each stage has one dataclass (``CorpusStageConfig``, ``TokenizerStageConfig`` ...) made of nested
+section dataclasses. Every field has a default and a one-line docstring (the string literal right under
+it, which ``--help-config`` prints). YAML is the saved form: a file fills the dataclass, ``--set a.b=v``
+overrides one dotted key after the file, and the result is validated as a whole.
+
+Design choices
+- One error for all problems: unknown keys, wrong types and invalid combinations are collected and
+  raised together as ``ConfigError``, each line naming the file and the dotted key (litgpt's
+  ``validate_args`` style). Nothing is taken from file names.
+- Types are checked strictly (a YAML ``"3"`` is not an int); ints are accepted where a float is asked.
+- ``--set`` values are parsed as YAML scalars/flow collections, then type-checked like file values.
+
+Example::
+
+    cfg = load_config(PretrainStageConfig, "configs/tiny/pretrain.yaml", ["train.lr=1e-3"])
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import inspect
+import textwrap
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config problem list; str() gives one readable multi-line message."""
+
+    def __init__(self, problems: list[str], source: str = "<config>"):
+        self.problems = list(problems)
+        self.source = source
+        lines = "\n".join(f"  - {p}" for p in self.problems)
+        super().__init__(f"invalid configuration ({source}), {len(self.problems)} problem(s):\n{lines}")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Sections shared by several stages
+# ---------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class RunConfig:
+    name: str = "tiny"
+    """Run name: every artifact goes under <root>/<name>/."""
+    root: str = "runs"
+    """Folder that holds all runs (relative paths are relative to the working directory)."""
+    seed: int = 1234
+    """Master seed: every random choice of the stage derives from it."""
+
+
+@dataclass
+class ModelConfig:
+    dim: int = 256
+    """Model width d_model."""
+    n_layers: int = 4
+    """Number of transformer blocks."""
+    n_heads: int = 4
+    """Query heads."""
+    n_kv_heads: int = 2
+    """Key/value heads (grouped-query attention); must divide n_heads."""
+    head_dim: int = 0
+    """Per-head width; 0 means dim // n_heads."""
+    vocab_size: int = 8192
+    """Embedding rows; must equal the tokenizer's vocabulary size."""
+    ffn_hidden_dim: int = 0
+    """SwiGLU hidden width; 0 means the LLaMA rule: round_up(multiple_of, 8/3 * dim * ffn_dim_multiplier)."""
+    ffn_dim_multiplier: float = 1.0
+    """Multiplier on the 8/3*dim SwiGLU width (used only when ffn_hidden_dim is 0)."""
+    multiple_of: int = 256
+    """SwiGLU hidden width is rounded up to a multiple of this (used only when ffn_hidden_dim is 0)."""
+    norm_eps: float = 1e-5
+    """RMSNorm epsilon."""
+    rope_theta: float = 10000.0
+    """RoPE base frequency."""
+    max_seq_len: int = 512
+    """Longest sequence the model is trained / evaluated at (after any context extension)."""
+    rope_scaling: dict = field(default_factory=dict)
+    """RoPE scaling in transformers' format, e.g. {rope_type: yarn, factor: 4, original_max_position_embeddings: 2048}; {} for none."""
+    tie_embeddings: bool = True
+    """Share the input embedding and the output projection (lm_head)."""
+    init_std: float = 0.02
+    """Std of the normal init; output projections of each block are scaled by 1/sqrt(2*n_layers)."""
+
+
+@dataclass
+class TrainConfig:
+    seq_len: int = 256
+    """Training sequence length (tokens per row)."""
+    micro_batch: int = 4
+    """Rows per forward/backward on one rank."""
+    grad_accum: int = 1
+    """Micro-batches accumulated per optimizer step on one rank."""
+    max_steps: int = 0
+    """Optimizer steps; 0 means derive from token_budget."""
+    token_budget: int = 0
+    """Tokens to train on (used when max_steps is 0)."""
+    lr: float = 3e-4
+    """Peak learning rate."""
+    min_lr: float = 3e-5
+    """Floor of the cosine schedule."""
+    warmup_steps: int = 2000
+    """Linear warmup steps from 0 to lr."""
+    weight_decay: float = 0.1
+    """AdamW weight decay (norms, biases and embeddings are exempt)."""
+    beta1: float = 0.9
+    """AdamW beta1."""
+    beta2: float = 0.95
+    """AdamW beta2."""
+    eps: float = 1e-8
+    """AdamW epsilon."""
+    grad_clip: float = 1.0
+    """Global gradient-norm clip; 0 disables."""
+    precision: Literal["bf16", "fp32"] = "bf16"
+    """Training precision of activations (master weights stay fp32)."""
+    compile: bool = False
+    """Wrap the model in torch.compile."""
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune"] = "default"
+    """torch.compile mode."""
+    fp8: bool = False
+    """Convert linears (except lm_head) to torchao float8 training."""
+    activation_checkpointing: bool = False
+    """Recompute each block in backward to save activation memory."""
+    loss_chunk_size: int = 4096
+    """Tokens per chunk of the chunked cross-entropy (never materialize full fp32 logits)."""
+    tier_weights: dict = field(default_factory=lambda: {1: 3.0, 2: 2.0, 3: 1.0})
+    """Sampling weight per quality tier (reference 3:2:1)."""
+    deepspeed_config: str = ""
+    """Path of a DeepSpeed JSON/YAML config; '' uses the built-in ZeRO-2 config."""
+    zero_stage: int = 2
+    """ZeRO stage for the built-in DeepSpeed config."""
+    checkpoint_every: int = 1000
+    """Save a checkpoint every N optimizer steps (and on SIGTERM/SIGINT)."""
+    keep_last: int = 3
+    """Checkpoints to keep."""
+    eval_every: int = 500
+    """Validation loss every N optimizer steps; 0 disables."""
+    eval_batches: int = 8
+    """Micro-batches per validation pass."""
+    log_every: int = 10
+    """Metrics line every N steps."""
+    assumed_tokens_per_sec: float = 30000.0
+    """Throughput per GPU used by --dry-run to estimate the ETA."""
+
+
+# ---------------------------------------------------------------------------------------------------
+# Stage 1: corpus
+# ---------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class SourceConfig:
+    name: str = ""
+    """Unique source name (folder name under 01_corpus/)."""
+    kind: Literal["hf", "local"] = "local"
+    """'hf' streams a hub dataset; 'local' reads files through the same datasets code path."""
+    hf_id: str = ""
+    """Hub dataset id (kind hf)."""
+    hf_config: str = ""
+    """Hub dataset config / subset name (kind hf); '' for the default."""
+    split: str = "train"
+    """Dataset split."""
+    path: str = ""
+    """Local file or glob (kind local); relative to the working directory."""
+    format: Literal["jsonl", "txt", "parquet"] = "jsonl"
+    """Local file format (kind local)."""
+    text_field: str = "text"
+    """Field holding the document text."""
+    lang: Literal["it", "en", "code"] = "it"
+    """Language tag of every document of this source."""
+    tier: int = 1
+    """Quality tier 1 (best) to 3."""
+    min_chars: int = 100
+    """Drop documents shorter than this after normalization (reference: 100 text, 20 code)."""
+    char_budget: int = 0
+    """Stop after this many kept characters; 0 means no limit."""
+
+
+@dataclass
+class CorpusConfig:
+    sources: list[SourceConfig] = field(default_factory=list)
+    """Sources to download, filter, deduplicate and shard."""
+    docs_per_shard: int = 10000
+    """Documents per compressed output shard."""
+    non_utf8: Literal["skip", "error"] = "skip"
+    """Policy for undecodable bytes in local text: 'skip' drops and counts the document, 'error' stops."""
+
+
+@dataclass
+class CorpusStageConfig:
+    run: RunConfig = field(default_factory=RunConfig)
+    """Run identity."""
+    corpus: CorpusConfig = field(default_factory=CorpusConfig)
+    """Stage 1 settings."""
+
+
+# ---------------------------------------------------------------------------------------------------
+# Stage 2: tokenizer
+# ---------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ReferenceTokenizerConfig:
+    name: str = ""
+    """Label in the fertility report."""
+    kind: Literal["hf_json", "gpt2_bpe", "sentencepiece", "tiktoken"] = "hf_json"
+    """File kind: tokenizer.json, GPT-2 vocab+merges, SentencePiece model, or tiktoken ranks."""
+    path: str = ""
+    """Main file (tokenizer.json, encoder.json, .model, or tiktoken ranks)."""
+    merges_path: str = ""
+    """vocab.bpe (gpt2_bpe only)."""
+
+
+@dataclass
+class TokenizerConfig:
+    vocab_size: int = 8192
+    """Total vocabulary including special and reserved tokens."""
+    pretokenizer: Literal["dante", "gpt2", "llama3"] = "dante"
+    """Pre-tokenization regex."""
+    language_mix: dict = field(default_factory=lambda: {"it": 0.42, "en": 0.36, "code": 0.22})
+    """Character share per language in the training sample."""
+    sample_chars: int = 2_000_000
+    """Characters in the training sample."""
+    min_frequency: int = 2
+    """Minimum pair frequency for a merge."""
+    n_reserved: int = 248
+    """Reserved special-token ids after the named ones."""
+    heldout: dict = field(default_factory=dict)
+    """Held-out text per language for the fertility report: {it: path, en: path, code: path}."""
+    baseline: bool = True
+    """Also train the A/B baseline (same sample and vocab, GPT-2/Llama-3-style regex)."""
+    references: list[ReferenceTokenizerConfig] = field(default_factory=list)
+    """Reference tokenizers for the fertility report."""
+
+
+@dataclass
+class TokenizerStageConfig:
+    run: RunConfig = field(default_factory=RunConfig)
+    """Run identity."""
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    """Stage 2 settings."""
+
+
+# ---------------------------------------------------------------------------------------------------
+# Stage 3: shards
+# ---------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ShardsConfig:
+    shard_tokens: int = 100_000_000
+    """Tokens per shard file."""
+    val_fraction: float = 0.005
+    """Fraction of each source's documents held out for validation (deterministic by hash)."""
+    workers: int = 0
+    """Encoding processes; 0 means all cores."""
+    batch_docs: int = 256
+    """Documents per encode_batch call."""
+    verify_samples: int = 16
+    """Documents round-tripped per shard by --verify."""
+
+
+@dataclass
+class ShardsStageConfig:
+    run: RunConfig = field(default_factory=RunConfig)
+    """Run identity."""
+    shards: ShardsConfig = field(default_factory=ShardsConfig)
+    """Stage 3 settings."""
+
+
+# ---------------------------------------------------------------------------------------------------
+# Stages 4, 5, 7: training
+# ---------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class PretrainStageConfig:
+    run: RunConfig = field(default_factory=RunConfig)
+    """Run identity."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """Architecture."""
+    train: TrainConfig = field(default_factory=TrainConfig)
+    """Optimization and engine settings."""
+
+
+@dataclass
+class LongEvalConfig:
+    lengths: list[int] = field(default_factory=lambda: [256, 512])
+    """Context lengths for passkey retrieval."""
+    depths: list[float] = field(default_factory=lambda: [0.1, 0.5, 0.9])
+    """Relative depths at which the passkey is hidden."""
+    trials: int = 4
+    """Passkey trials per (length, depth)."""
+    bucket_size: int = 128
+    """Width of the position buckets for perplexity by position."""
+    max_docs: int = 8
+    """Long held-out sequences used for perplexity by position."""
+
+
+@dataclass
+class ExtendConfig:
+    mode: Literal["yarn", "linear", "continued"] = "yarn"
+    """'yarn' or 'linear' RoPE scaling, or 'continued' (no scaling, only longer sequences)."""
+    factor: float = 2.0
+    """Context multiplier (new_max_seq_len / original)."""
+    new_max_seq_len: int = 1024
+    """Target context length."""
+    beta_fast: float = 32.0
+    """YaRN beta_fast."""
+    beta_slow: float = 1.0
+    """YaRN beta_slow."""
+
+
+@dataclass
+class ExtendStageConfig:
+    run: RunConfig = field(default_factory=RunConfig)
+    """Run identity."""
+    extend: ExtendConfig = field(default_factory=ExtendConfig)
+    """Context-extension settings."""
+    train: TrainConfig = field(default_factory=TrainConfig)
+    """Fine-tuning settings at the new length."""
+    long_eval: LongEvalConfig = field(default_factory=LongEvalConfig)
+    """Long-context evaluation before and after."""
+
+
+# ---------------------------------------------------------------------------------------------------
+# Stage 6 / 7: SFT
+# ---------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class SFTSourceConfig:
+    name: str = ""
+    """Unique source name."""
+    kind: Literal["hf", "local"] = "local"
+    """'hf' hub dataset or 'local' JSONL, same datasets code path."""
+    hf_id: str = ""
+    """Hub dataset id (kind hf)."""
+    hf_config: str = ""
+    """Hub dataset config name."""
+    split: str = "train"
+    """Split."""
+    path: str = ""
+    """Local JSONL path (kind local)."""
+    format: Literal["messages", "sharegpt", "alpaca", "prompt_response"] = "messages"
+    """Row format."""
+    lang: Literal["it", "en", "code"] = "it"
+    """Language tag."""
+    weight: float = 1.0
+    """Sampling weight (repeats/subsamples the source)."""
+    max_rows: int = 0
+    """Rows to read at most; 0 means all."""
+
+
+@dataclass
+class SFTDataConfig:
+    sources: list[SFTSourceConfig] = field(default_factory=list)
+    """Conversation sources."""
+    block_size: int = 4096
+    """Tokens per packed block."""
+    user_weight: float = 0.0
+    """Loss weight of user/system tokens (assistant tokens weigh 1)."""
+    overlong: Literal["truncate", "drop"] = "drop"
+    """Policy for conversations longer than block_size."""
+    heldout_fraction: float = 0.02
+    """Fraction of conversations kept for the eval loss."""
+    system_prompt: str = ""
+    """Default system prompt added when a conversation has none; '' adds none."""
+
+
+@dataclass
+class SFTDataStageConfig:
+    run: RunConfig = field(default_factory=RunConfig)
+    """Run identity."""
+    sft_data: SFTDataConfig = field(default_factory=SFTDataConfig)
+    """Stage 6 settings."""
+
+
+@dataclass
+class SFTTrainConfig:
+    epochs: int = 1
+    """Passes over the packed SFT blocks."""
+    init_from: Literal["auto", "05_extend", "04_pretrain"] = "auto"
+    """Checkpoint to start from: auto takes stage 5 when present, else stage 4."""
+    document_mask: bool = True
+    """Restrict attention to each conversation (turn off only to measure the contamination)."""
+
+
+@dataclass
+class SFTStageConfig:
+    run: RunConfig = field(default_factory=RunConfig)
+    """Run identity."""
+    sft: SFTTrainConfig = field(default_factory=SFTTrainConfig)
+    """SFT-specific settings."""
+    train: TrainConfig = field(default_factory=TrainConfig)
+    """Optimization and engine settings."""
+
+
+# ---------------------------------------------------------------------------------------------------
+# Stage 8 / 9
+# ---------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class GenerationConfig:
+    prompts: list[str] = field(default_factory=lambda: ["Il futuro della tecnologia e della scienza"])
+    """Prompts for sampling."""
+    max_new_tokens: int = 64
+    """Tokens to generate per prompt."""
+    temperature: float = 0.7
+    """Sampling temperature; 0 is greedy."""
+    top_p: float = 0.9
+    """Nucleus sampling threshold."""
+    top_k: int = 0
+    """Top-k filter; 0 disables."""
+    repetition_penalty: float = 1.15
+    """CTRL-style repetition penalty; 1 disables."""
+
+
+@dataclass
+class EvalConfig:
+    checkpoints: list[str] = field(default_factory=lambda: ["04_pretrain", "05_extend", "07_sft"])
+    """Stage folders (or checkpoint paths) to compare; absent stages are skipped with a note."""
+    heldout: dict = field(default_factory=dict)
+    """Raw held-out text per language: {it: path, en: path, code: path}."""
+    tasks: list[str] = field(default_factory=list)
+    """lm-eval task names or local task files."""
+    batch_size: int = 8
+    """Scoring batch size (scores do not depend on it)."""
+    max_eval_tokens: int = 200_000
+    """Token cap per perplexity set."""
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
+    """Sampling settings."""
+    long_eval: LongEvalConfig = field(default_factory=LongEvalConfig)
+    """Long-context metrics."""
+
+
+@dataclass
+class EvalStageConfig:
+    run: RunConfig = field(default_factory=RunConfig)
+    """Run identity."""
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    """Stage 8 settings."""
+
+
+@dataclass
+class ExportConfig:
+    checkpoint: str = "auto"
+    """Stage folder or checkpoint path to export; auto takes the latest of 07, 05, 04."""
+    dtype: Literal["bfloat16", "float32", "float16"] = "bfloat16"
+    """Weight dtype in model.safetensors."""
+    max_shard_size: str = "2GB"
+    """Shard safetensors above this size."""
+    verify: bool = True
+    """Load the export in transformers and compare with the native model."""
+    verify_tokens: int = 16
+    """Greedy tokens compared in verification."""
+    license: str = "apache-2.0"
+    """License named in the model card."""
+
+
+@dataclass
+class ExportStageConfig:
+    run: RunConfig = field(default_factory=RunConfig)
+    """Run identity."""
+    export: ExportConfig = field(default_factory=ExportConfig)
+    """Stage 9 settings."""
+
+
+# ---------------------------------------------------------------------------------------------------
+# Machinery: YAML -> dataclass with strict type checks, dotted overrides, documentation
+# ---------------------------------------------------------------------------------------------------
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _check_value(tp: Any, value: Any, key: str, problems: list[str]) -> Any:
+    """Convert/check ``value`` against annotation ``tp``; append problems naming ``key``."""
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            problems.append(f"{key}: expected a mapping for section {tp.__name__}, got {type(value).__name__}")
+            return tp()
+        return _build(tp, value, key, problems)
+    if origin is Literal:
+        allowed = typing.get_args(tp)
+        if value not in allowed:
+            problems.append(f"{key}: {value!r} is not one of {list(allowed)}")
+        return value
+    if origin in (Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None:
+            return None
+        return _check_value(args[0], value, key, problems)
+    if origin is list:
+        (inner,) = typing.get_args(tp) or (Any,)
+        if not isinstance(value, list):
+            problems.append(f"{key}: expected a list, got {type(value).__name__} {value!r}")
+            return []
+        return [_check_value(inner, v, f"{key}[{i}]", problems) for i, v in enumerate(value)]
+    if tp is dict or origin is dict:
+        if not isinstance(value, dict):
+            problems.append(f"{key}: expected a mapping, got {type(value).__name__} {value!r}")
+            return {}
+        return dict(value)
+    if tp is Any:
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            problems.append(f"{key}: expected true/false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            problems.append(f"{key}: expected an integer, got {type(value).__name__} {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            problems.append(f"{key}: expected a number, got {type(value).__name__} {value!r}")
+            return value
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            problems.append(f"{key}: expected a string, got {type(value).__name__} {value!r}")
+        return value
+    raise TypeError(f"unsupported config annotation {tp!r} at {key}")  # a bug in this file, not user input
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _build(cls: type, data: dict, prefix: str, problems: list[str]) -> Any:
+    hints = _hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for k, v in data.items():
+        key = f"{prefix}.{k}" if prefix else str(k)
+        if k not in names:
+            problems.append(f"{key}: unknown key (known: {', '.join(sorted(names))})")
+            continue
+        kwargs[k] = _check_value(hints[k], v, key, problems)
+    return cls(**kwargs)
+
+
+def _set_dotted(data: dict, cls: type, dotted: str, raw: str, problems: list[str]) -> None:
+    """Apply one ``a.b.c=value`` override onto the raw YAML dict (validated later with the rest)."""
+    parts = dotted.split(".")
+    node, node_cls = data, cls
+    for i, part in enumerate(parts):
+        key = ".".join(parts[: i + 1])
+        if node_cls is None or not dataclasses.is_dataclass(node_cls):
+            # inside a free-form dict field: just descend
+            if i == len(parts) - 1:
+                node[part] = yaml.safe_load(raw) if raw != "" else ""
+            else:
+                node = node.setdefault(part, {})
+            continue
+        names = {f.name: f for f in dataclasses.fields(node_cls)}
+        if part not in names:
+            problems.append(f"--set {dotted}: unknown key {key!r} (known: {', '.join(sorted(names))})")
+            return
+        tp = _hints(node_cls)[part]
+        if i == len(parts) - 1:
+            value = yaml.safe_load(raw) if raw != "" else ""
+            if tp is str and not isinstance(value, str):
+                value = raw  # `--set run.name=2024` means the string "2024"
+            node[part] = value
+            return
+        if not isinstance(node.get(part), dict):
+            node[part] = {}
+        node = node[part]
+        node_cls = tp if dataclasses.is_dataclass(tp) else None
+
+
+def parse_overrides(cls: type, data: dict, overrides: list[str], problems: list[str]) -> dict:
+    for item in overrides:
+        if "=" not in item:
+            problems.append(f"--set {item!r}: expected key=value, e.g. --set train.lr=1e-4")
+            continue
+        k, v = item.split("=", 1)
+        _set_dotted(data, cls, k.strip(), v.strip(), problems)
+    return data
+
+
+def load_config(cls: type, path: str | Path | None = None, overrides: list[str] | None = None):
+    """Fill ``cls`` from a YAML file and dotted overrides; validate; raise one ConfigError."""
+    problems: list[str] = []
+    source = str(path) if path else "<defaults>"
+    data: dict = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError([f"config file not found: {p} (pass --config configs/<profile>/<stage>.yaml)"], source)
+        try:
+            loaded = yaml.safe_load(p.read_text(encoding="utf-8"))
+        except yaml.YAMLError as e:
+            raise ConfigError([f"YAML syntax error: {e}"], source) from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError([f"top level must be a mapping, got {type(loaded).__name__}"], source)
+        data = loaded
+    data = parse_overrides(cls, data, list(overrides or []), problems)
+    cfg = _build(cls, data, "", problems)
+    try:
+        problems.extend(validate(cfg))
+    except (TypeError, ValueError, AttributeError):
+        pass  # a field of the wrong type is already reported above; cross-checks on it are moot
+    if problems:
+        raise ConfigError(problems, source)
+    return cfg
+
+
+def to_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def to_yaml(cfg: Any) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False, allow_unicode=True)
+
+
+def from_dict(cls: type, data: dict):
+    """Rebuild a config from its saved dict (e.g. a manifest or checkpoint); strict like load_config."""
+    problems: list[str] = []
+    cfg = _build(cls, data, "", problems)
+    if problems:
+        raise ConfigError(problems, "<saved config>")
+    return cfg
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """Docstrings of a dataclass's fields (the string literal under each field)."""
+    try:
+        src = textwrap.dedent(inspect.getsource(cls))
+    except (OSError, TypeError):
+        return {}
+    body = ast.parse(src).body[0].body
+    docs = {}
+    for a, b in zip(body, body[1:]):
+        if isinstance(a, ast.AnnAssign) and isinstance(a.target, ast.Name):
+            if isinstance(b, ast.Expr) and isinstance(getattr(b, "value", None), ast.Constant):
+                docs[a.target.id] = str(b.value.value)
+    return docs
+
+
+def describe(cls: type, prefix: str = "") -> list[str]:
+    """One line per leaf key: dotted name, type, default, doc (for --help-config)."""
+    lines = []
+    docs = field_docs(cls)
+    hints = _hints(cls)
+    defaults = cls()
+    for f in dataclasses.fields(cls):
+        key = f"{prefix}{f.name}"
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            lines.append(f"{key}:  ({docs.get(f.name, '')})")
+            lines.extend(describe(tp, key + "."))
+        else:
+            lines.append(f"  {key} = {getattr(defaults, f.name)!r}  [{_type_name(tp)}]  {docs.get(f.name, '')}")
+    return lines
+
+
+# ---------------------------------------------------------------------------------------------------
+# Cross-field validation (invalid combinations). Each returns a list of problems.
+# ---------------------------------------------------------------------------------------------------
+
+
+def validate_model(m: ModelConfig, prefix: str = "model") -> list[str]:
+    p = []
+    for name in ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "max_seq_len"):
+        if getattr(m, name) <= 0:
+            p.append(f"{prefix}.{name}: must be > 0, got {getattr(m, name)}")
+    if p:
+        return p
+    if m.head_dim == 0 and m.dim % m.n_heads:
+        p.append(f"{prefix}.dim={m.dim} is not divisible by {prefix}.n_heads={m.n_heads}; set head_dim or change one")
+    if m.n_heads % m.n_kv_heads:
+        p.append(f"{prefix}.n_heads={m.n_heads} is not a multiple of {prefix}.n_kv_heads={m.n_kv_heads}")
+    hd = m.head_dim or (m.dim // m.n_heads)
+    if hd % 2:
+        p.append(f"{prefix}: head dim {hd} must be even for RoPE")
+    if m.rope_theta <= 0:
+        p.append(f"{prefix}.rope_theta must be > 0")
+    if m.rope_scaling:
+        rt = m.rope_scaling.get("rope_type", m.rope_scaling.get("type"))
+        if rt not in ("yarn", "linear", "default"):
+            p.append(f"{prefix}.rope_scaling.rope_type={rt!r}: supported are yarn, linear, default")
+        elif rt != "default":
+            f = m.rope_scaling.get("factor")
+            if not isinstance(f, (int, float)) or f <= 1:
+                p.append(f"{prefix}.rope_scaling.factor must be a number > 1, got {f!r}")
+    return p
+
+
+def validate_train(t: TrainConfig, prefix: str = "train") -> list[str]:
+    p = []
+    for name in ("seq_len", "micro_batch", "grad_accum", "loss_chunk_size", "keep_last", "log_every"):
+        if getattr(t, name) <= 0:
+            p.append(f"{prefix}.{name}: must be > 0, got {getattr(t, name)}")
+    if t.max_steps <= 0 and t.token_budget <= 0:
+        p.append(f"{prefix}: set max_steps or token_budget (both are 0)")
+    if t.max_steps < 0 or t.token_budget < 0 or t.warmup_steps < 0:
+        p.append(f"{prefix}: max_steps, token_budget and warmup_steps must be >= 0")
+    if t.lr <= 0 or t.min_lr < 0 or t.min_lr > t.lr:
+        p.append(f"{prefix}: need 0 <= min_lr <= lr and lr > 0 (lr={t.lr}, min_lr={t.min_lr})")
+    if not (0 <= t.beta1 < 1 and 0 <= t.beta2 < 1):
+        p.append(f"{prefix}: betas must be in [0, 1)")
+    if t.grad_clip < 0:
+        p.append(f"{prefix}.grad_clip must be >= 0")
+    if t.zero_stage not in (0, 1, 2, 3):
+        p.append(f"{prefix}.zero_stage must be 0..3, got {t.zero_stage}")
+    if t.checkpoint_every <= 0:
+        p.append(f"{prefix}.checkpoint_every must be > 0")
+    if not t.tier_weights or any(
+        (not isinstance(k, int) or not isinstance(v, (int, float)) or v < 0) for k, v in t.tier_weights.items()
+    ):
+        p.append(f"{prefix}.tier_weights must map tier integers to weights >= 0, got {t.tier_weights!r}")
+    elif sum(t.tier_weights.values()) <= 0:
+        p.append(f"{prefix}.tier_weights: at least one weight must be > 0")
+    if t.compile_mode != "default" and not t.compile:
+        p.append(f"{prefix}.compile_mode={t.compile_mode!r} has no effect with compile: false")
+    return p
+
+
+def validate(cfg: Any) -> list[str]:
+    """Cross-field checks for a whole stage config."""
+    p: list[str] = []
+    run = getattr(cfg, "run", None)
+    if run is not None:
+        if not run.name or "/" in run.name or run.name.startswith("."):
+            p.append(f"run.name={run.name!r}: must be a plain folder name")
+    if isinstance(cfg, CorpusStageConfig):
+        c = cfg.corpus
+        if not c.sources:
+            p.append("corpus.sources: empty; declare at least one source")
+        seen = set()
+        for i, s in enumerate(c.sources):
+            key = f"corpus.sources[{i}]"
+            if not s.name:
+                p.append(f"{key}.name: required")
+            elif s.name in seen:
+                p.append(f"{key}.name: duplicate source name {s.name!r}")
+            seen.add(s.name)
+            if s.kind == "hf" and not s.hf_id:
+                p.append(f"{key}.hf_id: required for kind hf")
+            if s.kind == "local" and not s.path:
+                p.append(f"{key}.path: required for kind local")
+            if s.tier not in (1, 2, 3):
+                p.append(f"{key}.tier: must be 1, 2 or 3, got {s.tier}")
+            if s.min_chars < 0:
+                p.append(f"{key}.min_chars: must be >= 0")
+            if s.char_budget < 0:
+                p.append(f"{key}.char_budget: must be >= 0 (0 means unlimited)")
+        if c.docs_per_shard <= 0:
+            p.append("corpus.docs_per_shard: must be > 0")
+    if isinstance(cfg, TokenizerStageConfig):
+        t = cfg.tokenizer
+        if t.vocab_size < 512:
+            p.append(f"tokenizer.vocab_size={t.vocab_size}: too small (need > 256 bytes + specials)")
+        mix = t.language_mix
+        if not mix or any(k not in ("it", "en", "code") for k in mix):
+            p.append(f"tokenizer.language_mix: keys must be among it, en, code; got {list(mix)}")
+        elif any(not isinstance(v, (int, float)) or v < 0 for v in mix.values()) or sum(mix.values()) <= 0:
+            p.append("tokenizer.language_mix: shares must be >= 0 and not all 0")
+        if t.sample_chars <= 0:
+            p.append("tokenizer.sample_chars: must be > 0")
+    if isinstance(cfg, ShardsStageConfig):
+        s = cfg.shards
+        if s.shard_tokens <= 0:
+            p.append("shards.shard_tokens: must be > 0")
+        if not (0 <= s.val_fraction < 1):
+            p.append("shards.val_fraction: must be in [0, 1)")
+        if s.workers < 0 or s.batch_docs <= 0:
+            p.append("shards.workers must be >= 0 and shards.batch_docs > 0")
+    if isinstance(cfg, PretrainStageConfig):
+        p += validate_model(cfg.model)
+        p += validate_train(cfg.train)
+        if cfg.train.seq_len > cfg.model.max_seq_len:
+            p.append(f"train.seq_len={cfg.train.seq_len} exceeds model.max_seq_len={cfg.model.max_seq_len}")
+    if isinstance(cfg, ExtendStageConfig):
+        p += validate_train(cfg.train)
+        e = cfg.extend
+        if e.mode != "continued" and e.factor <= 1:
+            p.append(f"extend.factor={e.factor}: must be > 1 for {e.mode} scaling")
+        if cfg.train.seq_len > e.new_max_seq_len:
+            p.append(f"train.seq_len={cfg.train.seq_len} exceeds extend.new_max_seq_len={e.new_max_seq_len}")
+    if isinstance(cfg, SFTDataStageConfig):
+        s = cfg.sft_data
+        if not s.sources:
+            p.append("sft_data.sources: empty; declare at least one source")
+        if s.block_size <= 0:
+            p.append("sft_data.block_size: must be > 0")
+        if not (0 <= s.user_weight <= 1):
+            p.append(f"sft_data.user_weight={s.user_weight}: must be in [0, 1]")
+        if not (0 <= s.heldout_fraction < 1):
+            p.append("sft_data.heldout_fraction: must be in [0, 1)")
+        names = [x.name for x in s.sources]
+        if len(set(names)) != len(names) or not all(names):
+            p.append("sft_data.sources: every source needs a unique, non-empty name")
+    if isinstance(cfg, SFTStageConfig):
+        p += validate_train(cfg.train)
+        if cfg.sft.epochs <= 0:
+            p.append("sft.epochs: must be > 0")
+    return p
+
+
+#: stage folder name -> (script, config class)
+STAGES: dict[str, tuple[str, type]] = {
+    "01_corpus": ("1_download_corpus.py", CorpusStageConfig),
+    "02_tokenizer": ("2_train_tokenizer.py", TokenizerStageConfig),
+    "03_shards": ("3_tokenize_shards.py", ShardsStageConfig),
+    "04_pretrain": ("4_pretrain.py", PretrainStageConfig),
+    "05_extend": ("5_extend_context.py", ExtendStageConfig),
+    "06_sft_data": ("6_build_sft.py", SFTDataStageConfig),
+    "07_sft": ("7_sft.py", SFTStageConfig),
+    "08_eval": ("8_eval.py", EvalStageConfig),
+    "09_export": ("9_export_hf.py", ExportStageConfig),
+}
+
+#: config file name in a profile folder, per stage
+PROFILE_FILES: dict[str, str] = {
+    "01_corpus": "corpus.yaml",
+    "02_tokenizer": "tokenizer.yaml",
+    "03_shards": "shards.yaml",
+    "04_pretrain": "pretrain.yaml",
+    "05_extend": "extend.yaml",
+    "06_sft_data": "sft_data.yaml",
+    "07_sft": "sft.yaml",
+    "08_eval": "eval.yaml",
+    "09_export": "export.yaml",
+}
+
+__all__ = [n for n in dir() if not n.startswith("_")] + ["Optional"]
