@@ -29,7 +29,7 @@ import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from dante import config as C
 
@@ -50,12 +50,19 @@ class StageAlreadyDone(Exception):
 # ---------------------------------------------------------------------------------------------------
 
 
+_UMASK = os.umask(0)
+os.umask(_UMASK)  # read the process umask (the only portable way is to set it and restore it)
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temp path in the same folder; rename onto ``path`` only if the block succeeds."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    # mkstemp creates 0600; give the final file the permissions a plain open() would (0666 & ~umask),
+    # or artifacts on a shared machine are unreadable to the rest of the team.
+    os.fchmod(fd, 0o666 & ~_UMASK)
     os.close(fd)
     tmp_path = Path(tmp)
     try:
@@ -216,11 +223,15 @@ class Stage:
     resumed: bool = False
 
     @classmethod
-    def open(cls, cfg: Any, name: str, format_version: int = 1, force: bool = False) -> "Stage":
+    def open(cls, cfg: Any, name: str, format_version: int = 1, force: bool = False,
+             resume_check: Callable[[dict, dict, dict], str | None] | None = None) -> "Stage":
         """Prepare the stage folder. Raises StageAlreadyDone if complete (unless force).
 
         An unfinished folder from an earlier run is kept for resuming if its recorded config matches;
         a mismatch is refused, because mixing outputs of two configs would silently corrupt the result.
+        A stage whose work splits into independent parts may pass ``resume_check(old_config, new_config,
+        saved_state)``: it returns None when the saved work is still valid under the new config (e.g. only
+        a failed corpus source was corrected), or the reason why not.
         """
         d = stage_dir(cfg.run, name)
         manifest = d / MANIFEST
@@ -236,14 +247,21 @@ class Stage:
         prog_path = d / PROGRESS
         if d.exists() and prog_path.exists():
             prog = read_json(prog_path)
-            if _stable(prog.get("config")) != _stable(cfg_dict):
+            # An empty state means the earlier run stopped before recording any work (typically a bad
+            # input found by the stage's own checks): nothing to protect, so a corrected config starts
+            # fresh instead of demanding --force.
+            did_work = bool(prog.get("state"))
+            if did_work and _stable(prog.get("config")) != _stable(cfg_dict):
                 diff = diff_configs(prog.get("config") or {}, cfg_dict)
-                raise StageError(
-                    f"{d} holds an unfinished {name} run made with a different config "
-                    f"(differs at: {', '.join(diff[:8]) or '?'}).\n"
-                    f"  HINT: rerun with the same config to resume, or pass --force to start over."
-                )
-            resumed = True
+                reason = resume_check(prog.get("config") or {}, cfg_dict, prog["state"]) if resume_check else ""
+                if reason is not None:
+                    raise StageError(
+                        f"{d} holds an unfinished {name} run made with a different config "
+                        f"(differs at: {', '.join(diff[:8]) or '?'}){': ' + reason if reason else ''}.\n"
+                        f"  HINT: rerun with the same config to resume, or pass --force to start over."
+                    )
+                atomic_write_json(prog_path, {**prog, "config": cfg_dict, "updated": now_iso()})  # accepted
+            resumed = did_work
         d.mkdir(parents=True, exist_ok=True)
         st = cls(name=name, dir=d, cfg=cfg, format_version=format_version, resumed=resumed)
         if not resumed:

@@ -60,6 +60,7 @@ def run_stage(
     format_version: int = 1,
     extra_args: Callable[[argparse.ArgumentParser], None] | None = None,
     dry_run: Callable[[Any, argparse.Namespace], None] | None = None,
+    resume_check: Callable[[dict, dict, dict], str | None] | None = None,
     argv: list[str] | None = None,
 ) -> int:
     """Parse args, validate, open the stage, call ``main(stage, cfg, args)``; map errors to exit codes.
@@ -85,7 +86,7 @@ def run_stage(
         problems = check_writable(run_dir(cfg.run))
         if problems:
             raise UserError("\n".join(problems))
-        st = Stage.open(cfg, stage, format_version=format_version, force=args.force)
+        st = Stage.open(cfg, stage, format_version=format_version, force=args.force, resume_check=resume_check)
         if st.resumed:
             print(f"[{stage}] resuming unfinished run in {st.dir}", flush=True)
         main(st, cfg, args)

@@ -22,6 +22,7 @@ from __future__ import annotations
 import ast
 import dataclasses
 import inspect
+import re
 import textwrap
 import types
 import typing
@@ -72,7 +73,7 @@ class ModelConfig:
     vocab_size: int = 8192
     """Embedding rows; must equal the tokenizer's vocabulary size."""
     ffn_hidden_dim: int = 0
-    """SwiGLU hidden width; 0 means the LLaMA rule: round_up(multiple_of, 8/3 * dim * ffn_dim_multiplier)."""
+    """SwiGLU hidden width; 0 means LLaMA's rule: int(ffn_dim_multiplier * int(8/3 * dim)) rounded up to multiple_of (dim 2560 -> 6912)."""
     ffn_dim_multiplier: float = 1.0
     """Multiplier on the 8/3*dim SwiGLU width (used only when ffn_hidden_dim is 0)."""
     multiple_of: int = 256
@@ -144,11 +145,17 @@ class TrainConfig:
     eval_every: int = 500
     """Validation loss every N optimizer steps; 0 disables."""
     eval_batches: int = 8
-    """Micro-batches per validation pass."""
+    """Validation micro-batches per pass, in total over all ranks (the same windows at any world size)."""
     log_every: int = 10
     """Metrics line every N steps."""
     assumed_tokens_per_sec: float = 30000.0
     """Throughput per GPU used by --dry-run to estimate the ETA."""
+    expected_world_size: int = 1
+    """GPUs (ranks) the run is planned for: --dry-run sizes steps, memory and ETA with it."""
+    backend: Literal["deepspeed", "torch"] = "deepspeed"
+    """DeepSpeed ZeRO (1..N ranks), or plain torch AdamW in one process (needs no DeepSpeed)."""
+    peak_tflops: float = 0.0
+    """Dense peak TFLOP/s per GPU for MFU; 0 looks the GPU up in dante/flops.py (CPU: MFU n/a)."""
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -166,14 +173,18 @@ class SourceConfig:
     """Hub dataset id (kind hf)."""
     hf_config: str = ""
     """Hub dataset config / subset name (kind hf); '' for the default."""
+    hf_data_dir: str = ""
+    """Sub-folder of the hub repository to read (kind hf), e.g. 'python' for bigcode/starcoderdata; '' for all."""
     split: str = "train"
-    """Dataset split."""
+    """Dataset split (kind hf; local files are one 'train' split)."""
     path: str = ""
     """Local file or glob (kind local); relative to the working directory."""
     format: Literal["jsonl", "txt", "parquet"] = "jsonl"
-    """Local file format (kind local)."""
+    """Local file format (kind local); compressed files (.gz, ...) are read transparently by datasets."""
+    sample_by: Literal["line", "paragraph", "document"] = "line"
+    """Document unit of a txt source: one line, one blank-line-separated paragraph, or one whole file."""
     text_field: str = "text"
-    """Field holding the document text."""
+    """Field holding the document text; a dotted path reaches into a mapping (e.g. translation.it)."""
     lang: Literal["it", "en", "code"] = "it"
     """Language tag of every document of this source."""
     tier: int = 1
@@ -191,7 +202,7 @@ class CorpusConfig:
     docs_per_shard: int = 10000
     """Documents per compressed output shard."""
     non_utf8: Literal["skip", "error"] = "skip"
-    """Policy for undecodable bytes in local text: 'skip' drops and counts the document, 'error' stops."""
+    """Undecodable bytes (or U+FFFD left by an upstream decoder) in a document: 'skip' drops and counts it, 'error' fails the source."""
 
 
 @dataclass
@@ -303,6 +314,8 @@ class LongEvalConfig:
     """Width of the position buckets for perplexity by position."""
     max_docs: int = 8
     """Long held-out sequences used for perplexity by position."""
+    distractors: int = 4
+    """Wrong 5-digit keys ranked against the true one (passkey by log-likelihood; chance = 1/(distractors+1))."""
 
 
 @dataclass
@@ -341,21 +354,23 @@ class SFTSourceConfig:
     name: str = ""
     """Unique source name."""
     kind: Literal["hf", "local"] = "local"
-    """'hf' hub dataset or 'local' JSONL, same datasets code path."""
+    """'hf' streams a hub dataset with `datasets`; 'local' reads JSONL lines; both feed the same normalizers."""
     hf_id: str = ""
     """Hub dataset id (kind hf)."""
     hf_config: str = ""
-    """Hub dataset config name."""
+    """Hub dataset config name; '' for the default."""
     split: str = "train"
-    """Split."""
+    """Split (kind hf)."""
     path: str = ""
-    """Local JSONL path (kind local)."""
+    """Local JSONL file or glob, .jsonl or .jsonl.gz (kind local)."""
     format: Literal["messages", "sharegpt", "alpaca", "prompt_response"] = "messages"
-    """Row format."""
+    """Row format: OpenAI messages, ShareGPT conversations, Alpaca instruction/input/output, prompt/response."""
+    columns: dict = field(default_factory=dict)
+    """Field renames, format name -> dataset column, e.g. {prompt: inputs, response: targets}; {} for none."""
     lang: Literal["it", "en", "code"] = "it"
-    """Language tag."""
+    """Language tag (token shares in the manifest are reported per tag)."""
     weight: float = 1.0
-    """Sampling weight (repeats/subsamples the source)."""
+    """Copies per training conversation: 2.0 repeats each twice, 0.5 keeps a deterministic half (eval is never weighted)."""
     max_rows: int = 0
     """Rows to read at most; 0 means all."""
 
@@ -365,13 +380,13 @@ class SFTDataConfig:
     sources: list[SFTSourceConfig] = field(default_factory=list)
     """Conversation sources."""
     block_size: int = 4096
-    """Tokens per packed block."""
+    """Tokens per packed block (stage 7 trains at this length)."""
     user_weight: float = 0.0
-    """Loss weight of user/system tokens (assistant tokens weigh 1)."""
+    """Loss weight in [0, 1] of user/system content and their <|eot|> (assistant content and <|eot|> weigh 1)."""
     overlong: Literal["truncate", "drop"] = "drop"
-    """Policy for conversations longer than block_size."""
+    """Longer than block_size: 'drop' (counted), or 'truncate' to whole turns ending with an answer (else mid-answer; counted)."""
     heldout_fraction: float = 0.02
-    """Fraction of conversations kept for the eval loss."""
+    """Fraction of conversations (chosen by content hash) kept out of training for stage 7's eval loss."""
     system_prompt: str = ""
     """Default system prompt added when a conversation has none; '' adds none."""
 
@@ -423,6 +438,10 @@ class GenerationConfig:
     """Top-k filter; 0 disables."""
     repetition_penalty: float = 1.15
     """CTRL-style repetition penalty; 1 disables."""
+    stop_tokens: list[str] = field(default_factory=lambda: ["<|end_of_text|>", "<|eot|>"])
+    """Special tokens that end a sample (not included in the output)."""
+    chat_prompts: list[str] = field(default_factory=lambda: ["Spiegami in due frasi che cos'è la fotosintesi."])
+    """User messages answered by SFT checkpoints (07_sft), rendered with the chat template."""
 
 
 @dataclass
@@ -431,12 +450,26 @@ class EvalConfig:
     """Stage folders (or checkpoint paths) to compare; absent stages are skipped with a note."""
     heldout: dict = field(default_factory=dict)
     """Raw held-out text per language: {it: path, en: path, code: path}."""
+    shards: bool = True
+    """Also score stage 3's validation shards per tier (when 03_shards exists)."""
+    stride: int = 0
+    """Sliding-window stride for perplexity, in tokens; 0 means half the model's context."""
     tasks: list[str] = field(default_factory=list)
     """lm-eval task names or local task files."""
+    task_include_paths: list[str] = field(default_factory=list)
+    """Folders of extra lm-eval task YAMLs (e.g. a clone of SapienzaNLP/ita-bench's tasks/)."""
+    num_fewshot: int = -1
+    """Few-shot examples per task; -1 keeps each task's own default."""
+    task_limit: int = 0
+    """Examples per task; 0 means all (a limit is for smoke tests only: scores are then not comparable)."""
     batch_size: int = 8
     """Scoring batch size (scores do not depend on it)."""
     max_eval_tokens: int = 200_000
     """Token cap per perplexity set."""
+    device: str = "auto"
+    """Device: auto (cuda when available), cpu, cuda, cuda:1 ..."""
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """Compute dtype of the transformer body on CUDA (auto = bf16); CPU always runs fp32; log-softmax is fp32."""
     generation: GenerationConfig = field(default_factory=GenerationConfig)
     """Sampling settings."""
     long_eval: LongEvalConfig = field(default_factory=LongEvalConfig)
@@ -454,15 +487,27 @@ class EvalStageConfig:
 @dataclass
 class ExportConfig:
     checkpoint: str = "auto"
-    """Stage folder or checkpoint path to export; auto takes the latest of 07, 05, 04."""
+    """Stage folder (07_sft, 05_extend, 04_pretrain) or checkpoint path to export; auto takes the latest finished of 07, 05, 04."""
     dtype: Literal["bfloat16", "float32", "float16"] = "bfloat16"
     """Weight dtype in model.safetensors."""
     max_shard_size: str = "2GB"
-    """Shard safetensors above this size."""
+    """Shard safetensors above this size (e.g. 500MB, 2GB, 1GiB)."""
     verify: bool = True
     """Load the export in transformers and compare with the native model."""
     verify_tokens: int = 16
     """Greedy tokens compared in verification."""
+    heldout: dict = field(default_factory=dict)
+    """Real held-out text for verification, per language: {it: path, en: path, code: path} (JSON Lines with a text field)."""
+    verify_windows: int = 4
+    """Windows of held-out text whose logits are compared (each also gives a greedy prompt)."""
+    verify_seq_len: int = 0
+    """Tokens per verification window; 0 means the model's max_seq_len (covers YaRN positions)."""
+    verify_conversations: int = 8
+    """Stage 6 conversations (local sources) compared through the chat template, besides the built-in ones."""
+    verify_device: Literal["auto", "cpu", "cuda"] = "auto"
+    """Where verification runs (fp32, TF32 off); auto takes CUDA when available."""
+    model_name: str = ""
+    """Title of the model card; '' means "Dante (<run.name>)"."""
     license: str = "apache-2.0"
     """License named in the model card."""
 
@@ -478,6 +523,22 @@ class ExportStageConfig:
 # ---------------------------------------------------------------------------------------------------
 # Machinery: YAML -> dataclass with strict type checks, dotted overrides, documentation
 # ---------------------------------------------------------------------------------------------------
+
+
+class _YamlLoader(yaml.SafeLoader):
+    """SafeLoader that reads ``1e-4`` as a float, as YAML 1.2 does. PyYAML follows YAML 1.1, whose float
+    pattern needs a dot (``1.0e-4``), so ``lr: 1e-4`` or ``--set train.lr=1e-4`` would load as a string."""
+
+
+_YamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
+def _yaml_load(text: str) -> Any:
+    return yaml.load(text, Loader=_YamlLoader)
 
 
 def _type_name(tp: Any) -> str:
@@ -561,7 +622,7 @@ def _set_dotted(data: dict, cls: type, dotted: str, raw: str, problems: list[str
         if node_cls is None or not dataclasses.is_dataclass(node_cls):
             # inside a free-form dict field: just descend
             if i == len(parts) - 1:
-                node[part] = yaml.safe_load(raw) if raw != "" else ""
+                node[part] = _yaml_load(raw) if raw != "" else ""
             else:
                 node = node.setdefault(part, {})
             continue
@@ -571,7 +632,7 @@ def _set_dotted(data: dict, cls: type, dotted: str, raw: str, problems: list[str
             return
         tp = _hints(node_cls)[part]
         if i == len(parts) - 1:
-            value = yaml.safe_load(raw) if raw != "" else ""
+            value = _yaml_load(raw) if raw != "" else ""
             if tp is str and not isinstance(value, str):
                 value = raw  # `--set run.name=2024` means the string "2024"
             node[part] = value
@@ -602,7 +663,7 @@ def load_config(cls: type, path: str | Path | None = None, overrides: list[str] 
         if not p.is_file():
             raise ConfigError([f"config file not found: {p} (pass --config configs/<profile>/<stage>.yaml)"], source)
         try:
-            loaded = yaml.safe_load(p.read_text(encoding="utf-8"))
+            loaded = _yaml_load(p.read_text(encoding="utf-8"))
         except yaml.YAMLError as e:
             raise ConfigError([f"YAML syntax error: {e}"], source) from None
         if loaded is None:
@@ -691,14 +752,74 @@ def validate_model(m: ModelConfig, prefix: str = "model") -> list[str]:
         p.append(f"{prefix}: head dim {hd} must be even for RoPE")
     if m.rope_theta <= 0:
         p.append(f"{prefix}.rope_theta must be > 0")
+    if m.head_dim < 0 or m.ffn_hidden_dim < 0:
+        p.append(f"{prefix}.head_dim and {prefix}.ffn_hidden_dim must be >= 0 (0 means derived)")
+    if m.multiple_of <= 0 or m.ffn_dim_multiplier <= 0:
+        p.append(f"{prefix}.multiple_of and {prefix}.ffn_dim_multiplier must be > 0")
+    if m.norm_eps <= 0 or m.init_std <= 0:
+        p.append(f"{prefix}.norm_eps and {prefix}.init_std must be > 0")
     if m.rope_scaling:
-        rt = m.rope_scaling.get("rope_type", m.rope_scaling.get("type"))
-        if rt not in ("yarn", "linear", "default"):
-            p.append(f"{prefix}.rope_scaling.rope_type={rt!r}: supported are yarn, linear, default")
-        elif rt != "default":
-            f = m.rope_scaling.get("factor")
-            if not isinstance(f, (int, float)) or f <= 1:
-                p.append(f"{prefix}.rope_scaling.factor must be a number > 1, got {f!r}")
+        p += rope_scaling_problems(m.rope_scaling, f"{prefix}.rope_scaling", m.max_seq_len)
+    return p
+
+
+#: rope_scaling keys per rope_type: (required, optional), with transformers' names and meaning.
+ROPE_SCALING_KEYS: dict[str, tuple[set, set]] = {
+    "default": (set(), set()),
+    "linear": ({"factor"}, set()),
+    "yarn": (
+        {"factor", "original_max_position_embeddings"},
+        {"attention_factor", "beta_fast", "beta_slow", "mscale", "mscale_all_dim", "truncate"},
+    ),
+}
+
+
+def _is_number(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def rope_scaling_problems(rs: Any, prefix: str = "model.rope_scaling", max_seq_len: int | None = None) -> list[str]:
+    """Problems of a transformers-format rope_scaling dict ({} means no scaling); dante.rope raises on them."""
+    if not isinstance(rs, dict):
+        return [f"{prefix}: must be a mapping like {{rope_type: yarn, factor: 4, original_max_position_embeddings: 2048}}"]
+    if not rs:
+        return []
+    rt = rs.get("rope_type", rs.get("type"))
+    if "type" in rs and "rope_type" in rs and rs["type"] != rs["rope_type"]:
+        return [f"{prefix}: 'type' ({rs['type']!r}) and 'rope_type' ({rs['rope_type']!r}) disagree; keep only rope_type"]
+    if rt not in ROPE_SCALING_KEYS:
+        return [f"{prefix}.rope_type={rt!r} is not supported; use one of {', '.join(ROPE_SCALING_KEYS)} "
+                "(transformers' names; {} means no scaling)"]
+    required, optional = ROPE_SCALING_KEYS[rt]
+    keys = set(rs) - {"rope_type", "type"}
+    p = []
+    if "rope_theta" in keys:
+        p.append(f"{prefix}.rope_theta: set model.rope_theta instead (the base frequency is not a scaling key)")
+        keys.discard("rope_theta")
+    if keys - required - optional:
+        allowed = ", ".join(sorted(required | optional)) or "none"
+        p.append(f"{prefix}: unknown key(s) {sorted(keys - required - optional)} for rope_type {rt}; allowed: {allowed}")
+    if required - keys:
+        p.append(f"{prefix}: rope_type {rt} needs {sorted(required - keys)}")
+    if "factor" in rs and (not _is_number(rs["factor"]) or rs["factor"] <= 1):
+        p.append(f"{prefix}.factor must be a number > 1 (new context / original context), got {rs['factor']!r}")
+    if "original_max_position_embeddings" in rs:
+        orig = rs["original_max_position_embeddings"]
+        if not isinstance(orig, int) or isinstance(orig, bool) or orig <= 0:
+            p.append(f"{prefix}.original_max_position_embeddings must be an integer > 0 (the pretraining length), got {orig!r}")
+        elif max_seq_len is not None and max_seq_len <= orig:
+            p.append(f"model.max_seq_len={max_seq_len} must exceed {prefix}.original_max_position_embeddings={orig} "
+                     "(the scaled model's context is longer than the pretraining one)")
+    for k in ("attention_factor", "beta_fast", "beta_slow"):
+        if k in rs and (not _is_number(rs[k]) or rs[k] <= 0):
+            p.append(f"{prefix}.{k} must be a number > 0, got {rs[k]!r}")
+    for k in ("mscale", "mscale_all_dim"):
+        if k in rs and not _is_number(rs[k]):
+            p.append(f"{prefix}.{k} must be a number, got {rs[k]!r}")
+    if all(_is_number(rs.get(k)) for k in ("beta_fast", "beta_slow")) and rs["beta_fast"] <= rs["beta_slow"]:
+        p.append(f"{prefix}: beta_fast={rs['beta_fast']} must be greater than beta_slow={rs['beta_slow']}")
+    if "truncate" in rs and not isinstance(rs["truncate"], bool):
+        p.append(f"{prefix}.truncate must be true or false, got {rs['truncate']!r}")
     return p
 
 
@@ -717,8 +838,18 @@ def validate_train(t: TrainConfig, prefix: str = "train") -> list[str]:
         p.append(f"{prefix}: betas must be in [0, 1)")
     if t.grad_clip < 0:
         p.append(f"{prefix}.grad_clip must be >= 0")
-    if t.zero_stage not in (0, 1, 2, 3):
-        p.append(f"{prefix}.zero_stage must be 0..3, got {t.zero_stage}")
+    if t.zero_stage not in (0, 1, 2):
+        # ZeRO-3 partitions parameters between module forwards; the chunked loss reads output.weight
+        # directly, outside any module forward, so it would see an empty shard.
+        p.append(f"{prefix}.zero_stage must be 0, 1 or 2 (ZeRO-3 is not supported), got {t.zero_stage}")
+    if t.expected_world_size <= 0:
+        p.append(f"{prefix}.expected_world_size must be > 0")
+    if t.peak_tflops < 0 or t.assumed_tokens_per_sec <= 0:
+        p.append(f"{prefix}: peak_tflops must be >= 0 and assumed_tokens_per_sec > 0")
+    if t.eval_every < 0 or t.eval_batches <= 0:
+        p.append(f"{prefix}: eval_every must be >= 0 (0 disables) and eval_batches > 0")
+    if t.fp8 and t.precision != "bf16":
+        p.append(f"{prefix}.fp8 needs precision bf16 (float8 matmuls run inside a bf16 model), got {t.precision}")
     if t.checkpoint_every <= 0:
         p.append(f"{prefix}.checkpoint_every must be > 0")
     if not t.tier_weights or any(
@@ -748,6 +879,8 @@ def validate(cfg: Any) -> list[str]:
             key = f"corpus.sources[{i}]"
             if not s.name:
                 p.append(f"{key}.name: required")
+            elif "/" in s.name or "\\" in s.name or s.name.startswith("."):
+                p.append(f"{key}.name={s.name!r}: must be a plain folder name (it names 01_corpus/<name>/)")
             elif s.name in seen:
                 p.append(f"{key}.name: duplicate source name {s.name!r}")
             seen.add(s.name)
@@ -761,6 +894,8 @@ def validate(cfg: Any) -> list[str]:
                 p.append(f"{key}.min_chars: must be >= 0")
             if s.char_budget < 0:
                 p.append(f"{key}.char_budget: must be >= 0 (0 means unlimited)")
+            if not s.text_field or any(not part for part in s.text_field.split(".")):
+                p.append(f"{key}.text_field={s.text_field!r}: must name a field (dotted path allowed, e.g. translation.it)")
         if c.docs_per_shard <= 0:
             p.append("corpus.docs_per_shard: must be > 0")
     if isinstance(cfg, TokenizerStageConfig):
@@ -807,6 +942,18 @@ def validate(cfg: Any) -> list[str]:
         names = [x.name for x in s.sources]
         if len(set(names)) != len(names) or not all(names):
             p.append("sft_data.sources: every source needs a unique, non-empty name")
+        for i, src in enumerate(s.sources):
+            key = f"sft_data.sources[{i}]"
+            if src.kind == "hf" and not src.hf_id:
+                p.append(f"{key}.hf_id: required for kind hf")
+            if src.kind == "local" and not src.path:
+                p.append(f"{key}.path: required for kind local")
+            if src.weight <= 0:
+                p.append(f"{key}.weight={src.weight}: must be > 0 (remove the source to leave it out)")
+            if src.max_rows < 0:
+                p.append(f"{key}.max_rows: must be >= 0 (0 means all rows)")
+            if any(not isinstance(k, str) or not isinstance(v, str) or not v for k, v in src.columns.items()):
+                p.append(f"{key}.columns: must map field names to non-empty column names, got {src.columns!r}")
     if isinstance(cfg, SFTStageConfig):
         p += validate_train(cfg.train)
         if cfg.sft.epochs <= 0:

@@ -1,0 +1,858 @@
+"""Stage 6: SFT conversations -> chat-format token ids with loss weights -> packed blocks (and their reader).
+
+Flow (``6_build_sft.py`` drives it, one source at a time, then packs everything)::
+
+    rows (hub dataset via `datasets` streaming, or local JSONL)
+      -> normalize_row       one of four formats -> [{"role", "content"}, ...]   (or a counted drop)
+      -> check_conversation  roles, order, emptiness, special-token text          (or a counted drop)
+      -> ChatEncoder         token ids + a weight class per token
+      -> fit_to_block        over-long policy: drop, or truncate at a turn boundary
+      -> split_and_copies    held-out split by content hash; source weight -> copies
+      -> pack_best_fit       best-fit decreasing into fixed blocks
+      -> write_packed        06_sft_data/{train,eval}.{tokens,weights,docs,pos}.bin
+    load_packed / sft_batches: what stage 7 reads.
+
+Chat format (special-token ids 0..5 are fixed by docs/DESIGN.md). A conversation of messages m_1..m_n is::
+
+    <|begin_of_text|>
+    <|start_header_id|>{role}<|end_header_id|>\\n\\n{content}<|eot|>     once per message, role in system/user/assistant
+    <|end_of_text|>                                                    once, after the last message
+
+``content`` is stripped of surrounding whitespace (Jinja ``trim`` does the same). With
+``add_generation_prompt`` the conversation ends with ``<|start_header_id|>assistant<|end_header_id|>\\n\\n``
+instead of ``<|end_of_text|>``: that is the prompt a model completes. ``CHAT_TEMPLATE`` is this format as a
+Jinja string for the Hugging Face export (stage 9); a test checks that ``apply_chat_template`` gives the
+very ids of ``ChatEncoder``.
+
+Design choices
+- Special tokens are placed structurally; role names and content are encoded with the tokenizer's
+  ``encode_special_tokens`` switched on, so "<|eot|>" typed by a user is plain bytes, never id 4.
+  ``apply_chat_template`` cannot do that: it renders one string and re-tokenizes it, and the literal becomes
+  the special id (tested). So a conversation whose text contains any special-token string is dropped and
+  counted (``special_token_text``): on everything we train on, both paths give identical ids, and the
+  model never sees a control token where the exported template would put text.
+- Loss weights, ``weights[t]`` = weight of predicting token t (from tokens < t):
+  assistant content and its closing <|eot|>: 1 (this is how the model learns to stop);
+  user/system content and their <|eot|>: ``user_weight`` (0 by default);
+  <|begin_of_text|>, the header tokens and the "\\n\\n" after <|end_header_id|>: 0;
+  the final <|end_of_text|>: 1. It always follows the last assistant <|eot|>, so weighting it teaches
+  "after my closing <|eot|> the conversation is over": a runtime that only stops on <|end_of_text|> then
+  stops one token later instead of inventing a user turn (stage 9 should list both ids as eos).
+- Weight classes, not floats, are kept per token until writing (1 byte a token in memory).
+- Packing is best-fit decreasing over a segment tree of remaining capacities: O(n log block_size).
+  Every block row has per-token document ids (0..k-1 in placement order; padding ``PAD_DOC_ID`` = -1,
+  which never equals a conversation) and positions restarting at 0 per conversation (padding 0).
+- Held-out split: a hash of the conversation's content, so an exact duplicate can never sit on both sides,
+  and the split does not move when sources are reordered or the seed changes. Eval conversations appear
+  once, unweighted; source weight w gives each training conversation floor(w) copies plus one more with
+  probability frac(w), decided by a seeded hash (deterministic).
+- Local JSONL is read line by line, not through datasets' json builder: one undecodable line makes that
+  builder abort the whole file (datasets 5.2, measured), which would break "never crash on one bad row".
+  Hub rows go through ``datasets.load_dataset(..., streaming=True)``; both meet at ``normalize_row``.
+
+Binary files: a 64-byte header (magic ``DANTESFT``, version, array kind, dtype code, pad id, n_blocks,
+block_size) then a C-order (n_blocks, block_size) array: tokens uint16 (uint32 when the vocabulary exceeds
+65536), weights float32 (exact for 0, 1 and the configured user weight as float32), docs int32, pos uint16
+(int32 for blocks longer than 65536).
+
+Example::
+
+    python 6_build_sft.py --config configs/tiny/sft_data.yaml
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import math
+import re
+import struct
+from collections import Counter
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from glob import glob
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+import numpy as np
+
+from dante.artifacts import atomic_path
+from dante.cli import UserError
+from dante.tokenizer import BOS, END_HEADER, EOS, EOT, PAD, SPECIAL_TOKENS, START_HEADER
+
+FORMAT_VERSION = 1
+
+#: special-token string -> id, fixed by docs/DESIGN.md for every Dante tokenizer
+SPECIAL_IDS = {text: i for i, text in enumerate(SPECIAL_TOKENS)}
+HEADER_SEPARATOR = "\n\n"
+
+ROLES = ("system", "user", "assistant")
+PAD_DOC_ID = -1
+
+# Weight classes (1 byte a token until the weights are written).
+CLS_NONE, CLS_ASSISTANT, CLS_PROMPT = 0, 1, 2
+
+
+def class_weights(user_weight: float) -> np.ndarray:
+    """Lookup table weight class -> loss weight."""
+    return np.array([0.0, 1.0, user_weight], dtype=np.float32)
+
+
+# The same format as a Jinja chat template (transformers' apply_chat_template, stage 9 export).
+# Literal special strings rather than bos_token/eos_token variables: the format must not depend on how an
+# exported tokenizer_config names its bos/eos. Filters bind tighter than "+": only the content is trimmed.
+CHAT_TEMPLATE = (
+    "{{- '<|begin_of_text|>' -}}"
+    "{%- for message in messages -%}"
+    "{{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' + message['content'] | trim + '<|eot|>' -}}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}"
+    "{{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' -}}"
+    "{%- else -%}"
+    "{{- '<|end_of_text|>' -}}"
+    "{%- endif -%}"
+)
+
+# -- drops --------------------------------------------------------------------------------------------
+DROP_REASONS = (
+    "invalid_json",  # a local line that is not JSON
+    "bad_structure",  # not an object, a required field missing, a list that is not a list ...
+    "unknown_role",
+    "non_string_content",
+    "empty_conversation",
+    "empty_content",
+    "roles_out_of_order",  # must be: optional system, then user/assistant alternating from user
+    "no_assistant_turn",
+    "special_token_text",  # content contains a special-token string (see the module docstring)
+    "overlong",  # longer than block_size and the policy could not keep it
+)
+
+
+class DroppedRow(Exception):
+    """One row that is not kept; ``reason`` is one of DROP_REASONS."""
+
+    def __init__(self, reason: str, detail: str):
+        assert reason in DROP_REASONS, reason  # a bug here, not user input
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+# -- formats ------------------------------------------------------------------------------------------
+#: per format: the field names it reads (each renamable with a source's `columns`)
+FORMAT_FIELDS: dict[str, tuple[str, ...]] = {
+    "messages": ("messages", "role", "content"),
+    "sharegpt": ("conversations", "from", "value"),
+    "alpaca": ("instruction", "input", "output", "system"),
+    "prompt_response": ("prompt", "response", "system"),
+}
+MESSAGES_ROLES = {"system": "system", "user": "user", "assistant": "assistant"}
+# ShareGPT dumps use human/gpt; some converted sets already say user/assistant.
+SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
+
+
+def _field(row: dict, columns: dict, name: str, required: bool = True) -> Any:
+    key = columns.get(name, name)
+    if row.get(key) is None:  # hub datasets fill a column absent from a row with None: same thing
+        if required:
+            state = "null" if key in row else f"missing (has: {', '.join(map(str, row)) or 'nothing'})"
+            raise DroppedRow("bad_structure", f"field {key!r} is {state}")
+        return None
+    return row[key]
+
+
+def _text(value: Any, what: str) -> str:
+    if not isinstance(value, str):
+        raise DroppedRow("non_string_content", f"{what} is {type(value).__name__}, not a string")
+    return value
+
+
+def _turn_list(row: dict, columns: dict, list_field: str, role_key: str, text_key: str, roles: dict) -> list[dict]:
+    turns = _field(row, columns, list_field)
+    if not isinstance(turns, list):
+        raise DroppedRow("bad_structure", f"{columns.get(list_field, list_field)!r} is {type(turns).__name__}, not a list")
+    role_key, text_key = columns.get(role_key, role_key), columns.get(text_key, text_key)
+    out = []
+    for i, turn in enumerate(turns):
+        if not isinstance(turn, dict):
+            raise DroppedRow("bad_structure", f"turn {i} is {type(turn).__name__}, not an object")
+        role = turn.get(role_key)
+        if role not in roles:
+            raise DroppedRow("unknown_role", f"turn {i} has role {role!r} (accepted: {', '.join(roles)})")
+        out.append({"role": roles[role], "content": _text(turn.get(text_key), f"turn {i} {text_key!r}")})
+    return out
+
+
+def _single_exchange(system: Any, prompt: str, answer: str) -> list[dict]:
+    out = []
+    if system is not None and _text(system, "'system'").strip():
+        out.append({"role": "system", "content": system})
+    out += [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}]
+    return out
+
+
+def normalize_row(row: Any, fmt: str, columns: dict | None = None) -> list[dict]:
+    """One dataset row -> [{"role", "content"}] (roles mapped to system/user/assistant), or DroppedRow."""
+    columns = columns or {}
+    if not isinstance(row, dict):
+        raise DroppedRow("bad_structure", f"row is {type(row).__name__}, not an object")
+    if fmt == "messages":
+        return _turn_list(row, columns, "messages", "role", "content", MESSAGES_ROLES)
+    if fmt == "sharegpt":
+        return _turn_list(row, columns, "conversations", "from", "value", SHAREGPT_ROLES)
+    if fmt == "alpaca":
+        instruction = _text(_field(row, columns, "instruction"), "'instruction'")
+        extra = _field(row, columns, "input", required=False)
+        extra = "" if extra is None else _text(extra, "'input'")
+        prompt = instruction.strip() + (HEADER_SEPARATOR + extra.strip() if extra.strip() else "")
+        output = _text(_field(row, columns, "output"), "'output'")
+        return _single_exchange(_field(row, columns, "system", required=False), prompt, output)
+    if fmt == "prompt_response":
+        prompt = _text(_field(row, columns, "prompt"), "'prompt'")
+        response = _text(_field(row, columns, "response"), "'response'")
+        return _single_exchange(_field(row, columns, "system", required=False), prompt, response)
+    raise UserError(f"unknown SFT format {fmt!r}; supported: {', '.join(FORMAT_FIELDS)}")
+
+
+@dataclass
+class ConversationNotes:
+    """What check_conversation changed without dropping (counted in the manifest)."""
+
+    trailing_user_trimmed: bool = False
+    system_prompt_added: bool = False
+
+
+def check_conversation(
+    messages: list[dict], special_re: re.Pattern | None = None, system_prompt: str = ""
+) -> tuple[list[dict], ConversationNotes]:
+    """Validate and tidy one conversation; raise DroppedRow with the first problem found.
+
+    Kept shape: an optional system message, then user/assistant alternating from user, ending with an
+    assistant turn (a trailing user turn with no answer is trimmed and noted). Contents are stripped.
+    """
+    notes = ConversationNotes()
+    if not messages:
+        raise DroppedRow("empty_conversation", "no messages")
+    messages = [{"role": m["role"], "content": m["content"].strip()} for m in messages]
+    for i, m in enumerate(messages):
+        if not m["content"]:
+            raise DroppedRow("empty_content", f"message {i} ({m['role']}) is empty")
+    body = messages[1:] if messages[0]["role"] == "system" else messages
+    for i, m in enumerate(body):
+        expected = "user" if i % 2 == 0 else "assistant"
+        if m["role"] != expected:
+            at = i + len(messages) - len(body)
+            raise DroppedRow("roles_out_of_order", f"message {at} is {m['role']!r}, expected {expected!r}")
+    if body and body[-1]["role"] == "user":
+        messages, body = messages[:-1], body[:-1]
+        notes.trailing_user_trimmed = True
+    if not body:
+        raise DroppedRow("no_assistant_turn", "no assistant message to learn from")
+    if special_re is not None:
+        for i, m in enumerate(messages):
+            hit = special_re.search(m["content"])
+            if hit:
+                raise DroppedRow("special_token_text", f"message {i} ({m['role']}) contains {hit.group(0)!r}")
+    if system_prompt and messages[0]["role"] != "system":
+        messages = [{"role": "system", "content": system_prompt.strip()}] + messages
+        notes.system_prompt_added = True
+    return messages, notes
+
+
+# -- encoding -----------------------------------------------------------------------------------------
+@dataclass
+class EncodedConversation:
+    ids: np.ndarray  # (L,) int32
+    classes: np.ndarray  # (L,) uint8, CLS_*
+    turn_ends: list[int]  # token index just after each message's <|eot|>
+    roles: list[str]
+
+
+class ChatEncoder:
+    """Token ids and weight classes of conversations in the Dante chat format (see module docstring)."""
+
+    def __init__(self, tokenizer: Any):
+        problems = []
+        for text, want in SPECIAL_IDS.items():
+            got = tokenizer.token_to_id(text)
+            if got != want:
+                problems.append(f"{text} has id {got}, expected {want}")
+        if problems:
+            raise UserError(
+                "the tokenizer does not follow docs/DESIGN.md's special tokens: " + "; ".join(problems)
+                + "\n  HINT: retrain it with `python 2_train_tokenizer.py --force`."
+            )
+        self.vocab_size = tokenizer.get_vocab_size()
+        # A private copy that treats special-token text as plain text (the original stays untouched).
+        self._text_tok = type(tokenizer).from_str(tokenizer.to_str())
+        self._text_tok.encode_special_tokens = True
+        added = [t.content for t in tokenizer.get_added_tokens_decoder().values()]
+        self.special_strings = sorted(set(added) | set(SPECIAL_IDS), key=len, reverse=True)
+        self.special_re = re.compile("|".join(re.escape(s) for s in self.special_strings))
+        self._role_ids = {r: np.array(self._text_tok.encode(r, add_special_tokens=False).ids, np.int32) for r in ROLES}
+
+    def encode_many(self, conversations: list[list[dict]], add_generation_prompt: bool = False) -> list[EncodedConversation]:
+        """Encode several conversations with one batched tokenizer call (the tokenizer is the cost)."""
+        segments = [HEADER_SEPARATOR + m["content"].strip() for conv in conversations for m in conv]
+        encodings = self._text_tok.encode_batch(segments, add_special_tokens=False) if segments else []
+        out, k = [], 0
+        for conv in conversations:
+            ids_parts, cls_parts, turn_ends, n = [np.array([SPECIAL_IDS[BOS]], np.int32)], [np.zeros(1, np.uint8)], [], 1
+            for m in conv:
+                enc = encodings[k]
+                k += 1
+                role = m["role"]
+                role_ids = self._role_ids[role]
+                content_ids = np.array(enc.ids, np.int32)
+                cls = CLS_ASSISTANT if role == "assistant" else CLS_PROMPT
+                # tokens that end inside the "\n\n" separator belong to the header (weight 0)
+                content_cls = np.full(len(content_ids), cls, np.uint8)
+                for j, (_, end) in enumerate(enc.offsets):
+                    if end > len(HEADER_SEPARATOR):
+                        break
+                    content_cls[j] = CLS_NONE
+                header = np.concatenate([[SPECIAL_IDS[START_HEADER]], role_ids, [SPECIAL_IDS[END_HEADER]]]).astype(np.int32)
+                ids_parts += [header, content_ids, np.array([SPECIAL_IDS[EOT]], np.int32)]
+                cls_parts += [np.zeros(len(header), np.uint8), content_cls, np.array([cls], np.uint8)]
+                n += len(header) + len(content_ids) + 1
+                turn_ends.append(n)
+            if add_generation_prompt:
+                sep = np.array(self._text_tok.encode(HEADER_SEPARATOR, add_special_tokens=False).ids, np.int32)
+                tail = np.concatenate([[SPECIAL_IDS[START_HEADER]], self._role_ids["assistant"], [SPECIAL_IDS[END_HEADER]], sep])
+                ids_parts.append(tail.astype(np.int32))
+                cls_parts.append(np.zeros(len(tail), np.uint8))
+            else:
+                # the final <|end_of_text|> takes the class of the last turn (assistant for kept data)
+                last_cls = CLS_ASSISTANT if conv and conv[-1]["role"] == "assistant" else CLS_PROMPT
+                ids_parts.append(np.array([SPECIAL_IDS[EOS]], np.int32))
+                cls_parts.append(np.array([last_cls], np.uint8))
+            out.append(EncodedConversation(np.concatenate(ids_parts), np.concatenate(cls_parts), turn_ends, [m["role"] for m in conv]))
+        return out
+
+    def encode(self, messages: list[dict], add_generation_prompt: bool = False) -> EncodedConversation:
+        return self.encode_many([messages], add_generation_prompt)[0]
+
+
+def fit_to_block(enc: EncodedConversation, block_size: int, policy: str) -> tuple[np.ndarray, np.ndarray, str]:
+    """Apply the over-long policy. Returns (ids, classes, status), status in ok/truncated_turns/truncated_mid_turn.
+
+    'truncate' first keeps the longest prefix of whole turns that ends with an assistant turn (exactly the
+    encoding of that shorter conversation, <|end_of_text|> included); if not even the first answer fits,
+    it cuts at block_size, provided at least one assistant token survives. Otherwise: DroppedRow('overlong').
+    """
+    n = len(enc.ids)
+    if n <= block_size:
+        return enc.ids, enc.classes, "ok"
+    if policy == "drop":
+        raise DroppedRow("overlong", f"{n} tokens > block_size {block_size} (policy drop)")
+    best = 0
+    for end, role in zip(enc.turn_ends, enc.roles):
+        if role == "assistant" and end + 1 <= block_size:
+            best = end
+    if best:
+        ids = np.concatenate([enc.ids[:best], np.array([SPECIAL_IDS[EOS]], np.int32)])
+        classes = np.concatenate([enc.classes[:best], np.array([CLS_ASSISTANT], np.uint8)])
+        return ids, classes, "truncated_turns"
+    if (enc.classes[:block_size] == CLS_ASSISTANT).any():
+        return enc.ids[:block_size], enc.classes[:block_size], "truncated_mid_turn"
+    raise DroppedRow("overlong", f"{n} tokens > block_size {block_size} and no assistant token fits before the cut")
+
+
+# -- sources ------------------------------------------------------------------------------------------
+def local_files(pattern: str) -> list[Path]:
+    return [Path(p) for p in sorted(glob(pattern))] if any(c in pattern for c in "*?[") else [Path(pattern)]
+
+
+def check_sources(sources: list, block_size: int) -> list[str]:
+    """Problems found before any work: missing local files, `columns` keys the format does not have."""
+    problems = []
+    for i, src in enumerate(sources):
+        key = f"sft_data.sources[{i}] ({src.name})"
+        unknown = set(src.columns) - set(FORMAT_FIELDS[src.format])
+        if unknown:
+            problems.append(f"{key}.columns: {sorted(unknown)} are not fields of format {src.format} "
+                            f"(its fields: {', '.join(FORMAT_FIELDS[src.format])})")
+        if src.kind == "local":
+            files = local_files(src.path)
+            if not files or not all(f.is_file() for f in files):
+                problems.append(f"{key}.path: no file matches {src.path!r} (relative paths start at the working directory)")
+    if block_size < 16:
+        problems.append(f"sft_data.block_size={block_size}: shorter than the chat template's own tokens; use >= 16")
+    return problems
+
+
+def iter_source_rows(src: Any) -> Iterator[Any]:
+    """Rows of one source: dicts, or a DroppedRow('invalid_json') for a local line that is not UTF-8 JSON."""
+    n = 0
+    if src.kind == "local":
+        for path in local_files(src.path):
+            opener = gzip.open if path.suffix == ".gz" else open
+            with opener(path, "rb") as f:
+                for lineno, raw in enumerate(f, 1):
+                    if not raw.strip():
+                        continue
+                    if src.max_rows and n >= src.max_rows:
+                        return
+                    n += 1
+                    try:
+                        yield json.loads(raw.decode("utf-8"))
+                    except UnicodeDecodeError as e:
+                        yield DroppedRow("invalid_json", f"{path.name}:{lineno}: not UTF-8 ({e.reason} at byte {e.start})")
+                    except json.JSONDecodeError as e:
+                        yield DroppedRow("invalid_json", f"{path.name}:{lineno}: {e.msg}")
+        return
+    import datasets  # only hub sources need it (slow import)
+
+    try:
+        ds = datasets.load_dataset(src.hf_id, src.hf_config or None, split=src.split, streaming=True)
+        for row in ds:
+            if src.max_rows and n >= src.max_rows:
+                return
+            n += 1
+            yield row
+    except (OSError, ValueError, ConnectionError) as e:  # network, auth, unknown config/split
+        raise UserError(
+            f"source {src.name!r}: cannot stream {src.hf_id} (config {src.hf_config or 'default'}, split {src.split}): {e}\n"
+            "  HINT: check the id/config/split on the hub, log in for gated sets, or use a local JSONL copy (kind: local)."
+        ) from None
+
+
+def _unit_hash(*parts: str) -> float:
+    """Deterministic number in [0, 1) from strings (blake2b, independent of PYTHONHASHSEED)."""
+    h = hashlib.blake2b("\x1f".join(parts).encode("utf-8"), digest_size=8).digest()
+    return int.from_bytes(h, "little") / 2.0**64
+
+
+def split_and_copies(messages: list[dict], source: str, weight: float, heldout_fraction: float, seed: int) -> tuple[bool, int]:
+    """(held out?, training copies). Held-out by content; copies = floor(w) + [hash < frac(w)]."""
+    key = json.dumps(messages, ensure_ascii=False, sort_keys=True)
+    if _unit_hash("heldout", key) < heldout_fraction:
+        return True, 0
+    base = math.floor(weight)
+    extra = _unit_hash("copies", str(seed), source, key) < weight - base
+    return False, base + int(extra)
+
+
+@dataclass
+class EncodedSource:
+    """All kept conversations of one source: flat ids/classes plus per-conversation facts."""
+
+    name: str
+    lang: str
+    tokens: np.ndarray  # (N,) int32
+    classes: np.ndarray  # (N,) uint8
+    offsets: np.ndarray  # (n+1,) int64
+    heldout: np.ndarray  # (n,) bool
+    copies: np.ndarray  # (n,) int32, 0 for held-out
+    stats: dict = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def lengths(self) -> np.ndarray:
+        return np.diff(self.offsets)
+
+    def save(self, path: Path) -> None:
+        with atomic_path(path) as tmp:
+            with open(tmp, "wb") as f:
+                np.savez(f, tokens=self.tokens, classes=self.classes, offsets=self.offsets, heldout=self.heldout, copies=self.copies)
+
+    @classmethod
+    def load(cls, path: Path, name: str, lang: str, stats: dict) -> "EncodedSource":
+        with np.load(path) as z:
+            return cls(name, lang, z["tokens"], z["classes"], z["offsets"], z["heldout"], z["copies"], stats)
+
+
+def encode_source(src: Any, rows: Iterable[Any], encoder: ChatEncoder, cfg: Any, seed: int, batch: int = 256) -> EncodedSource:
+    """Normalize, check, encode, fit and split every row of one source; count every drop by reason."""
+    dropped: Counter = Counter()
+    examples: dict[str, list[str]] = {}
+    notes: Counter = Counter()
+    ids_parts, cls_parts, lengths, heldout, copies = [], [], [], [], []
+
+    def drop(e: DroppedRow, row_index: int) -> None:
+        dropped[e.reason] += 1
+        ex = examples.setdefault(e.reason, [])
+        if len(ex) < 3:
+            ex.append(f"row {row_index + 1}: {e.detail}"[:200])
+
+    def flush(pending: list[tuple[int, list[dict]]]) -> None:
+        for (row_index, messages), enc in zip(pending, encoder.encode_many([m for _, m in pending])):
+            try:
+                ids, classes, status = fit_to_block(enc, cfg.block_size, cfg.overlong)
+            except DroppedRow as e:
+                drop(e, row_index)
+                continue
+            if status != "ok":
+                notes[status] += 1
+            is_eval, n_copies = split_and_copies(messages, src.name, src.weight, cfg.heldout_fraction, seed)
+            ids_parts.append(ids)
+            cls_parts.append(classes)
+            lengths.append(len(ids))
+            heldout.append(is_eval)
+            copies.append(n_copies)
+        pending.clear()
+
+    pending: list[tuple[int, list[dict]]] = []
+    rows_read = 0
+    for row_index, row in enumerate(rows):
+        rows_read += 1
+        try:
+            if isinstance(row, DroppedRow):
+                raise row
+            messages, conv_notes = check_conversation(
+                normalize_row(row, src.format, src.columns), encoder.special_re, cfg.system_prompt
+            )
+        except DroppedRow as e:
+            drop(e, row_index)
+            continue
+        notes["trailing_user_trimmed"] += conv_notes.trailing_user_trimmed
+        notes["system_prompt_added"] += conv_notes.system_prompt_added
+        pending.append((row_index, messages))
+        if len(pending) >= batch:
+            flush(pending)
+    flush(pending)
+
+    offsets = np.zeros(len(lengths) + 1, np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    stats = {
+        "rows_read": rows_read,
+        "kept": len(lengths),
+        "dropped": sum(dropped.values()),
+        "dropped_by_reason": {r: dropped[r] for r in DROP_REASONS if dropped[r]},
+        "drop_examples": examples,
+        "truncated_turns": notes["truncated_turns"],
+        "truncated_mid_turn": notes["truncated_mid_turn"],
+        "trailing_user_trimmed": notes["trailing_user_trimmed"],
+        "system_prompt_added": notes["system_prompt_added"],
+    }
+    return EncodedSource(
+        src.name, src.lang,
+        np.concatenate(ids_parts) if ids_parts else np.zeros(0, np.int32),
+        np.concatenate(cls_parts) if cls_parts else np.zeros(0, np.uint8),
+        offsets, np.array(heldout, bool), np.array(copies, np.int32), stats,
+    )
+
+
+# -- packing ------------------------------------------------------------------------------------------
+class _CapacityTree:
+    """Counts of open blocks per remaining capacity 0..n-1; finds the smallest capacity >= x in O(log n)."""
+
+    def __init__(self, n: int):
+        self.size = 1 << max(1, (n - 1).bit_length())
+        self.tree = [0] * (2 * self.size)
+
+    def add(self, cap: int, delta: int) -> None:
+        i = cap + self.size
+        while i:
+            self.tree[i] += delta
+            i >>= 1
+
+    def smallest_at_least(self, x: int) -> int:
+        """Smallest capacity >= x with an open block, or -1."""
+        tree, i = self.tree, x + self.size
+        if tree[i]:
+            return x
+        while i > 1:  # climb until a right sibling holds something
+            if not i & 1 and tree[i + 1]:
+                i += 1
+                while i < self.size:  # descend to its leftmost non-empty leaf
+                    i = 2 * i if tree[2 * i] else 2 * i + 1
+                return i - self.size
+            i >>= 1
+        return -1
+
+
+def pack_best_fit(lengths: np.ndarray | list[int], block_size: int) -> list[list[int]]:
+    """Best-fit decreasing: items longest first, each into the open block it fills most tightly.
+
+    Returns blocks as lists of item indices (in placement order). Deterministic: ties in length keep input
+    order; among equally tight blocks the most recently touched wins. O(n log n + n log block_size).
+    """
+    lengths = np.asarray(lengths, np.int64)
+    if len(lengths) and (lengths.max() > block_size or lengths.min() <= 0):
+        raise ValueError(f"item lengths must be in 1..{block_size}, got {lengths.min()}..{lengths.max()}")
+    order = np.argsort(-lengths, kind="stable")
+    tree = _CapacityTree(block_size + 1)
+    by_cap: list[list[int]] = [[] for _ in range(block_size + 1)]
+    blocks: list[list[int]] = []
+    for item in order.tolist():
+        n = int(lengths[item])
+        cap = tree.smallest_at_least(n)
+        if cap < 0:
+            b, cap = len(blocks), block_size
+            blocks.append([])
+        else:
+            b = by_cap[cap].pop()
+            tree.add(cap, -1)
+        blocks[b].append(item)
+        left = cap - n
+        if left > 0:
+            by_cap[left].append(b)
+            tree.add(left, 1)
+    return blocks
+
+
+def next_fit_blocks(lengths: Iterable[int], block_size: int) -> int:
+    """Blocks used by the naive packer (fill in arrival order, open a new block when the next one does not fit)."""
+    blocks, room = 0, 0
+    for n in lengths:
+        if n > room:
+            blocks, room = blocks + 1, block_size
+        room -= n
+    return blocks
+
+
+# -- binary files -------------------------------------------------------------------------------------
+MAGIC = b"DANTESFT"
+HEADER_BYTES = 64
+_HEADER = struct.Struct("<8sIIIIQQ")  # magic, version, kind, dtype code, pad id, n_blocks, block_size
+ARRAY_KINDS = {"tokens": 1, "weights": 2, "docs": 3, "pos": 4}
+DTYPE_CODES = {1: np.dtype("<u2"), 2: np.dtype("<u4"), 3: np.dtype("<i4"), 4: np.dtype("<f4")}
+_CODE_OF = {v: k for k, v in DTYPE_CODES.items()}
+
+
+def packed_dtypes(vocab_size: int, block_size: int) -> dict[str, np.dtype]:
+    return {
+        "tokens": np.dtype("<u2") if vocab_size <= 1 << 16 else np.dtype("<u4"),
+        "weights": np.dtype("<f4"),
+        "docs": np.dtype("<i4"),
+        "pos": np.dtype("<u2") if block_size <= 1 << 16 else np.dtype("<i4"),
+    }
+
+
+def packed_path(directory: str | Path, split: str, kind: str) -> Path:
+    return Path(directory) / f"{split}.{kind}.bin"
+
+
+def _header(kind: str, dtype: np.dtype, pad_id: int, n_blocks: int, block_size: int) -> bytes:
+    head = _HEADER.pack(MAGIC, FORMAT_VERSION, ARRAY_KINDS[kind], _CODE_OF[dtype], pad_id, n_blocks, block_size)
+    return head + b"\0" * (HEADER_BYTES - len(head))
+
+
+def write_packed(
+    directory: str | Path, split: str, sources: list[EncodedSource], items_N3: np.ndarray, blocks: list[list[int]],
+    block_size: int, vocab_size: int, user_weight: float, chunk_blocks: int = 1024,
+) -> dict:
+    """Write the four arrays of one split atomically, streaming ``chunk_blocks`` rows at a time.
+
+    ``items_N3`` rows are (source index, start, end) slices of the sources' flat arrays; ``blocks`` lists
+    item indices per block, in the order the rows are written.
+    """
+    dtypes = packed_dtypes(vocab_size, block_size)
+    lut = class_weights(user_weight)
+    pad_id = SPECIAL_IDS[PAD]
+    files = {}
+    with ExitStack() as stack:
+        for kind in ARRAY_KINDS:
+            tmp = stack.enter_context(atomic_path(packed_path(directory, split, kind)))
+            f = stack.enter_context(open(tmp, "wb"))
+            f.write(_header(kind, dtypes[kind], pad_id, len(blocks), block_size))
+            files[kind] = f
+        for lo in range(0, len(blocks), chunk_blocks):
+            chunk = blocks[lo : lo + chunk_blocks]
+            tokens_BT = np.full((len(chunk), block_size), pad_id, dtypes["tokens"])
+            weights_BT = np.zeros((len(chunk), block_size), np.float32)
+            docs_BT = np.full((len(chunk), block_size), PAD_DOC_ID, np.int32)
+            pos_BT = np.zeros((len(chunk), block_size), dtypes["pos"])
+            for r, block in enumerate(chunk):
+                at = 0
+                for doc, i in enumerate(block):
+                    s_idx, start, end = (int(v) for v in items_N3[i])
+                    src, n = sources[s_idx], end - start
+                    tokens_BT[r, at : at + n] = src.tokens[start:end]
+                    weights_BT[r, at : at + n] = lut[src.classes[start:end]]
+                    docs_BT[r, at : at + n] = doc
+                    pos_BT[r, at : at + n] = np.arange(n)
+                    at += n
+            for kind, arr in (("tokens", tokens_BT), ("weights", weights_BT), ("docs", docs_BT), ("pos", pos_BT)):
+                files[kind].write(np.ascontiguousarray(arr, dtypes[kind]).tobytes())
+        for f in files.values():
+            f.flush()
+    return {
+        kind: {"path": packed_path(directory, split, kind).name, "dtype": str(dtypes[kind]),
+               "shape": [len(blocks), block_size], "header_bytes": HEADER_BYTES}
+        for kind in ARRAY_KINDS
+    }
+
+
+def _per_conversation_sum(mask: np.ndarray, offsets: np.ndarray) -> np.ndarray:
+    cs = np.concatenate([[0], np.cumsum(mask, dtype=np.int64)])
+    return cs[offsets[1:]] - cs[offsets[:-1]]
+
+
+def _shares(values: dict[str, float]) -> dict[str, float]:
+    total = sum(values.values())
+    return {k: round(v / total, 6) if total else 0.0 for k, v in values.items()}
+
+
+def pack_splits(directory: str | Path, sources: list[EncodedSource], block_size: int, user_weight: float,
+                vocab_size: int, seed: int) -> tuple[dict, dict]:
+    """Pack and write the train and eval splits; return (outputs, statistics) for the manifest."""
+    if not any(len(es) for es in sources):
+        reasons: Counter = Counter()
+        examples = {}
+        for es in sources:
+            reasons.update(es.stats.get("dropped_by_reason", {}))
+            for reason, ex in es.stats.get("drop_examples", {}).items():
+                examples.setdefault(reason, f"{es.name} {ex[0]}")
+        if reasons and reasons.most_common(1)[0][0] == "overlong":
+            hint = f"raise sft_data.block_size (now {block_size}) or set sft_data.overlong: truncate"
+        else:
+            hint = "check each source's format and columns against its rows"
+        lines = "\n".join(f"    {r}: {n}, e.g. {examples.get(r, '')}" for r, n in reasons.most_common())
+        raise UserError(f"no conversation survived in any source; dropped by reason:\n{lines}\n  HINT: {hint}.")
+    outputs, stats = {}, {}
+    for split_no, split in enumerate(("train", "eval")):
+        parts = []
+        lang_tokens, lang_weighted, src_tokens, src_weighted = Counter(), Counter(), Counter(), Counter()
+        unique = 0
+        for si, es in enumerate(sources):
+            count = es.heldout.astype(np.int64) if split == "eval" else es.copies.astype(np.int64)
+            idx = np.repeat(np.arange(len(es)), count)
+            parts.append(np.stack([np.full(len(idx), si), es.offsets[idx], es.offsets[idx + 1]], axis=1))
+            unique += int((count > 0).sum())
+            lengths = es.lengths()
+            weighted = (_per_conversation_sum(es.classes == CLS_ASSISTANT, es.offsets)
+                        + float(np.float32(user_weight)) * _per_conversation_sum(es.classes == CLS_PROMPT, es.offsets))
+            for key, table_tokens, table_weighted in ((es.lang, lang_tokens, lang_weighted), (es.name, src_tokens, src_weighted)):
+                table_tokens[key] += int((lengths * count).sum())
+                table_weighted[key] += float((weighted * count).sum())
+        items_N3 = np.concatenate(parts) if parts else np.zeros((0, 3), np.int64)
+        lengths = items_N3[:, 2] - items_N3[:, 1]
+        blocks = pack_best_fit(lengths, block_size)
+        order = np.random.default_rng([seed, split_no]).permutation(len(blocks))  # mixes sources/lengths on disk
+        blocks = [blocks[i] for i in order]
+        outputs[split] = write_packed(directory, split, sources, items_N3, blocks, block_size, vocab_size, user_weight)
+        n_tokens = int(lengths.sum())
+        capacity = len(blocks) * block_size
+        langs = sorted({es.lang for es in sources})
+        names = [es.name for es in sources]
+        stats[split] = {
+            "conversations": len(items_N3),
+            "unique_conversations": unique,
+            "tokens": n_tokens,
+            "weighted_tokens": round(sum(lang_weighted.values()), 3),
+            "blocks": len(blocks),
+            "padding_tokens": capacity - n_tokens,
+            "padding_pct": round(100.0 * (capacity - n_tokens) / capacity, 3) if capacity else 0.0,
+            "next_fit_blocks": next_fit_blocks(lengths.tolist(), block_size),
+            "length": {
+                "max": int(lengths.max()) if len(lengths) else 0,
+                "mean": round(float(lengths.mean()), 2) if len(lengths) else 0.0,
+                "p50": int(np.percentile(lengths, 50)) if len(lengths) else 0,
+                "p95": int(np.percentile(lengths, 95)) if len(lengths) else 0,
+            },
+            "tokens_by_lang": {k: lang_tokens[k] for k in langs},
+            "token_share_by_lang": _shares({k: lang_tokens[k] for k in langs}),
+            "weighted_token_share_by_lang": _shares({k: lang_weighted[k] for k in langs}),
+            "tokens_by_source": {k: src_tokens[k] for k in names},
+            "token_share_by_source": _shares({k: src_tokens[k] for k in names}),
+            "weighted_token_share_by_source": _shares({k: src_weighted[k] for k in names}),
+        }
+    return outputs, stats
+
+
+@dataclass
+class PackedSFT:
+    """One split of stage 6's output, memory-mapped read-only: every array is (n_blocks, block_size)."""
+
+    tokens: np.ndarray
+    weights: np.ndarray
+    doc_ids: np.ndarray
+    positions: np.ndarray
+    pad_id: int
+
+    @property
+    def n_blocks(self) -> int:
+        return self.tokens.shape[0]
+
+    @property
+    def block_size(self) -> int:
+        return self.tokens.shape[1]
+
+
+def _open_array(path: Path, kind: str) -> tuple[np.ndarray, int]:
+    if not path.is_file():
+        raise UserError(f"{path} is missing.\n  HINT: run `python 6_build_sft.py --config configs/<profile>/sft_data.yaml`.")
+    with open(path, "rb") as f:
+        raw = f.read(HEADER_BYTES)
+    if len(raw) < HEADER_BYTES:
+        raise UserError(f"{path}: truncated header; rebuild with `python 6_build_sft.py --force`.")
+    magic, version, kind_code, dtype_code, pad_id, n_blocks, block_size = _HEADER.unpack(raw[: _HEADER.size])
+    if magic != MAGIC or kind_code != ARRAY_KINDS[kind] or dtype_code not in DTYPE_CODES:
+        raise UserError(f"{path}: not a Dante SFT {kind} file (bad magic/kind/dtype).")
+    if version != FORMAT_VERSION:
+        raise UserError(f"{path}: format version {version}, this code reads {FORMAT_VERSION}; rebuild with `python 6_build_sft.py --force`.")
+    dtype = DTYPE_CODES[dtype_code]
+    expected = HEADER_BYTES + n_blocks * block_size * dtype.itemsize
+    if path.stat().st_size != expected:
+        raise UserError(f"{path}: {path.stat().st_size} bytes, header says {expected}; the file is damaged, rebuild stage 6.")
+    if n_blocks == 0:
+        return np.zeros((0, block_size), dtype), pad_id
+    return np.memmap(path, dtype=dtype, mode="r", offset=HEADER_BYTES, shape=(n_blocks, block_size)), pad_id
+
+
+def load_packed(directory: str | Path, split: str) -> PackedSFT:
+    """Memory-map ``{split}.{tokens,weights,docs,pos}.bin`` from a 06_sft_data folder (split: train or eval)."""
+    arrays, pads = {}, set()
+    for kind in ARRAY_KINDS:
+        arrays[kind], pad = _open_array(packed_path(directory, split, kind), kind)
+        pads.add(pad)
+    shapes = {a.shape for a in arrays.values()}
+    if len(shapes) != 1 or len(pads) != 1:
+        raise UserError(f"{directory}: the {split} arrays disagree in shape {shapes} or pad id {pads}; rebuild stage 6.")
+    return PackedSFT(arrays["tokens"], arrays["weights"], arrays["docs"], arrays["pos"], pads.pop())
+
+
+# -- batches for stage 7 ------------------------------------------------------------------------------
+def shifted_targets(tokens_BT: np.ndarray, weights_BT: np.ndarray, docs_BT: np.ndarray, pad_id: int):
+    """(targets, target weights): position t predicts token t+1 of the same conversation.
+
+    The last token of a conversation must not predict the first of the next one: such targets (and the
+    block's last column, which has no next token) get weight 0 and the pad id as a harmless index.
+    """
+    B, T = tokens_BT.shape
+    targets_BT = np.full((B, T), pad_id, np.int64)
+    target_w_BT = np.zeros((B, T), np.float32)
+    same_doc = (docs_BT[:, 1:] == docs_BT[:, :-1]) & (docs_BT[:, 1:] != PAD_DOC_ID)
+    targets_BT[:, :-1] = np.where(same_doc, tokens_BT[:, 1:], pad_id)
+    target_w_BT[:, :-1] = np.where(same_doc, weights_BT[:, 1:], 0.0)
+    return targets_BT, target_w_BT
+
+
+def num_sft_batches(n_blocks: int, micro_batch: int, world_size: int = 1) -> int:
+    """Micro-batches per epoch on each rank (the last one is completed with padding rows)."""
+    per_rank = -(-n_blocks // world_size)
+    return -(-per_rank // micro_batch)
+
+
+def sft_batches(
+    packed: PackedSFT, micro_batch: int, *, shuffle: bool = True, seed: int = 0, epoch: int = 0,
+    rank: int = 0, world_size: int = 1, start: int = 0,
+) -> Iterator[dict[str, np.ndarray]]:
+    """Micro-batches of one epoch as numpy arrays (torch.from_numpy is zero-copy):
+
+    tokens (B, T) int64, targets (B, T) int64, weights (B, T) float32 (weight of each target),
+    positions (B, T) int64, doc_ids (B, T) int64. Blocks are permuted per (seed, epoch), dealt to ranks
+    round-robin; every rank yields the same number of batches (missing rows are all-padding, weight 0).
+    ``start`` skips that many batches (resume). The loss is sum(w * ce) / sum(w) over the accumulation window.
+    """
+    n = packed.n_blocks
+    order = np.random.default_rng([seed, epoch]).permutation(n) if shuffle else np.arange(n)
+    mine = order[rank::world_size]
+    total = num_sft_batches(n, micro_batch, world_size)
+    T = packed.block_size
+    for b in range(start, total):
+        rows = np.sort(mine[b * micro_batch : (b + 1) * micro_batch])  # sorted: sequential memmap reads
+        k = len(rows)
+        tokens = np.full((micro_batch, T), packed.pad_id, np.int64)
+        weights = np.zeros((micro_batch, T), np.float32)
+        docs = np.full((micro_batch, T), PAD_DOC_ID, np.int64)
+        pos = np.zeros((micro_batch, T), np.int64)
+        if k:
+            tokens[:k], weights[:k] = packed.tokens[rows], packed.weights[rows]
+            docs[:k], pos[:k] = packed.doc_ids[rows], packed.positions[rows]
+        targets, target_w = shifted_targets(tokens, weights, docs, packed.pad_id)
+        yield {"tokens": tokens, "targets": targets, "weights": target_w, "positions": pos, "doc_ids": docs}
