@@ -228,6 +228,8 @@ class ReferenceTokenizerConfig:
     """Main file (tokenizer.json, encoder.json, .model, or tiktoken ranks)."""
     merges_path: str = ""
     """vocab.bpe (gpt2_bpe only)."""
+    optional: bool = False
+    """Skip this reference with a note in the report when its files are missing (fetch-only files)."""
 
 
 @dataclass
@@ -248,6 +250,8 @@ class TokenizerConfig:
     """Held-out text per language for the fertility report: {it: path, en: path, code: path}."""
     baseline: bool = True
     """Also train the A/B baseline (same sample and vocab, GPT-2/Llama-3-style regex)."""
+    baseline_pretokenizer: Literal["gpt2", "llama3"] = "llama3"
+    """Regex of the A/B baseline (contractions split, no pinned letters)."""
     references: list[ReferenceTokenizerConfig] = field(default_factory=list)
     """Reference tokenizers for the fertility report."""
 
@@ -277,6 +281,8 @@ class ShardsConfig:
     """Documents per encode_batch call."""
     verify_samples: int = 16
     """Documents round-tripped per shard by --verify."""
+    dtype: Literal["uint16", "uint32"] = "uint16"
+    """Token id type in the shards; uint16 needs a tokenizer with at most 65,536 ids."""
 
 
 @dataclass
@@ -321,15 +327,17 @@ class LongEvalConfig:
 @dataclass
 class ExtendConfig:
     mode: Literal["yarn", "linear", "continued"] = "yarn"
-    """'yarn' or 'linear' RoPE scaling, or 'continued' (no scaling, only longer sequences)."""
+    """RoPE of the extended model: 'yarn' or 'linear' scaling (transformers' rope_type), or 'continued' (plain RoPE, only longer sequences: the A/B baseline)."""
     factor: float = 2.0
-    """Context multiplier (new_max_seq_len / original)."""
-    new_max_seq_len: int = 1024
-    """Target context length."""
+    """Context multiplier (> 1): new length / the sequence length stage 4 trained at; also the rope_scaling factor."""
+    new_max_seq_len: int = 0
+    """Target context in tokens; 0 means factor x the stage 4 training length (when set, it must equal that product)."""
     beta_fast: float = 32.0
-    """YaRN beta_fast."""
+    """YaRN beta_fast: frequencies with more rotations than this over the original context are kept (transformers' default)."""
     beta_slow: float = 1.0
-    """YaRN beta_slow."""
+    """YaRN beta_slow: frequencies with fewer rotations than this are fully interpolated (transformers' default)."""
+    heldout: dict = field(default_factory=dict)
+    """Held-out text per language for the long-context evaluation, {it: path, ...} (JSON Lines, text field); {} uses stage 3's validation shards."""
 
 
 @dataclass
@@ -402,9 +410,9 @@ class SFTDataStageConfig:
 @dataclass
 class SFTTrainConfig:
     epochs: int = 1
-    """Passes over the packed SFT blocks."""
+    """Passes over the packed SFT blocks, reshuffled each epoch; train.max_steps 0 trains them all, > 0 stops earlier."""
     init_from: Literal["auto", "05_extend", "04_pretrain"] = "auto"
-    """Checkpoint to start from: auto takes stage 5 when present, else stage 4."""
+    """Checkpoint to start from: auto takes stage 5 when complete, else stage 4 (an unfinished 05_extend is an error)."""
     document_mask: bool = True
     """Restrict attention to each conversation (turn off only to measure the contamination)."""
 
@@ -924,11 +932,28 @@ def validate(cfg: Any) -> list[str]:
             p.append(f"train.seq_len={cfg.train.seq_len} exceeds model.max_seq_len={cfg.model.max_seq_len}")
     if isinstance(cfg, ExtendStageConfig):
         p += validate_train(cfg.train)
-        e = cfg.extend
-        if e.mode != "continued" and e.factor <= 1:
-            p.append(f"extend.factor={e.factor}: must be > 1 for {e.mode} scaling")
-        if cfg.train.seq_len > e.new_max_seq_len:
+        e, le = cfg.extend, cfg.long_eval
+        # The lengths known only from the stage 4 checkpoint are checked by dante.extend.extension_problems.
+        if e.factor <= 1:
+            p.append(f"extend.factor={e.factor}: must be > 1 (the new context is factor x the stage 4 training "
+                     "length; stage 5 only lengthens the context)")
+        if e.new_max_seq_len < 0:
+            p.append(f"extend.new_max_seq_len={e.new_max_seq_len}: must be > 0, or 0 for factor x the stage 4 length")
+        if e.new_max_seq_len and cfg.train.seq_len > e.new_max_seq_len:
             p.append(f"train.seq_len={cfg.train.seq_len} exceeds extend.new_max_seq_len={e.new_max_seq_len}")
+        if e.mode == "yarn" and not 0 < e.beta_slow < e.beta_fast:
+            p.append(f"extend: need 0 < beta_slow < beta_fast (got beta_slow={e.beta_slow}, beta_fast={e.beta_fast})")
+        if any(k not in ("it", "en", "code") for k in e.heldout) or not all(isinstance(v, str) and v for v in e.heldout.values()):
+            p.append(f"extend.heldout: must map it/en/code to file paths, got {e.heldout!r}")
+        if not le.lengths or any(n <= 0 for n in le.lengths):
+            p.append(f"long_eval.lengths={le.lengths}: list at least one length > 0 (the longest is used for perplexity by position)")
+        elif e.new_max_seq_len and max(le.lengths) > e.new_max_seq_len:
+            p.append(f"long_eval.lengths={le.lengths}: longer than extend.new_max_seq_len={e.new_max_seq_len}")
+        if le.trials < 1 or le.bucket_size <= 0 or le.max_docs <= 0 or le.distractors < 1:
+            p.append("long_eval: need trials >= 1, bucket_size > 0, max_docs > 0 and distractors >= 1 (stage 5 "
+                     "always measures passkey retrieval before and after)")
+        if any(not 0 <= d <= 1 for d in le.depths):
+            p.append(f"long_eval.depths={le.depths}: each must be in [0, 1]")
     if isinstance(cfg, SFTDataStageConfig):
         s = cfg.sft_data
         if not s.sources:
@@ -955,7 +980,12 @@ def validate(cfg: Any) -> list[str]:
             if any(not isinstance(k, str) or not isinstance(v, str) or not v for k, v in src.columns.items()):
                 p.append(f"{key}.columns: must map field names to non-empty column names, got {src.columns!r}")
     if isinstance(cfg, SFTStageConfig):
-        p += validate_train(cfg.train)
+        # SFT length is sft.epochs over the packed blocks: train.max_steps 0 means all of them (7_sft.py
+        # derives the steps), > 0 stops earlier; a token budget has no meaning here.
+        p += validate_train(dataclasses.replace(cfg.train, max_steps=cfg.train.max_steps or 1))
+        if cfg.train.token_budget:
+            p.append(f"train.token_budget={cfg.train.token_budget}: SFT runs sft.epochs over the packed blocks "
+                     "(train.max_steps > 0 may stop it earlier); set train.token_budget: 0")
         if cfg.sft.epochs <= 0:
             p.append("sft.epochs: must be > 0")
     return p

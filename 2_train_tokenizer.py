@@ -1,0 +1,116 @@
+"""Stage 2: train the Dante tokenizer and its A/B baseline, then write the fertility report.
+
+Reads ``01_corpus/`` (its manifest and document shards); writes ``02_tokenizer/``: ``tokenizer.json``,
+``baseline/tokenizer.json``, ``fertility.{json,md,png}`` and ``manifest.json`` (last). The training
+sample is drawn from stage 1 as a stream, character-balanced by ``tokenizer.language_mix``; the
+baseline is trained on the very same sample with the same vocabulary size. An interrupted run keeps
+the tokenizers it finished (progress.json) and resumes after them. Logic: dante/tokenizer.py,
+dante/fertility.py.
+
+    python 2_train_tokenizer.py --config configs/tiny/tokenizer.yaml
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+
+from dante import fertility as F
+from dante.artifacts import atomic_write_text, file_sha256, stage_dir
+from dante.cli import UserError, run_stage
+from dante.shards import corpus_files
+from dante.tokenizer import (
+    default_pinned,
+    iter_training_sample,
+    load_tokenizer,
+    n_fixed_tokens,
+    plan_sample,
+    tokenizer_facts,
+    train_tokenizer,
+)
+
+STAGE = "02_tokenizer"
+
+
+def check_inputs(cfg, corpus_manifest):
+    """Everything that can be wrong before training, reported together."""
+    t, problems, notes, refs = cfg.tokenizer, [], [], []
+    fixed = n_fixed_tokens(t.n_reserved, len(default_pinned(t.pretokenizer)))
+    if t.vocab_size <= fixed:
+        problems.append(f"tokenizer.vocab_size={t.vocab_size} must exceed the {fixed} fixed ids (specials, reserved, bytes, pinned)")
+    if len({r.name for r in t.references}) != len(t.references) or any(r.name in ("dante", "baseline") for r in t.references):
+        problems.append("tokenizer.references: names must be unique and not 'dante' or 'baseline'")
+    for r in t.references:
+        missing = F.missing_reference_files(r)
+        if missing and r.optional:
+            notes.append(f"reference {r.name!r} skipped: {', '.join(missing) or 'path unset'} not found "
+                         f"(run `python tools/fetch_reference_tokenizers.py`)")
+        elif missing:
+            problems.append(f"reference {r.name!r}: {', '.join(missing) or 'path unset'} not found "
+                            f"(HINT: `python tools/fetch_reference_tokenizers.py`, or set optional: true)")
+        else:
+            refs.append(r)
+    heldout = {}
+    try:
+        heldout = F.load_heldout(t.heldout)
+    except UserError as e:
+        problems.append(str(e))
+    if problems:
+        raise UserError("tokenizer stage cannot start:\n  - " + "\n  - ".join(problems))
+    files = corpus_files(stage_dir(cfg.run, "01_corpus"), corpus_manifest)
+    plan = plan_sample(corpus_manifest["outputs"]["sources"], t.language_mix, t.sample_chars)
+    return files, plan, refs, heldout, notes
+
+
+def train_or_resume(stage, key, path, pretokenizer, files, plan, cfg):
+    """Train one tokenizer on the sample (or reuse the one an interrupted run finished)."""
+    t, progress = cfg.tokenizer, stage.load_progress()
+    if key in progress and path.is_file():
+        print(f"[{STAGE}] {key}: reusing {path} from the interrupted run", flush=True)
+        return load_tokenizer(path), progress[key]
+    stats: dict = {}
+    start = time.time()
+    tok = train_tokenizer(iter_training_sample(files, plan, cfg.run.seed, stats), t.vocab_size, pretokenizer,
+                          t.n_reserved, t.min_frequency)
+    atomic_write_text(path, tok.to_str())
+    info = {"sample": stats, "seconds": round(time.time() - start, 1), "facts": tokenizer_facts(tok)}
+    stage.save_progress(stage.load_progress() | {key: info})
+    print(f"[{STAGE}] {key}: {pretokenizer} regex, {info['facts']['vocab_size']} ids, "
+          f"{sum(s['chars'] for s in stats.values()):,} sample chars, {info['seconds']} s", flush=True)
+    return load_tokenizer(path), info
+
+
+def main(stage, cfg, args):
+    t = cfg.tokenizer
+    corpus = stage.require("01_corpus")
+    files, plan, refs, heldout, notes = check_inputs(cfg, corpus)
+    dante, dante_info = train_or_resume(stage, "dante", stage.dir / "tokenizer.json", t.pretokenizer, files, plan, cfg)
+    counters = [F.hf_counter("dante", t.pretokenizer, dante)]
+    outputs = {"tokenizer": "tokenizer.json", "tokenizer_sha256": file_sha256(stage.dir / "tokenizer.json"),
+               **dante_info["facts"], "sample": dante_info["sample"]}
+    if t.baseline:
+        (stage.dir / "baseline").mkdir(exist_ok=True)
+        base, _ = train_or_resume(stage, "baseline", stage.dir / "baseline" / "tokenizer.json",
+                                  t.baseline_pretokenizer, files, plan, cfg)
+        counters.append(F.hf_counter("baseline", t.baseline_pretokenizer, base))
+        outputs["baseline"] = "baseline/tokenizer.json"
+    counters += [F.load_reference(r) for r in refs]
+    if heldout:
+        report = F.fertility_report(counters, heldout, notes)
+        outputs["fertility"] = {k: v.split("/")[-1] for k, v in F.write_report(report, stage.dir).items()}
+        outputs["fertility_summary"] = F.summary_lines(report)
+        for line in outputs["fertility_summary"] + [f"note: {n}" for n in notes]:
+            print(f"[{STAGE}] {line}")
+    else:
+        print(f"[{STAGE}] no tokenizer.heldout configured: fertility report skipped")
+    stage.finish(outputs=outputs, counts={"sample_chars": sum(s["chars"] for s in dante_info["sample"].values())})
+
+
+def dry_run(cfg, args):
+    t = cfg.tokenizer
+    print(f"# dry run: {t.pretokenizer} tokenizer, vocab {t.vocab_size}, sample {t.sample_chars:,} chars {t.language_mix}, "
+          f"baseline {t.baseline_pretokenizer if t.baseline else 'off'}, {len(t.references)} reference(s)")
+
+
+if __name__ == "__main__":
+    sys.exit(run_stage(STAGE, __doc__.split("\n")[0], main, dry_run=dry_run))

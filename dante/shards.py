@@ -1,0 +1,602 @@
+"""Stage 3: documents -> token shards; the binary shard format, its writer, memmap reader and verifier.
+
+Format (version 1), one pair of files per shard, named ``t<tier>-<split>-<nnnnn>.{bin,idx}``:
+
+``.bin`` — a 128-byte little-endian header, then ``n_tokens`` ids of ``dtype``::
+
+    magic b"DANTESHD" | version u32 | header_bytes u32 | itemsize u32 | vocab_size u32 | n_tokens u64
+    | n_doc_starts u64 | tokens_crc32 u32 | index_crc32 u32 | tier u32 | split u32 (0 train, 1 val)
+    | shard_index u32 | eos_id u32 | tokenizer_sha256[:16] | zero padding
+
+``.idx`` — a 32-byte header (magic b"DANTEIDX", version u32, pad u32, n_doc_starts u64, n_tokens u64)
+then ``n_doc_starts`` uint64 offsets (into this shard) where a document begins.
+
+Design choices
+- Shards are exactly ``shard_tokens`` long (the last of each tier/split is shorter): each (tier, split)
+  is ONE token stream, doc ids followed by ``<|end_of_text|>``, cut into fixed windows. A document may
+  continue into the next shard, so offset 0 is a document start only if listed in the index; every
+  document still ends with EOS, so the boundary is never lost.
+- Two CRC-32s in the header (tokens, index) let ``verify_stage`` find any corrupted byte, and tie each
+  ``.idx`` to its ``.bin``; a truncated file fails the size check. Nothing time- or host-dependent goes
+  into a shard, so a rerun writes byte-identical files.
+- Train/validation split per document, by a keyed hash of its text (``stable_unit``): deterministic,
+  independent of order and worker count; stage 1 deduplicates, so equal texts cannot straddle splits.
+- Parallelism and resume in two phases. (A) worker processes tokenize whole stage-1 shards (one input
+  file = one task, ``encode_batch``) into ``.work/<input>.<split>.{tok,len}.npy`` plus a ``.done.json``
+  marker written last; finished inputs are never redone. (B) the main process walks the inputs in order
+  and cuts each stream into shards as soon as enough consecutive inputs are done; after each shard it
+  records the stream's cursor in progress.json and deletes work files behind every cursor. A kill at
+  any point reruns at most one shard per stream and the unfinished inputs, and — since every byte is a
+  function of the inputs — gives identical shards.
+
+Example::
+
+    python 3_tokenize_shards.py --config configs/tiny/shards.yaml
+    python 3_tokenize_shards.py --config configs/tiny/shards.yaml --verify
+    reader = ShardReader("runs/tiny/03_shards/t1-train-00000.bin"); reader.tokens[:10]
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import multiprocessing as mp
+import os
+import struct
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+
+from dante.artifacts import StageError, atomic_path, atomic_write_json, file_sha256, read_json
+from dante.cli import UserError
+
+FORMAT_VERSION = 1
+BIN_MAGIC = b"DANTESHD"
+IDX_MAGIC = b"DANTEIDX"
+HEADER_BYTES = 128
+IDX_HEADER_BYTES = 32
+SPLITS = ("train", "val")
+DTYPES = {"uint16": np.uint16, "uint32": np.uint32}
+_BIN_FIELDS = struct.Struct("<8sIIIIQQIIIIII16s")
+_IDX_FIELDS = struct.Struct("<8sIIQQ")
+WORK_DIR = ".work"
+
+
+class ShardError(StageError):
+    """A shard file that is missing, truncated or corrupt (the message names the file)."""
+
+
+# ---------------------------------------------------------------------------------------------------
+# Reading stage 1 output (stages 2 and 3)
+# ---------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CorpusFile:
+    """One stage-1 document shard, with the source facts every document in it shares."""
+
+    index: int
+    source: str
+    lang: str
+    tier: int
+    path: Path
+
+
+def corpus_files(corpus_dir: Path, corpus_manifest: dict) -> list[CorpusFile]:
+    """Stage-1 shards in a fixed order (source name, then listed order); all problems in one UserError."""
+    sources = (corpus_manifest.get("outputs") or {}).get("sources")
+    if not isinstance(sources, dict) or not sources:
+        raise UserError(
+            f"{corpus_dir}/manifest.json lists no sources under outputs.sources. "
+            f"HINT: rerun `python 1_download_corpus.py --force` with a config that declares sources."
+        )
+    files, missing = [], []
+    for name in sorted(sources):
+        info = sources[name]
+        for rel in info.get("shards", []):
+            p = corpus_dir / rel
+            if not p.is_file():
+                missing.append(str(p))
+            files.append(CorpusFile(len(files), name, str(info.get("lang")), int(info.get("tier", 1)), p))
+    if missing:
+        raise UserError(
+            f"{len(missing)} stage-1 shard(s) listed in {corpus_dir}/manifest.json are missing: "
+            f"{', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}. HINT: rerun `python 1_download_corpus.py --force`."
+        )
+    return files
+
+
+def iter_documents(path: Path) -> Iterator[tuple[int, str]]:
+    """(line number, text) of one stage-1 shard (``dante.corpus.read_shard``), bad input as a UserError
+    naming the file: truncated gzip, bytes that are not UTF-8, a broken record, a lone surrogate."""
+    from dante.corpus import read_shard
+
+    hint = "HINT: rebuild it with `python 1_download_corpus.py --force`."
+    line_no = 0
+    try:
+        for line_no, record in enumerate(read_shard(path), 1):
+            text = record.get("text") if isinstance(record, dict) else None
+            if not isinstance(text, str):
+                raise UserError(f"{path}:{line_no}: record has no string field 'text'. {hint}")
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError:
+                raise UserError(f"{path}:{line_no}: text holds an unpaired surrogate (not valid Unicode). {hint}") from None
+            yield line_no, text
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path}: not UTF-8 after line {line_no} ({e.reason}). {hint}") from None
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path}:{line_no + 1}: not a JSON record ({e.msg}). {hint}") from None
+    except (OSError, EOFError, zlib.error) as e:  # gzip.BadGzipFile is an OSError
+        raise UserError(f"{path}: unreadable or truncated gzip ({e}). {hint}") from None
+
+
+def stable_unit(seed: int, *parts: str | int) -> float:
+    """A deterministic number in [0, 1) from the seed and parts (same on every machine and run)."""
+    h = hashlib.blake2b(digest_size=8, key=f"dante-{seed}".encode())
+    for p in parts:
+        h.update(str(p).encode("utf-8", "surrogatepass"))
+        h.update(b"\x00")
+    return int.from_bytes(h.digest(), "little") / 2**64
+
+
+# ---------------------------------------------------------------------------------------------------
+# The binary format
+# ---------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ShardHeader:
+    itemsize: int
+    vocab_size: int
+    n_tokens: int
+    n_doc_starts: int
+    tokens_crc32: int
+    index_crc32: int
+    tier: int
+    split: str
+    shard_index: int
+    eos_id: int
+    tokenizer_sha16: bytes
+    version: int = FORMAT_VERSION
+
+    @property
+    def dtype(self):
+        return {2: np.uint16, 4: np.uint32}[self.itemsize]
+
+    def pack(self) -> bytes:
+        raw = _BIN_FIELDS.pack(
+            BIN_MAGIC, self.version, HEADER_BYTES, self.itemsize, self.vocab_size, self.n_tokens,
+            self.n_doc_starts, self.tokens_crc32, self.index_crc32, self.tier, SPLITS.index(self.split),
+            self.shard_index, self.eos_id, self.tokenizer_sha16,
+        )
+        return raw + b"\x00" * (HEADER_BYTES - len(raw))
+
+    @classmethod
+    def unpack(cls, raw: bytes, path: Path) -> "ShardHeader":
+        if len(raw) < HEADER_BYTES:
+            raise ShardError(f"{path}: truncated header ({len(raw)} of {HEADER_BYTES} bytes)")
+        magic, version, hbytes, itemsize, vocab, n_tok, n_docs, tcrc, icrc, tier, split, idx, eos, sha = (
+            _BIN_FIELDS.unpack_from(raw)
+        )
+        if magic != BIN_MAGIC:
+            raise ShardError(f"{path}: not a Dante shard (magic {magic!r}, expected {BIN_MAGIC!r})")
+        if version != FORMAT_VERSION:
+            raise ShardError(f"{path}: shard format version {version}, this code reads {FORMAT_VERSION}; rerun 3_tokenize_shards.py --force")
+        if hbytes != HEADER_BYTES or itemsize not in (2, 4) or split > 1:
+            raise ShardError(f"{path}: corrupt header (header_bytes={hbytes}, itemsize={itemsize}, split={split})")
+        return cls(itemsize, vocab, n_tok, n_docs, tcrc, icrc, tier, SPLITS[split], idx, eos, sha, version)
+
+
+def shard_name(tier: int, split: str, index: int) -> str:
+    return f"t{tier}-{split}-{index:05d}.bin"
+
+
+def write_shard(path: Path, tokens: np.ndarray, doc_starts: np.ndarray, header: ShardHeader) -> None:
+    """Write ``.idx`` then ``.bin``, each atomically (the .bin's CRC of the index ties the pair)."""
+    doc_starts = np.ascontiguousarray(doc_starts, dtype="<u8")
+    tokens = np.ascontiguousarray(tokens, dtype=np.dtype(header.dtype).newbyteorder("<"))
+    header.n_tokens, header.n_doc_starts = int(tokens.size), int(doc_starts.size)
+    header.tokens_crc32, header.index_crc32 = zlib.crc32(tokens.data), zlib.crc32(doc_starts.data)
+    idx_head = _IDX_FIELDS.pack(IDX_MAGIC, FORMAT_VERSION, 0, doc_starts.size, tokens.size)
+    with atomic_path(path.with_suffix(".idx")) as tmp:
+        with open(tmp, "wb") as f:
+            f.write(idx_head)
+            f.write(doc_starts.data)
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:
+            f.write(header.pack())
+            f.write(tokens.data)
+
+
+class ShardReader:
+    """Memory-mapped view of one shard: ``.tokens`` (np.memmap), ``.doc_starts``, ``.header``.
+
+    Opening checks magic, version and file sizes (a truncated file raises ShardError naming it);
+    ``check_crc()`` reads every byte and compares the checksums.
+    """
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise ShardError(f"{self.path}: shard file missing")
+        with open(self.path, "rb") as f:
+            self.header = ShardHeader.unpack(f.read(HEADER_BYTES), self.path)
+        expect = HEADER_BYTES + self.header.n_tokens * self.header.itemsize
+        size = self.path.stat().st_size
+        if size != expect:
+            raise ShardError(f"{self.path}: size {size} bytes, header says {expect} ({'truncated' if size < expect else 'trailing bytes'})")
+        self.idx_path = self.path.with_suffix(".idx")
+        if not self.idx_path.is_file():
+            raise ShardError(f"{self.idx_path}: document index missing")
+        with open(self.idx_path, "rb") as f:
+            magic, version, _, n_docs, n_tok = _IDX_FIELDS.unpack_from(f.read(IDX_HEADER_BYTES).ljust(IDX_HEADER_BYTES, b"\0"))
+        if magic != IDX_MAGIC or version != FORMAT_VERSION or n_docs != self.header.n_doc_starts or n_tok != self.header.n_tokens:
+            raise ShardError(f"{self.idx_path}: index header does not match {self.path.name} (corrupt or from another shard)")
+        if self.idx_path.stat().st_size != IDX_HEADER_BYTES + 8 * n_docs:
+            raise ShardError(f"{self.idx_path}: size does not match its {n_docs} document offsets (truncated)")
+        self._tokens = None
+
+    @property
+    def n_tokens(self) -> int:
+        return self.header.n_tokens
+
+    @property
+    def tokens(self) -> np.memmap:
+        if self._tokens is None:
+            dt = np.dtype(self.header.dtype).newbyteorder("<")
+            self._tokens = np.memmap(self.path, dtype=dt, mode="r", offset=HEADER_BYTES, shape=(self.header.n_tokens,))
+        return self._tokens
+
+    @property
+    def doc_starts(self) -> np.ndarray:
+        return np.fromfile(self.idx_path, dtype="<u8", offset=IDX_HEADER_BYTES, count=self.header.n_doc_starts)
+
+    def complete_documents(self) -> Iterator[tuple[int, int]]:
+        """(start, end) of documents wholly inside this shard; ``end`` is just past their EOS."""
+        starts = self.doc_starts
+        for i, s in enumerate(starts):
+            if i + 1 < len(starts):
+                yield int(s), int(starts[i + 1])
+            else:  # the last one is complete iff an EOS ends it inside the shard
+                tail = np.flatnonzero(self.tokens[int(s):] == self.header.eos_id)
+                if tail.size:
+                    yield int(s), int(s) + int(tail[0]) + 1
+
+    def check_crc(self) -> None:
+        if zlib.crc32(np.ascontiguousarray(self.tokens).data) != self.header.tokens_crc32:
+            raise ShardError(f"{self.path}: token checksum mismatch (corrupt data)")
+        if zlib.crc32(np.ascontiguousarray(self.doc_starts).data) != self.header.index_crc32:
+            raise ShardError(f"{self.idx_path}: document index checksum mismatch (corrupt, or not this shard's index)")
+
+
+def list_shards(shards_dir: str | Path, split: str) -> dict[int, list[Path]]:
+    """{tier: [shard .bin paths in order]} for ``split`` ('train' or 'val'), from 03_shards' manifest."""
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    d = Path(shards_dir)
+    manifest = d / "manifest.json"
+    if not manifest.is_file():
+        raise StageError(f"{d} has no manifest.json. HINT: run `python 3_tokenize_shards.py --config ...` first.")
+    listed = read_json(manifest)["outputs"]["shards"][split]
+    return {int(tier): [d / n for n in names] for tier, names in sorted(listed.items(), key=lambda kv: int(kv[0]))}
+
+
+# ---------------------------------------------------------------------------------------------------
+# Phase A: tokenize one stage-1 file (runs in worker processes)
+# ---------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class EncodeSettings:
+    tokenizer_path: str
+    dtype: str
+    eos_id: int
+    seed: int
+    val_fraction: float
+    batch_docs: int
+    work_dir: str
+
+
+_WORKER_TOKENIZER = {}
+
+
+def _tokenizer_for(path: str):
+    if path not in _WORKER_TOKENIZER:
+        from dante.tokenizer import load_tokenizer  # plain_text: "<|eot|>" in a document stays text
+
+        _WORKER_TOKENIZER[path] = load_tokenizer(path)
+    return _WORKER_TOKENIZER[path]
+
+
+def work_paths(work_dir: str | Path, index: int, split: str) -> tuple[Path, Path]:
+    base = Path(work_dir) / f"{index:05d}.{split}"
+    return base.with_name(base.name + ".tok.npy"), base.with_name(base.name + ".len.npy")
+
+
+def done_marker(work_dir: str | Path, index: int) -> Path:
+    return Path(work_dir) / f"{index:05d}.done.json"
+
+
+def encode_corpus_file(cf: CorpusFile, st: EncodeSettings) -> dict:
+    """Tokenize one stage-1 shard into per-split work files; return its stats (also saved as marker)."""
+    tok = _tokenizer_for(st.tokenizer_path)
+    dtype = DTYPES[st.dtype]
+    parts = {s: {"tokens": [], "lens": [], "docs": 0, "chars": 0, "bytes": 0} for s in SPLITS}
+    batch: list[tuple[str, str]] = []
+
+    def flush():
+        encoded = tok.encode_batch_fast([t for _, t in batch], add_special_tokens=False)
+        for (split, text), enc in zip(batch, encoded):
+            p = parts[split]
+            ids = np.asarray(enc.ids, dtype=dtype)
+            p["tokens"].append(ids)
+            p["tokens"].append(np.asarray([st.eos_id], dtype=dtype))
+            p["lens"].append(ids.size + 1)
+            p["docs"] += 1
+            p["chars"] += len(text)
+            p["bytes"] += len(text.encode("utf-8"))
+        batch.clear()
+
+    for _, text in iter_documents(cf.path):
+        split = "val" if stable_unit(st.seed, "split", text) < st.val_fraction else "train"
+        batch.append((split, text))
+        if len(batch) >= st.batch_docs:
+            flush()
+    if batch:
+        flush()
+    stats = {"index": cf.index, "source": cf.source, "lang": cf.lang, "tier": cf.tier}
+    for split, p in parts.items():
+        tokens = np.concatenate(p["tokens"]) if p["tokens"] else np.zeros(0, dtype=dtype)
+        tok_path, len_path = work_paths(st.work_dir, cf.index, split)
+        for path, arr in ((tok_path, tokens), (len_path, np.asarray(p["lens"], dtype=np.uint64))):
+            with atomic_path(path) as tmp:
+                with open(tmp, "wb") as f:
+                    np.save(f, arr)
+        stats[split] = {"docs": p["docs"], "chars": p["chars"], "bytes": p["bytes"], "tokens": int(tokens.size)}
+    atomic_write_json(done_marker(st.work_dir, cf.index), stats)  # LAST: the input is done
+    return stats
+
+
+def _pool_task(args: tuple[CorpusFile, EncodeSettings]) -> dict:
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # parallel across processes, not inside each
+    return encode_corpus_file(*args)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Phase B: cut streams into shards (main process)
+# ---------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class StreamState:
+    """Where the (tier, split) stream stands: shards written, and the first unwritten token."""
+
+    tier: int
+    split: str
+    shards: int = 0
+    cursor_input: int = 0  # position (in this stream's list of inputs) of the first unwritten token
+    cursor_token: int = 0  # offset into that input's tokens
+    names: list[str] = field(default_factory=list)
+
+    @property
+    def key(self) -> str:
+        return f"t{self.tier}-{self.split}"
+
+
+class ShardAssembler:
+    """Cuts each (tier, split) stream into ``shard_tokens`` shards from the phase-A work files."""
+
+    def __init__(self, out_dir: Path, files: list[CorpusFile], shard_tokens: int, header_base: dict, state: dict):
+        self.out_dir, self.shard_tokens, self.header_base = out_dir, shard_tokens, header_base
+        self.work = out_dir / WORK_DIR
+        self.inputs: dict[str, list[int]] = {}  # stream key -> input indices of that tier, in order
+        for cf in files:
+            for split in SPLITS:
+                self.inputs.setdefault(f"t{cf.tier}-{split}", []).append(cf.index)
+        self.streams: dict[str, StreamState] = {}
+        for key in self.inputs:
+            tier, split = key[1:].split("-")
+            saved = state.get(key)
+            self.streams[key] = StreamState(**saved) if saved else StreamState(int(tier), split)
+        self.counts: dict[int, dict[str, int]] = {}  # done input -> tokens per split
+        # per stream: first input position not yet counted, and tokens available from the cursor to it
+        self._frontier = {k: s.cursor_input for k, s in self.streams.items()}
+        self._pending = {k: -s.cursor_token for k, s in self.streams.items()}
+
+    def state(self) -> dict:
+        return {k: dict(vars(s), names=list(s.names)) for k, s in self.streams.items()}
+
+    def mark_done(self, index: int, stats: dict) -> None:
+        self.counts[index] = {split: int(stats[split]["tokens"]) for split in SPLITS}
+        for key, s in self.streams.items():  # extend each frontier over consecutive done inputs
+            order = self.inputs[key]
+            while self._frontier[key] < len(order) and order[self._frontier[key]] in self.counts:
+                self._pending[key] += self.counts[order[self._frontier[key]]][s.split]
+                self._frontier[key] += 1
+
+    def advance(self, final: bool, on_shard: Callable[[], None]) -> None:
+        """Write every shard that the done inputs complete (and, if final, each stream's remainder)."""
+        for key, s in self.streams.items():
+            while self._pending[key] >= self.shard_tokens or (final and self._pending[key] > 0):
+                n = min(self._pending[key], self.shard_tokens)
+                self._write_next(s, n)
+                self._pending[key] -= n
+                on_shard()
+                self._collect(s)
+
+    def _write_next(self, s: StreamState, n: int) -> None:
+        order = self.inputs[s.key]
+        tokens = np.empty(n, dtype=DTYPES[self.header_base["dtype"]])
+        starts: list[np.ndarray] = []
+        filled, pos, offset = 0, s.cursor_input, s.cursor_token
+        while filled < n:
+            size = self.counts[order[pos]][s.split]
+            if offset >= size:  # input used up, or without documents of this split
+                pos, offset = pos + 1, 0
+                continue
+            tok_path, len_path = work_paths(self.work, order[pos], s.split)
+            src = np.load(tok_path, mmap_mode="r")
+            doc_bounds = np.concatenate([[0], np.cumsum(np.load(len_path).astype(np.int64))[:-1]])
+            take = min(n - filled, size - offset)
+            tokens[filled:filled + take] = src[offset:offset + take]
+            in_range = doc_bounds[(doc_bounds >= offset) & (doc_bounds < offset + take)]
+            starts.append((in_range - offset + filled).astype(np.uint64))
+            filled += take
+            offset += take
+        if offset >= self.counts[order[pos]][s.split]:
+            pos, offset = pos + 1, 0
+        name = shard_name(s.tier, s.split, s.shards)
+        header = ShardHeader(
+            itemsize=np.dtype(DTYPES[self.header_base["dtype"]]).itemsize, vocab_size=self.header_base["vocab_size"],
+            n_tokens=n, n_doc_starts=0, tokens_crc32=0, index_crc32=0, tier=s.tier, split=s.split,
+            shard_index=s.shards, eos_id=self.header_base["eos_id"], tokenizer_sha16=self.header_base["tokenizer_sha16"],
+        )
+        write_shard(self.out_dir / name, tokens, np.concatenate(starts) if starts else np.zeros(0, np.uint64), header)
+        s.shards += 1
+        s.cursor_input, s.cursor_token = pos, offset
+        s.names.append(name)
+
+    def _collect(self, s: StreamState) -> None:
+        """Delete this stream's work files that lie wholly behind its cursor (stats markers stay)."""
+        for pos in range(s.cursor_input):
+            for p in work_paths(self.work, self.inputs[s.key][pos], s.split):
+                p.unlink(missing_ok=True)
+
+    def remove_stale_files(self) -> None:
+        """After a kill: shards past a stream's recorded count may be early copies (they are redone),
+        and temp files of interrupted atomic writes are garbage."""
+        for s in self.streams.values():
+            for p in self.out_dir.glob(f"t{s.tier}-{s.split}-*.bin"):
+                if int(p.stem.rsplit("-", 1)[1]) >= s.shards:
+                    p.unlink()
+                    p.with_suffix(".idx").unlink(missing_ok=True)
+        for folder in (self.out_dir, self.work):
+            for tmp in folder.glob(".*.tmp"):
+                tmp.unlink()
+
+
+def tokenize_corpus(
+    files: list[CorpusFile],
+    settings: EncodeSettings,
+    out_dir: Path,
+    shard_tokens: int,
+    header_base: dict,
+    workers: int,
+    state: dict,
+    save_state: Callable[[dict], None],
+    log: Callable[[str], None] = print,
+) -> dict:
+    """Phase A in a process pool + phase B as inputs complete. Returns the final stream states."""
+    work = out_dir / WORK_DIR
+    work.mkdir(parents=True, exist_ok=True)
+    asm = ShardAssembler(out_dir, files, shard_tokens, header_base, state)
+    asm.remove_stale_files()
+    for cf in files:
+        if done_marker(work, cf.index).is_file():
+            asm.mark_done(cf.index, read_json(done_marker(work, cf.index)))
+    todo = [cf for cf in files if cf.index not in asm.counts]
+    if asm.counts:
+        log(f"resuming: {len(asm.counts)} of {len(files)} inputs already tokenized")
+
+    def on_shard():
+        save_state(asm.state())
+
+    asm.advance(final=False, on_shard=on_shard)
+    tasks = [(cf, settings) for cf in todo]
+    if workers <= 1 or len(tasks) <= 1:
+        results = (_pool_task(t) for t in tasks)
+        pool = None
+    else:
+        ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
+        pool = ctx.Pool(min(workers, len(tasks)))
+        results = pool.imap(_pool_task, tasks, chunksize=1)  # in order: shards are cut in input order
+    try:
+        for i, stats in enumerate(results, 1):
+            asm.mark_done(stats["index"], stats)
+            asm.advance(final=False, on_shard=on_shard)
+            if i % max(1, len(tasks) // 10) == 0 or i == len(tasks):
+                log(f"tokenized {i}/{len(tasks)} inputs")
+    finally:
+        if pool is not None:
+            pool.terminate()
+            pool.join()
+    asm.advance(final=True, on_shard=on_shard)
+    return asm.state()
+
+
+def collect_stats(files: list[CorpusFile], work_dir: Path) -> dict:
+    """Docs/chars/bytes/tokens per split, by tier, language and source, from the phase-A markers."""
+    out: dict = {"total": {}, "by_tier": {}, "by_lang": {}, "by_source": {}}
+
+    def add(group: dict, split: str, st: dict):
+        g = group.setdefault(split, {"docs": 0, "chars": 0, "bytes": 0, "tokens": 0})
+        for k in g:
+            g[k] += st[k]
+
+    for cf in files:
+        m = read_json(done_marker(work_dir, cf.index))
+        for split in SPLITS:
+            add(out["total"], split, m[split])
+            add(out["by_tier"].setdefault(str(cf.tier), {}), split, m[split])
+            add(out["by_lang"].setdefault(cf.lang, {}), split, m[split])
+            add(out["by_source"].setdefault(cf.source, {}), split, m[split])
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------
+# Verification
+# ---------------------------------------------------------------------------------------------------
+
+
+def verify_shards(shards_dir: Path, manifest: dict, tokenizer, samples_per_shard: int, seed: int = 0) -> list[str]:
+    """Problems found (each naming a file): headers, sizes, checksums, ids < vocab, round trips."""
+    problems: list[str] = []
+    out = manifest["outputs"]
+    expected = {name for split in SPLITS for names in out["shards"][split].values() for name in names}
+    on_disk = {p.name for p in shards_dir.glob("t*-*-*.bin")}
+    for extra in sorted(on_disk - expected):
+        problems.append(f"{shards_dir / extra}: not listed in manifest.json (stray file)")
+    for name in sorted(expected):
+        path = shards_dir / name
+        try:
+            r = ShardReader(path)
+            r.check_crc()
+            h = r.header
+            if h.vocab_size != out["vocab_size"] or h.eos_id != out["eos_id"] or np.dtype(h.dtype).name != out["dtype"]:
+                raise ShardError(f"{path}: header vocab/eos/dtype differ from manifest.json")
+            if h.n_tokens and int(r.tokens.max()) >= h.vocab_size:
+                raise ShardError(f"{path}: holds token id {int(r.tokens.max())} >= vocab_size {h.vocab_size}")
+            starts = r.doc_starts
+            if starts.size and (np.any(np.diff(starts.astype(np.int64)) <= 0) or starts[-1] >= h.n_tokens):
+                raise ShardError(f"{r.idx_path}: document offsets not increasing or out of range")
+            docs = list(r.complete_documents())
+            rng = np.random.default_rng([seed, h.tier, h.shard_index, SPLITS.index(h.split)])
+            for j in rng.permutation(len(docs))[:samples_per_shard]:
+                s, e = docs[j]
+                ids = r.tokens[s:e - 1].tolist()
+                if r.tokens[e - 1] != h.eos_id:
+                    raise ShardError(f"{path}: document at token {s} does not end with <|end_of_text|>")
+                again = tokenizer.encode(tokenizer.decode(ids, skip_special_tokens=False), add_special_tokens=False).ids
+                if again != ids:
+                    raise ShardError(f"{path}: document at token {s} does not survive decode/encode (corrupt ids)")
+        except ShardError as e:
+            problems.append(str(e))
+    return problems
+
+
+def check_dtype_fits(vocab_size: int, dtype: str, tokenizer_path: Path) -> None:
+    limit = np.iinfo(DTYPES[dtype]).max + 1
+    if vocab_size > limit:
+        raise UserError(
+            f"tokenizer {tokenizer_path} has {vocab_size} ids (max id {vocab_size - 1}), which do not fit "
+            f"shards.dtype={dtype} (ids up to {limit - 1}). HINT: set shards.dtype=uint32, or retrain the "
+            f"tokenizer with tokenizer.vocab_size <= {limit}."
+        )
+
+
+def tokenizer_sha16(path: Path) -> bytes:
+    return bytes.fromhex(file_sha256(path))[:16]

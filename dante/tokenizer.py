@@ -1,0 +1,411 @@
+"""Stage 2: the Dante tokenizer — pre-tokenization regex, special tokens, byte-level BPE training.
+
+Dante is a byte-level BPE (Hugging Face ``tokenizers``) built for Italian + English + code:
+
+- **Vocabulary layout** (docs/DESIGN.md): ids 0..5 are ``SPECIAL_TOKENS``, then ``n_reserved``
+  ``<|reserved_i|>`` ids, then the 256 byte symbols in byte order, then (Dante only) the pinned
+  two-byte characters, then the learned merges in merge order. ``vocab_size`` is exact: training that
+  cannot learn enough merges is refused rather than padded, so the model's embedding size is the config.
+- **No unknown tokens**: every byte is in the vocabulary, so any text encodes; SentencePiece-style
+  ``byte_fallback`` is not needed (and would add 256 duplicate ids).
+- **Pre-tokenization** (``PRETOKENIZER_PATTERNS["dante"]``), applied by a ``Split`` followed by a
+  ``ByteLevel(use_regex=False)``. Order and flag matter (tokenizers issue #1369): with ByteLevel first
+  the regex would run on byte-mapped text (``è`` becomes ``Ã¨`` and ``\\p{L}`` breaks), and with
+  ``use_regex=True`` ByteLevel re-splits every piece with the GPT-2 regex (``l'intelligenza`` back into
+  ``l`` ``'`` ``intelligenza``). ``train_tokenizer`` pre-tokenizes its training text with the very
+  pre-tokenizer object it saves, so training and serving cannot diverge (tests/test_tokenizer.py checks
+  the saved file).
+- **Pinned characters** (``PINNED_CHARS``: the Latin-1 letters à è é ì ò ù ... plus « » °): each is one
+  token in every context, by construction rather than by frequency. Their two UTF-8 bytes get the first
+  merge ranks of the model, so BPE always fuses them before anything else; during training every such
+  byte pair is replaced by one private-use placeholder symbol, i.e. the trainer sees exactly the
+  segmentation that serving produces after those first merges, and its learned merges are rewritten
+  from placeholders back to the byte pairs. The result is the BPE the trainer would have learned had
+  it started with the pinned tokens in its alphabet. (A lead byte C2/C3 followed by its continuation
+  byte is always that one character in valid UTF-8, so the forced merge never fires on anything else.)
+- **Special tokens never come from plain text**: ``load_tokenizer`` returns a tokenizer with
+  ``encode_special_tokens=True``, so a document or a user message that contains ``<|eot|>`` is encoded
+  as ordinary characters; code that needs a special id inserts it structurally (``EOT_ID``). The saved
+  ``tokenizer.json`` keeps the standard behaviour (specials recognized in text) for chat templates in
+  ``transformers``; ``to_transformers(..., split_special_tokens=True)`` gives the safe mode there.
+
+Example::
+
+    tok = train_tokenizer(texts, vocab_size=8192)        # Dante regex + pinned letters
+    tok.save("tokenizer.json"); tok = load_tokenizer("tokenizer.json")
+    ids = tok.encode("L'intelligenza artificiale c'è già.").ids
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Iterable, Iterator
+
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+
+from dante.cli import UserError
+
+# ---------------------------------------------------------------------------------------------------
+# Special tokens (contract: docs/DESIGN.md "Special tokens")
+# ---------------------------------------------------------------------------------------------------
+
+SPECIAL_TOKENS: list[str] = [
+    "<|begin_of_text|>",
+    "<|end_of_text|>",
+    "<|start_header_id|>",
+    "<|end_header_id|>",
+    "<|eot|>",
+    "<|pad|>",
+]
+BOS_ID, EOS_ID, START_HEADER_ID, END_HEADER_ID, EOT_ID, PAD_ID = range(len(SPECIAL_TOKENS))
+BOS, EOS, START_HEADER, END_HEADER, EOT, PAD = SPECIAL_TOKENS
+
+
+def reserved_tokens(n_reserved: int) -> list[str]:
+    return [f"<|reserved_{i}|>" for i in range(n_reserved)]
+
+
+def all_special_tokens(n_reserved: int) -> list[str]:
+    """Named specials then reserved ones: their list index is their id."""
+    return SPECIAL_TOKENS + reserved_tokens(n_reserved)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Pre-tokenization
+# ---------------------------------------------------------------------------------------------------
+
+_APOS = r"['’]"  # ASCII and typographic apostrophe (U+2019): Italian text uses both
+_LETTER = r"[\p{L}\p{M}]"  # combining marks stay inside words (NFD text, Devanagari vowel signs)
+# English clitics are split off only when nothing alphabetic follows ("don't" -> don 't), so an
+# Italian elision whose next word merely starts with s/t/d/m ("l'sole" never, but "d'estate") is kept.
+_ENGLISH_CLITIC = r"(?i:s|t|re|ve|m|ll|d)(?![\p{L}\p{M}])"
+# Python string prefixes r' b' f' u' rb' ... are not elisions: no Italian elided form is one of these
+# letters (Italian single-letter elisions are l d c m t s v n), so f'{x}' stays f + '{ as in code models.
+_NOT_STRING_PREFIX = r"(?<!\b[rbfuRBFU])(?<!\b(?i:rb|br|fr|rf))"
+_WORD = rf"{_LETTER}+(?:{_NOT_STRING_PREFIX}{_APOS}(?!{_ENGLISH_CLITIC}){_LETTER}+)*"
+
+DANTE_PATTERN = "|".join(
+    [
+        # English clitics as their own piece ('s 't 're 've 'm 'll 'd, any case, either apostrophe).
+        rf"{_APOS}{_ENGLISH_CLITIC}",
+        # A word at a whitespace boundary, Italian elisions inside it (l'intelligenza, dell'algoritmo,
+        # un'altra, c'è), plus a trailing apostrophe when no letter follows: truncations po' be' mo' and
+        # elided articles before digits (l'11, dell'800). Restricted to whitespace-led words so that a
+        # quoted code string 'abc' keeps its closing quote separate.
+        rf"(?: |(?<!\S)){_WORD}(?:{_NOT_STRING_PREFIX}{_APOS}(?![\p{{L}}\p{{M}}]))?",
+        # Any other word, with at most one leading non-letter (Llama-3 style: "(x", "«Ciao").
+        rf"[^\r\n\p{{L}}\p{{M}}\p{{N}}]?{_WORD}",
+        # Digits one by one (Llama 1/2, PaLM, Mistral; Llama 3 and GPT-4 group 1-3). With groups,
+        # 1234 is 123|4 and 12345 is 123|45: the same digit lands in different tokens depending on the
+        # number's length, which makes arithmetic and number copying harder for a small model (Singh &
+        # Strouse 2024, "Tokenization counts"). The price, measured on data/sample/heldout: digits are
+        # 0.9% of the Italian, 0.02% of the English and 0.4% of the code characters, and single digits
+        # cost 0.5-1% more Italian tokens than 1-3 groups (8K and 24K vocab, same sample).
+        r"\p{N}",
+        # Punctuation / symbol runs (emoji included), an optional leading space, trailing newlines.
+        r" ?[^\s\p{L}\p{M}\p{N}]+[\r\n]*",
+        # Newlines with the whitespace before them.
+        r"\s*[\r\n]+",
+        # Runs of spaces/tabs minus the last one, which joins the next word: 8-space indentation is one
+        # 7-space piece + " return", so indentation compresses into a few learned tokens.
+        r"\s+(?!\S)",
+        r"\s+",
+    ]
+)
+
+# The A/B baselines: standard regexes (contractions split off, digits grouped, no accent pinning).
+GPT2_PATTERN = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
+LLAMA3_PATTERN = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+
+PRETOKENIZER_PATTERNS: dict[str, str] = {"dante": DANTE_PATTERN, "gpt2": GPT2_PATTERN, "llama3": LLAMA3_PATTERN}
+
+
+def build_pre_tokenizer(kind: str) -> pre_tokenizers.PreTokenizer:
+    """Split on the regex of ``kind`` (on the original text), THEN map each piece to byte symbols."""
+    if kind not in PRETOKENIZER_PATTERNS:
+        raise UserError(f"unknown pretokenizer {kind!r}; choose one of {sorted(PRETOKENIZER_PATTERNS)}")
+    return pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(PRETOKENIZER_PATTERNS[kind]), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False),
+        ]
+    )
+
+
+# ---------------------------------------------------------------------------------------------------
+# Byte alphabet and pinned characters
+# ---------------------------------------------------------------------------------------------------
+
+
+def byte_symbols() -> list[str]:
+    """The 256 byte-level symbols, index = byte value (the GPT-2 mapping that ByteLevel uses):
+    printable Latin-1 bytes map to themselves, the others to U+0100 onwards in byte order."""
+    keep = list(range(ord("!"), ord("~") + 1)) + list(range(0xA1, 0xAC + 1)) + list(range(0xAE, 0xFF + 1))
+    out, shifted = {}, 0
+    for b in range(256):
+        if b in keep:
+            out[b] = chr(b)
+        else:
+            out[b] = chr(256 + shifted)
+            shifted += 1
+    return [out[b] for b in range(256)]
+
+
+#: Characters guaranteed to be ONE token: every letter of Latin-1 Supplement (U+00C0-U+00FF without
+#: the signs × ÷), which covers Italian à è é ì í î ò ó ù ú and their capitals, ç ñ ß ä ö ü ë ï â ê ô û
+#: ã õ å æ ø ý þ ð ÿ; plus the Italian quotation marks « » and the degree sign (°C, 3°).
+PINNED_CHARS: list[str] = [chr(c) for c in range(0xC0, 0x100) if c not in (0xD7, 0xF7)] + ["«", "»", "°"]
+
+_PLACEHOLDER_BASE = 0xE000  # private-use code points: never produced by ByteLevel (its symbols are < U+0144)
+
+
+class _Pinning:
+    """Byte-symbol pairs of the pinned characters and their single-symbol training placeholders."""
+
+    def __init__(self, chars: Iterable[str]):
+        self.chars = tuple(chars)
+        symbols = byte_symbols()
+        self.pairs = ["".join(symbols[b] for b in c.encode("utf-8")) for c in self.chars]
+        for c, pair in zip(self.chars, self.pairs):
+            if len(pair) != 2:
+                raise UserError(f"pinned character {c!r} is {len(pair)} bytes in UTF-8; only 2-byte characters can be pinned")
+        self.placeholders = [chr(_PLACEHOLDER_BASE + i) for i in range(len(self.chars))]
+        self._restore_table = {ord(ph): pair for ph, pair in zip(self.placeholders, self.pairs)}
+
+    def substituter(self):
+        """str -> str replacing every pinned byte pair by its placeholder (pairs never overlap: see module doc)."""
+        table = dict(zip(self.pairs, self.placeholders))
+        if not table:
+            return lambda s: s
+        rx = re.compile("|".join(re.escape(p) for p in table))
+        return lambda s: rx.sub(lambda m: table[m.group(0)], s)
+
+    def restore(self, s: str) -> str:
+        return s.translate(self._restore_table)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Training
+# ---------------------------------------------------------------------------------------------------
+
+
+_TRAIN_BATCH_DOCS = 256
+
+
+def n_fixed_tokens(n_reserved: int, n_pinned: int) -> int:
+    """Ids before the first learned merge: specials + reserved + 256 bytes + pinned characters."""
+    return len(SPECIAL_TOKENS) + n_reserved + 256 + n_pinned
+
+
+def default_pinned(pretokenizer: str) -> list[str]:
+    """Dante pins PINNED_CHARS; the standard baselines pin nothing (that is the A/B)."""
+    return list(PINNED_CHARS) if pretokenizer == "dante" else []
+
+
+def train_tokenizer(
+    texts: Iterable[str],
+    vocab_size: int,
+    pretokenizer: str = "dante",
+    n_reserved: int = 248,
+    min_frequency: int = 2,
+    pinned_chars: list[str] | None = None,
+) -> Tokenizer:
+    """Train a byte-level BPE of exactly ``vocab_size`` ids on ``texts`` (streamed once).
+
+    ``pinned_chars`` defaults to ``default_pinned(pretokenizer)``. Raises UserError when the text is too
+    small to learn ``vocab_size`` tokens with ``min_frequency``.
+    """
+    pinning = _Pinning(default_pinned(pretokenizer) if pinned_chars is None else pinned_chars)
+    specials = all_special_tokens(n_reserved)
+    n_merges = vocab_size - n_fixed_tokens(n_reserved, len(pinning.chars))
+    if n_merges <= 0:
+        raise UserError(
+            f"vocab_size={vocab_size} leaves no room for merges: {len(specials)} special/reserved + 256 bytes "
+            f"+ {len(pinning.chars)} pinned characters already take {n_fixed_tokens(n_reserved, len(pinning.chars))}"
+        )
+    pre = build_pre_tokenizer(pretokenizer)
+    substitute = pinning.substituter()
+
+    def trainer_input() -> Iterator[list[str]]:
+        # One string per document: its byte-mapped pieces joined by a real space (which no byte symbol
+        # or placeholder is), pinned pairs already fused. The trainer splits on that space only.
+        # Yielded in batches: one string per next() made training ~50x slower (1 MB of Italian: 77 s
+        # vs 1.6 s, measured), the trainer's threads contending with this generator for the GIL.
+        batch: list[str] = []
+        for text in texts:
+            batch.append(substitute(" ".join(piece for piece, _ in pre.pre_tokenize_str(text))))
+            if len(batch) == _TRAIN_BATCH_DOCS:
+                yield batch
+                batch = []
+        if batch:
+            yield batch
+
+    symbols = byte_symbols()
+    trainer_tok = Tokenizer(models.BPE())
+    trainer_tok.pre_tokenizer = pre_tokenizers.Split(" ", behavior="removed")
+    trainer = trainers.BpeTrainer(
+        vocab_size=256 + len(pinning.chars) + n_merges,
+        min_frequency=min_frequency,
+        show_progress=False,
+        initial_alphabet=symbols + pinning.placeholders,
+        special_tokens=[],
+    )
+    trainer_tok.train_from_iterator(trainer_input(), trainer=trainer)
+    learned = json.loads(trainer_tok.to_str())["model"]["merges"]
+    learned = [tuple(m) if isinstance(m, list) else tuple(m.split(" ", 1)) for m in learned]
+    if len(learned) < n_merges:
+        raise UserError(
+            f"the training sample only supports {len(learned)} merges with min_frequency={min_frequency}, "
+            f"but vocab_size={vocab_size} needs {n_merges}. HINT: raise tokenizer.sample_chars, lower "
+            f"tokenizer.min_frequency, or lower tokenizer.vocab_size."
+        )
+    merges = [(p[0], p[1]) for p in pinning.pairs]  # ranks 0..k-1: fused before anything else
+    merges += [(pinning.restore(a), pinning.restore(b)) for a, b in learned[:n_merges]]
+    tokens = specials + symbols + pinning.pairs + [a + b for a, b in merges[len(pinning.pairs):]]
+    vocab = {t: i for i, t in enumerate(tokens)}
+    if len(vocab) != len(tokens):  # a learned token equal to a special/pinned string: a bug, not user input
+        raise RuntimeError("tokenizer vocabulary has duplicate strings; refusing to build an ambiguous tokenizer")
+
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges))
+    tok.pre_tokenizer = pre
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in specials])
+    return tok
+
+
+# ---------------------------------------------------------------------------------------------------
+# Loading and facts
+# ---------------------------------------------------------------------------------------------------
+
+
+def load_tokenizer(path: str | Path, plain_text: bool = True) -> Tokenizer:
+    """Load a Dante ``tokenizer.json``; with ``plain_text`` special-token strings in text stay text.
+
+    Raises UserError when the file is missing or is not a Dante tokenizer (specials not at ids 0..5).
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"tokenizer not found: {p}. HINT: run `python 2_train_tokenizer.py --config ...` first.")
+    try:
+        tok = Tokenizer.from_file(str(p))
+    except Exception as e:  # tokenizers raises a bare Exception on malformed JSON
+        raise UserError(f"{p} is not a valid tokenizer.json ({e})") from None
+    wrong = [t for i, t in enumerate(SPECIAL_TOKENS) if tok.token_to_id(t) != i]
+    if wrong:
+        raise UserError(f"{p} is not a Dante tokenizer: special tokens {wrong} are not at their ids (docs/DESIGN.md)")
+    tok.encode_special_tokens = plain_text
+    return tok
+
+
+def tokenizer_facts(tok: Tokenizer) -> dict:
+    """What downstream stages check: sizes, max id, special ids, pre-tokenization, pinned count."""
+    vocab = tok.get_vocab(with_added_tokens=True)
+    added = tok.get_added_tokens_decoder()
+    state = json.loads(tok.to_str())
+    pre = state.get("pre_tokenizer") or {}
+    split = next((p for p in pre.get("pretokenizers", []) if p.get("type") == "Split"), {})
+    pattern = (split.get("pattern") or {}).get("Regex", "")
+    kind = next((k for k, v in PRETOKENIZER_PATTERNS.items() if v == pattern), "custom")
+    return {
+        "vocab_size": tok.get_vocab_size(with_added_tokens=True),
+        "max_id": max(vocab.values()),
+        "special_ids": {t: tok.token_to_id(t) for t in SPECIAL_TOKENS},
+        "n_reserved": sum(1 for t in added.values() if t.content.startswith("<|reserved_")),
+        "pretokenizer": kind,
+        "n_merges": len(state["model"]["merges"]),
+    }
+
+
+def to_transformers(tok: Tokenizer | str | Path, split_special_tokens: bool = False, model_max_length: int | None = None):
+    """A ``transformers`` fast tokenizer over the same tokenizer (bos/eos/pad set, no added BOS).
+
+    ``split_special_tokens=True`` is the safe mode for untrusted text (what stage 6 uses for message
+    content); the default recognizes specials in text, as chat templates need.
+    """
+    from transformers import PreTrainedTokenizerFast  # heavy import, only where needed
+
+    if not isinstance(tok, Tokenizer):
+        tok = load_tokenizer(tok)
+    backend = Tokenizer.from_str(tok.to_str())  # a copy: transformers must not change ours
+    backend.encode_special_tokens = False  # transformers controls this through split_special_tokens
+    kwargs = {"model_max_length": model_max_length} if model_max_length else {}
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        bos_token=BOS,
+        eos_token=EOS,
+        pad_token=PAD,
+        clean_up_tokenization_spaces=False,
+        split_special_tokens=split_special_tokens,
+        **kwargs,
+    )
+
+
+# ---------------------------------------------------------------------------------------------------
+# The training sample: char-balanced by language, deterministic, streamed from stage 1
+# ---------------------------------------------------------------------------------------------------
+
+#: Share of a language's documents read at least (when the target is smaller): the sample is drawn
+#: from >= 1/16 of the shards, visited in a seeded order, so it spans sources without reading a
+#: whole 100B-token corpus for a 1 GB sample.
+MIN_KEEP_RATE = 1 / 16
+
+
+def plan_sample(corpus_sources: dict, language_mix: dict, sample_chars: int) -> dict:
+    """Target characters per language; a language with a share but no text in stage 1 is refused."""
+    total_share = sum(language_mix.values())
+    plan, problems = {}, []
+    for lang, share in sorted(language_mix.items()):
+        if share <= 0:
+            continue
+        available = sum(int(s.get("chars", 0)) for s in corpus_sources.values() if s.get("lang") == lang)
+        if available <= 0:
+            problems.append(
+                f"tokenizer.language_mix gives {lang!r} a share of {share}, but stage 1 produced no {lang!r} text "
+                f"(sources: {sorted(n for n, s in corpus_sources.items() if s.get('lang') == lang) or 'none'})"
+            )
+            continue
+        plan[lang] = {"target_chars": int(round(sample_chars * share / total_share)), "available_chars": available}
+    if problems:
+        raise UserError(
+            "cannot draw the tokenizer training sample:\n  - " + "\n  - ".join(problems)
+            + "\n  HINT: add a source of that language to the corpus config, or set its share to 0 in tokenizer.language_mix."
+        )
+    return plan
+
+
+def iter_training_sample(files, plan: dict, seed: int, stats: dict) -> Iterator[str]:
+    """Documents (the last one cut at a space) until each language reaches its target; fills ``stats``.
+
+    ``files`` are ``dante.shards.CorpusFile`` s. A document is kept when its seeded hash falls under the
+    keep rate, so the same config always draws the same sample, in any environment.
+    """
+    from dante.shards import iter_documents, stable_unit
+
+    for lang, p in plan.items():
+        target = p["target_chars"]
+        # 1.25x over the exact rate: a Bernoulli draw at the exact rate falls short about half the time
+        # (4% short for English on the sample); the surplus is cut off at the target.
+        rate = min(1.0, max(1.25 * target / p["available_chars"], MIN_KEEP_RATE))
+        mine = sorted((f for f in files if f.lang == lang), key=lambda f: stable_unit(seed, "shard", f.source, f.path.name))
+        st = stats.setdefault(lang, {"target_chars": target, "chars": 0, "docs": 0, "by_source": {}})
+        for f in mine:
+            if st["chars"] >= target:
+                break
+            for line_no, text in iter_documents(f.path):
+                if st["chars"] >= target:
+                    break
+                if stable_unit(seed, "sample", f.source, f.path.name, line_no) >= rate:
+                    continue
+                room = target - st["chars"]
+                if len(text) > room:
+                    cut = max(text.rfind(" ", 0, room), text.rfind("\n", 0, room))
+                    text = text[: cut if cut > 0 else room]
+                st["chars"] += len(text)
+                st["docs"] += 1
+                st["by_source"][f.source] = st["by_source"].get(f.source, 0) + len(text)
+                yield text
