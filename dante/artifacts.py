@@ -167,6 +167,13 @@ def now_iso() -> str:
 # ---------------------------------------------------------------------------------------------------
 
 
+def is_main_process() -> bool:
+    """True on global rank 0 (or without a launcher). Under `deepspeed`/`torchrun` every rank runs the
+    stage script; only rank 0 may delete, write progress or write the manifest, or N ranks race on one
+    folder (a --force on 8 GPUs would rmtree it 8 times while checkpoints are being written)."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 def run_dir(run: C.RunConfig) -> Path:
     return Path(run.root) / run.name
 
@@ -242,7 +249,8 @@ class Stage:
                 f"Use --force to redo it."
             )
         if force and d.exists():
-            shutil.rmtree(d)
+            if is_main_process():
+                shutil.rmtree(d)
         resumed = False
         prog_path = d / PROGRESS
         if d.exists() and prog_path.exists():
@@ -260,7 +268,8 @@ class Stage:
                         f"(differs at: {', '.join(diff[:8]) or '?'}){': ' + reason if reason else ''}.\n"
                         f"  HINT: rerun with the same config to resume, or pass --force to start over."
                     )
-                atomic_write_json(prog_path, {**prog, "config": cfg_dict, "updated": now_iso()})  # accepted
+                if is_main_process():  # accepted: record the corrected config
+                    atomic_write_json(prog_path, {**prog, "config": cfg_dict, "updated": now_iso()})
             resumed = did_work
         d.mkdir(parents=True, exist_ok=True)
         st = cls(name=name, dir=d, cfg=cfg, format_version=format_version, resumed=resumed)
@@ -287,6 +296,8 @@ class Stage:
         return read_json(p).get("state", {}) if p.exists() else {}
 
     def save_progress(self, state: dict) -> None:
+        if not is_main_process():
+            return
         atomic_write_json(self.dir / PROGRESS, {"config": C.to_dict(self.cfg), "state": state, "updated": now_iso()})
 
     # -- completion ---------------------------------------------------------------------------------
@@ -308,6 +319,8 @@ class Stage:
         }
         if extra:
             manifest.update(extra)
+        if not is_main_process():
+            return manifest
         atomic_write_json(self.dir / MANIFEST, manifest)  # LAST: its presence means "complete"
         p = self.dir / PROGRESS
         if p.exists():

@@ -1,0 +1,112 @@
+"""Stage 4: pretrain the Dante transformer on the stage 3 token shards.
+
+Reads ``03_shards/`` (tiered train/val shards) and ``02_tokenizer/`` (its vocabulary must match
+``model.vocab_size``), trains with the engine of ``dante/engine.py`` (DeepSpeed ZeRO-2, AdamW, cosine
+schedule, optional torch.compile / FP8 / activation checkpointing), and writes ``04_pretrain/``:
+``checkpoints/step-NNNNNNN/`` (docs/DESIGN.md), ``metrics.jsonl``, ``tensorboard/`` and, last,
+``manifest.json``. A killed run resumes from its newest checkpoint with the same loss curve; SIGTERM or
+Ctrl-C saves a checkpoint first and exits with 128 + the signal number. ``--dry-run`` prints the plan:
+parameters, FLOPs per token, steps, per-GPU memory under ZeRO-2 and the ETA.
+
+Example::
+
+    python 4_pretrain.py --config configs/tiny/pretrain.yaml                     # CPU, one process
+    python 4_pretrain.py --config configs/dante-2b/pretrain.yaml --dry-run
+    deepspeed --num_gpus 2 4_pretrain.py --config configs/dante-2b/pretrain.yaml
+    torchrun --nproc_per_node 2 4_pretrain.py --config configs/dante-2b/pretrain.yaml
+"""
+
+from __future__ import annotations
+
+import torch
+
+from dante import config as C
+from dante.artifacts import stage_dir
+from dante.checkpoint import RESUMABLE_KEYS
+from dante.cli import UserError, run_stage
+from dante.data import DataError, TieredMemmapDataset, ValidationWindows
+from dante.engine import Trainer, init_distributed, preflight_report
+from dante.model import Transformer, count_parameters
+
+STAGE = "04_pretrain"
+
+
+def load_inputs(stage, cfg):
+    """Check stages 2 and 3 and build the data sources; every problem is reported in one error."""
+    from dante.tokenizer import load_tokenizer
+
+    stage.require("02_tokenizer")
+    stage.require("03_shards")
+    problems = []
+    vocab = load_tokenizer(stage_dir(cfg.run, "02_tokenizer") / "tokenizer.json").get_vocab_size(with_added_tokens=True)
+    if vocab != cfg.model.vocab_size:
+        problems.append(f"model.vocab_size={cfg.model.vocab_size} but the tokenizer has {vocab} tokens; "
+                        f"set model.vocab_size={vocab} (or retrain the tokenizer with that size)")
+    shards, t = stage_dir(cfg.run, "03_shards"), cfg.train
+    data = val = None
+    try:
+        data = TieredMemmapDataset.from_stage_dir(shards, t.tier_weights, t.seq_len, t.micro_batch, cfg.run.seed)
+    except DataError as e:
+        problems += e.problems
+    val = ValidationWindows.from_stage_dir(shards, t.seq_len, t.micro_batch)
+    if t.eval_every and len(val) == 0:
+        problems.append(f"no validation window of {t.seq_len + 1} tokens in {shards} (val shards missing or too short); "
+                        "set train.eval_every=0 or give stage 3 a larger shards.val_fraction")
+    if problems:
+        raise UserError("inputs do not fit this config:\n" + "\n".join(f"  - {p}" for p in problems))
+    return data, val
+
+
+def main(stage, cfg, args) -> None:
+    dist = init_distributed(cfg.train.backend)
+    data, val = load_inputs(stage, cfg)
+    torch.manual_seed(cfg.run.seed)  # every rank builds the same initial weights
+    model = Transformer(cfg.model)
+    n_params = count_parameters(model)
+    if dist.is_main:
+        print(f"[{STAGE}] {n_params:,} parameters; data: {data.summary()['tiers']}; {len(val)} validation windows",
+              flush=True)
+        if dist.world_size != cfg.train.expected_world_size:
+            print(f"[{STAGE}] note: planned for train.expected_world_size={cfg.train.expected_world_size} ranks, "
+                  f"running on {dist.world_size}: tokens per step, steps to the budget and ETA change accordingly",
+                  flush=True)
+    trainer = Trainer(model=model, model_cfg=cfg.model, train_cfg=cfg.train, stage_dir=stage.dir, data=data,
+                      val_data=val, stage_config=C.to_dict(cfg), dist=dist, desc=STAGE,
+                      on_checkpoint=lambda step, path: stage.save_progress({"step": step, "checkpoint": str(path)}))
+    result = trainer.fit()
+    if result.stopped_by_signal:
+        if dist.is_main:
+            print(f"[{STAGE}] stopped at step {result.steps} by signal {result.stopped_by_signal}; checkpoint "
+                  f"{result.checkpoint}. Rerun the same command to resume.", flush=True)
+        raise SystemExit(128 + result.stopped_by_signal)
+    if not dist.is_main:
+        return
+    stage.add_input("03_shards_train", stage_dir(cfg.run, "03_shards"))
+    stage.finish(
+        outputs={"checkpoint": result.checkpoint, "metrics": "metrics.jsonl", "tensorboard": "tensorboard"},
+        counts={"parameters": n_params, "steps": result.steps, "tokens_seen": result.tokens_seen,
+                "final_loss": result.final_loss, "final_val_loss": result.final_val_loss,
+                "world_size": dist.world_size},
+        extra={"training": {"resumed_from_step": result.resumed_from, "train_seconds_this_run": result.train_seconds,
+                            **result.extra}, "data": data.summary()},
+    )
+    print(f"[{STAGE}] done: {result.steps} steps, {result.tokens_seen:,} tokens, loss {result.final_loss:.4f}"
+          + (f", val loss {result.final_val_loss:.4f}" if result.final_val_loss is not None else "")
+          + f"; checkpoint {result.checkpoint}", flush=True)
+
+
+def dry_run(cfg, args) -> None:
+    print(f"[{STAGE}] plan for run {cfg.run.name!r} (nothing is trained)")
+    print(preflight_report(cfg.model, cfg.train))
+
+
+def resume_check(old: dict, new: dict, state: dict) -> str | None:
+    """An unfinished stage 4 may resume under a config that differs only in logging/saving cadence."""
+    from dante.artifacts import diff_configs
+
+    hard = [k for k in diff_configs(old, new) if k not in RESUMABLE_KEYS]
+    return None if not hard else f"these keys change the training itself: {', '.join(hard)}"
+
+
+if __name__ == "__main__":
+    raise SystemExit(run_stage(STAGE, __doc__.split("\n\n")[0], main, dry_run=dry_run, resume_check=resume_check))

@@ -1,0 +1,121 @@
+"""Stage 8: evaluate checkpoints: perplexity and bits per byte, benchmarks (lm-eval), generation, long
+context; one report (report.json, report.md, PNG plots) comparing them.
+
+Reads runs/<name>/02_tokenizer/ and the checkpoints of eval.checkpoints (stage names such as 04_pretrain,
+05_extend, 07_sft: absent stages are skipped with a note; or checkpoint folders), held-out text
+(eval.heldout), stage 3's validation shards when present, and lm-eval tasks (eval.tasks). Writes
+runs/<name>/08_eval/. Each finished checkpoint is kept in progress.json, so an interrupted run resumes
+with the next one. All logic is in dante/evaluation/.
+
+Examples:
+    python 8_eval.py --config configs/tiny/eval.yaml
+    python 8_eval.py --config configs/tiny/eval.yaml --checkpoints 04_pretrain 05_extend 07_sft
+    python 8_eval.py --config configs/tiny/eval.yaml --dry-run            # checks and plan, no model loaded
+    python 8_eval.py --config configs/tiny/eval.yaml --chat               # talk to 07_sft in the terminal
+"""
+
+from __future__ import annotations
+
+import sys
+
+from dante import config as C
+from dante.artifacts import StageError
+from dante.cli import UserError, build_parser, load_stage_config, run_stage
+
+STAGE = "08_eval"
+DESCRIPTION = __doc__.split("\n\n")[0]
+
+
+def add_args(ap) -> None:
+    ap.add_argument("--checkpoints", nargs="+", metavar="CKPT",
+                    help="stage names or checkpoint folders to compare (same as --set eval.checkpoints=[...])")
+    ap.add_argument("--chat", action="store_true",
+                    help="interactive chat with one checkpoint (the first of --checkpoints, else 07_sft, else the "
+                         "last one found); reads stdin lines, /reset starts over, /exit or Ctrl-D quits; writes nothing")
+
+
+def log(msg: str) -> None:
+    print(f"[{STAGE}] {msg}", flush=True)
+
+
+def main(stage, cfg: C.EvalStageConfig, args) -> None:
+    from dante.evaluation.loading import load_for_eval
+    from dante.evaluation.report import summarize, write_report
+    from dante.evaluation.stage import evaluate_checkpoint, make_plan
+
+    plan = make_plan(cfg)  # every check before the first model is loaded
+    stage.require("02_tokenizer")
+    for ref in plan.refs:
+        if ref.label in C.STAGES:  # a stage of this run (a checkpoint given by path may be from a running stage)
+            stage.require(ref.label)
+        stage.add_input(f"checkpoint:{ref.label}", ref.path / "model.safetensors")
+    for note in plan.notes:
+        log(f"note: {note}")
+    done = stage.load_progress().get("results", {})
+    for ref in plan.refs:
+        if ref.label in done:
+            log(f"{ref.label}: already evaluated (resumed)")
+            continue
+        loaded = load_for_eval(ref, plan.tokenizer, cfg.eval.device, cfg.eval.dtype)
+        done[ref.label] = evaluate_checkpoint(loaded, cfg, plan, log=lambda m: log(m))
+        del loaded
+        stage.save_progress({"results": done})
+    results = [done[ref.label] for ref in plan.refs]
+    written = write_report(stage.dir, cfg, results, plan.notes)
+    stage.finish(outputs=written, counts={"checkpoints": len(results), "notes": len(plan.notes)},
+                 extra={"summary": {r["label"]: summarize(r) for r in results}})
+    log(f"done: {stage.dir / 'report.md'}")
+
+
+def dry_run(cfg: C.EvalStageConfig, args) -> None:
+    from dante.evaluation.stage import make_plan
+
+    for line in make_plan(cfg).describe():
+        log(line)
+    log("dry run: all checks passed; no model loaded")
+
+
+def chat(argv: list[str]) -> int:
+    """--chat: outside the stage lifecycle (no folder, no manifest), same config and error handling."""
+    ap = build_parser(STAGE, DESCRIPTION)
+    add_args(ap)
+    args = ap.parse_args(argv)
+    try:
+        cfg = load_stage_config(STAGE, args)
+        from dante.evaluation.loading import load_for_eval
+        from dante.evaluation.stage import chat_loop, make_plan, stdin_line, stdout_write
+
+        if args.checkpoints:
+            cfg.eval.checkpoints = list(args.checkpoints)
+        plan = make_plan(cfg, with_tasks=False)
+        ref = plan.refs[0] if args.checkpoints else next((r for r in plan.refs if r.is_chat), plan.refs[-1])
+        loaded = load_for_eval(ref, plan.tokenizer, cfg.eval.device, cfg.eval.dtype)
+        log(f"chatting with {ref.label} ({ref.path}); /reset starts over, /exit or Ctrl-D quits")
+        chat_loop(loaded, cfg.eval.generation, cfg.run.seed, stdin_line(), stdout_write)
+        return 0
+    except (C.ConfigError, StageError, UserError) as e:
+        print(f"[{STAGE}] ERROR: {e}", file=sys.stderr)
+        return 2
+
+
+def expand_checkpoints(argv: list[str]) -> list[str]:
+    """``--checkpoints a b`` becomes ``--set eval.checkpoints=[a, b]``: part of the config, hence of the
+    manifest and of the resume check."""
+    if "--checkpoints" not in argv:
+        return argv
+    i = argv.index("--checkpoints")
+    j = i + 1
+    while j < len(argv) and not argv[j].startswith("--"):
+        j += 1
+    if j == i + 1:
+        return argv  # argparse reports the missing value
+    items = ", ".join(f'"{x}"' for x in argv[i + 1:j])
+    return argv[:i] + ["--set", f"eval.checkpoints=[{items}]"] + argv[j:]
+
+
+if __name__ == "__main__":
+    argv = sys.argv[1:]
+    if "--chat" in argv:
+        raise SystemExit(chat(argv))
+    raise SystemExit(run_stage(STAGE, DESCRIPTION, main, extra_args=add_args, dry_run=dry_run,
+                               argv=expand_checkpoints(argv)))

@@ -1,0 +1,72 @@
+"""Stage 9: export a Dante checkpoint as a Hugging Face model folder, verify it, optionally upload it.
+
+Reads a checkpoint (export.checkpoint: auto = the latest finished of 07_sft, 05_extend, 04_pretrain), the
+stage 2 tokenizer, stage 6's sources (chat template check) and stage 8's report (model card); writes
+runs/<name>/09_export/, a folder that `AutoModelForCausalLM.from_pretrained` loads without custom code.
+Verification (on by default) loads it back with transformers and compares logits, greedy continuations,
+tokenizer ids and chat-template ids with the native model; any difference fails the stage (no manifest).
+All logic is in dante/export.py.
+
+Examples:
+    python 9_export_hf.py --config configs/tiny/export.yaml
+    python 9_export_hf.py --config configs/tiny/export.yaml --dry-run                  # the plan, no work
+    python 9_export_hf.py --config configs/tiny/export.yaml --push-to-hub me/dante-tiny --dry-run
+    python 9_export_hf.py --config configs/dante-2b/export.yaml --push-to-hub me/dante-2b --private
+"""
+
+from __future__ import annotations
+
+import sys
+
+from dante import config as C
+from dante import export
+from dante.artifacts import StageError
+from dante.cli import UserError, build_parser, load_stage_config, run_stage
+
+STAGE = "09_export"
+DESCRIPTION = __doc__.split("\n\n")[0]
+
+
+def add_args(ap) -> None:
+    ap.add_argument("--push-to-hub", metavar="REPO", default="",
+                    help="after exporting, upload the folder to this Hugging Face repo (e.g. me/dante-2b)")
+    ap.add_argument("--private", action="store_true", help="create the hub repository as private")
+
+
+def main(stage, cfg: C.ExportStageConfig, args) -> None:
+    manifest = export.export_stage(stage, cfg)
+    counts = manifest["counts"]
+    print(f"[{STAGE}] done: {counts['files']} files, {counts['bytes']:,} bytes, {counts['parameters']:,} parameters "
+          f"in {stage.dir}", flush=True)
+
+
+def dry_run(cfg: C.ExportStageConfig, args) -> None:
+    if args.push_to_hub:
+        lines = export.push_to_hub(cfg, args.push_to_hub, args.private, dry_run=True)
+    else:
+        lines = export.plan_lines(cfg)
+    print("\n".join(f"[{STAGE}] {line}" for line in lines))
+
+
+def push(argv: list[str]) -> int:
+    """The upload step, after run_stage (which returns without calling main when the export is complete)."""
+    ap = build_parser(STAGE, DESCRIPTION)
+    add_args(ap)
+    args = ap.parse_args(argv)
+    if not args.push_to_hub or args.dry_run or args.print_config:
+        return 0
+    try:
+        cfg = load_stage_config(STAGE, args)
+        for line in export.push_to_hub(cfg, args.push_to_hub, args.private):
+            print(f"[{STAGE}] {line}", flush=True)
+    except (C.ConfigError, StageError, UserError) as e:
+        print(f"[{STAGE}] ERROR: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    rc = run_stage(STAGE, DESCRIPTION, main, format_version=export.FORMAT_VERSION, extra_args=add_args, dry_run=dry_run)
+    if rc == 0:
+        rc = push(sys.argv[1:])
+    sys.exit(rc)

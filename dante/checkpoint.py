@@ -1,0 +1,292 @@
+"""Training checkpoints: layout, atomic completion, keep-last-K, resume, and ``load_model`` for later stages.
+
+Layout (docs/DESIGN.md, "Checkpoints")::
+
+    <stage>/checkpoints/step-0000100/
+        model.safetensors      consolidated fp32 weights, Meta names, a tied matrix stored once
+                               (as tok_embeddings.weight); what stages 5, 7, 8 and 9 load
+        model_config.json      the ModelConfig as a dict (rope_scaling included)
+        train_state/           the training backend's state: DeepSpeed ``save_checkpoint`` shards
+                               (optimizer partitions per rank, module), or the torch optimizer; plus
+                               rng-rank<r>.pt, the python/numpy/torch(/cuda) RNG states of every rank
+        meta.json              step, tokens seen, loss, sampler state, stage config; written LAST
+    <stage>/checkpoints/latest text file naming the newest complete step folder, replaced atomically
+
+Design choices
+- A checkpoint is complete iff its ``meta.json`` exists: every rank writes its part, a barrier, then
+  rank 0 writes meta.json atomically (temp file + rename) and only then moves ``latest``. A crash or
+  SIGKILL at any point leaves either the previous complete checkpoint or the new one, never a half.
+- RNG states are per rank (each rank has its own torch generator), so they live in per-rank files in
+  train_state/ rather than in meta.json, which rank 0 alone writes. Dante's training draws no random
+  numbers itself (no dropout; the data sampler is counter-based, see dante/data.py); the states are
+  kept so that anything random added later resumes exactly too.
+- Consolidated fp32: under ZeRO the fp32 master weights are split across ranks; ``full_state_dict``
+  (the backend's) gathers each parameter's fp32 master, so model.safetensors holds the optimizer's
+  weights, not the bf16 copy used in forward.
+- Resuming with a different config is refused, naming the differing keys; keys that do not change
+  the computation (how often to log/save/evaluate, how many to keep) may differ.
+
+Example::
+
+    model, model_cfg, meta = load_model("runs/tiny/04_pretrain")     # newest complete checkpoint
+"""
+
+from __future__ import annotations
+
+import json
+import pickle
+import random
+import re
+import shutil
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from dante import config as C
+from dante.artifacts import atomic_path, atomic_write_json, atomic_write_text, diff_configs, now_iso, read_json
+from dante.cli import UserError
+
+FORMAT_VERSION = 1
+CHECKPOINTS = "checkpoints"
+LATEST = "latest"
+META = "meta.json"
+WEIGHTS = "model.safetensors"
+MODEL_CONFIG = "model_config.json"
+TRAIN_STATE = "train_state"
+_STEP_DIR = re.compile(r"^step-(\d{7,})$")
+
+#: config keys that may change between a checkpoint and its resume: they do not change the math.
+RESUMABLE_KEYS = {"run.root"} | {f"train.{k}" for k in (
+    "checkpoint_every", "keep_last", "eval_every", "eval_batches", "log_every", "assumed_tokens_per_sec",
+    "peak_tflops", "expected_world_size")}
+
+
+class CheckpointError(UserError):
+    """A checkpoint cannot be used (missing, incomplete, or made with another config)."""
+
+
+class TrainStateBackend(Protocol):
+    """What the checkpoint code needs from a training backend (dante.engine provides two)."""
+
+    rank: int
+    world_size: int
+
+    def barrier(self) -> None: ...
+    def save_train_state(self, path: Path) -> None: ...
+    def load_train_state(self, path: Path) -> None: ...
+    def full_state_dict(self) -> dict[str, torch.Tensor] | None: ...
+
+
+def step_dir_name(step: int) -> str:
+    return f"step-{step:07d}"
+
+
+def is_complete(step_dir: Path) -> bool:
+    return (step_dir / META).is_file()
+
+
+def complete_checkpoints(root: Path) -> list[Path]:
+    """Complete step folders under ``root`` (a checkpoints/ folder), oldest first."""
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := _STEP_DIR.match(p.name)) and is_complete(p)]
+    return [p for _, p in sorted(found)]
+
+
+def latest_checkpoint(root: Path) -> Path | None:
+    """The folder named by ``latest`` if complete, else the newest complete one (``latest`` is written after
+    meta.json, so a crash between the two leaves a newer complete folder that ``latest`` does not name yet)."""
+    found = complete_checkpoints(root)
+    pointer = root / LATEST
+    if pointer.is_file():
+        named = root / pointer.read_text(encoding="utf-8").strip()
+        if is_complete(named) and (not found or named == found[-1]):
+            return named
+    return found[-1] if found else None
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A step folder from a step folder, a checkpoints/ folder or a stage folder; newest complete one."""
+    p = Path(path)
+    if is_complete(p):
+        return p
+    for root in (p, p / CHECKPOINTS):
+        found = latest_checkpoint(root)
+        if found is not None:
+            return found
+    if _STEP_DIR.match(p.name) and p.is_dir():
+        raise CheckpointError(f"{p} is an incomplete checkpoint (no {META}: the run stopped while saving it); "
+                              f"use an earlier step folder or the stage folder {p.parent.parent}")
+    raise CheckpointError(f"no complete checkpoint under {p}; HINT: run the training stage that writes it "
+                          "(e.g. `python 4_pretrain.py --config configs/<profile>/pretrain.yaml`)")
+
+
+# ---------------------------------------------------------------------------------------------------
+# RNG states
+# ---------------------------------------------------------------------------------------------------
+
+
+def capture_rng() -> dict[str, Any]:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ---------------------------------------------------------------------------------------------------
+# Weights
+# ---------------------------------------------------------------------------------------------------
+
+
+def save_weights(path: Path, state_dict: dict[str, torch.Tensor], tie_embeddings: bool) -> None:
+    """fp32 safetensors, atomically; with tied embeddings the shared matrix is stored once."""
+    tensors = {k: v.detach().float().contiguous().cpu() for k, v in state_dict.items()}
+    if tie_embeddings:
+        tensors.pop("output.weight", None)
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata={"format": "pt", "dante_format_version": str(FORMAT_VERSION)})
+
+
+def load_weights_into(model: torch.nn.Module, path: Path, tie_embeddings: bool) -> None:
+    """Load model.safetensors into ``model`` strictly (only the stored-once tied matrix may be absent)."""
+    state = load_file(str(path))
+    result = model.load_state_dict(state, strict=False)
+    missing = [k for k in result.missing_keys if not (tie_embeddings and k == "output.weight")]
+    if missing or result.unexpected_keys:
+        raise CheckpointError(f"{path} does not match the model: missing {missing[:8]}, unexpected "
+                              f"{result.unexpected_keys[:8]}; was it written for another model_config.json?")
+
+
+def load_model(path_or_stage_dir: str | Path, device: str | torch.device = "cpu"):
+    """(Transformer in fp32, ModelConfig, meta dict) from the newest complete checkpoint of a path.
+
+    ``path_or_stage_dir``: a stage folder (runs/x/04_pretrain), its checkpoints/ folder, or a step folder.
+    The model is built on the meta device and filled from the file: no time spent on a throwaway init.
+    """
+    from dante.model import Transformer
+
+    step_dir = resolve_checkpoint(path_or_stage_dir)
+    model_cfg = C.from_dict(C.ModelConfig, read_json(step_dir / MODEL_CONFIG))
+    with torch.device("meta"):
+        model = Transformer(model_cfg)
+    model.to_empty(device=device)
+    if model_cfg.tie_embeddings:  # to_empty gives each module its own new tensor: tie them again
+        model.output.weight = model.tok_embeddings.weight
+    model.init_rope()
+    load_weights_into(model, step_dir / WEIGHTS, model_cfg.tie_embeddings)
+    return model, model_cfg, read_json(step_dir / META)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The manager used by the training loop
+# ---------------------------------------------------------------------------------------------------
+
+
+class CheckpointManager:
+    """Saves, prunes and finds checkpoints of one training stage (all ranks call save/load together)."""
+
+    def __init__(self, stage_dir: str | Path, keep_last: int, backend: TrainStateBackend):
+        self.root = Path(stage_dir) / CHECKPOINTS
+        self.keep_last = keep_last
+        self.backend = backend
+
+    @property
+    def is_main(self) -> bool:
+        return self.backend.rank == 0
+
+    def latest(self) -> Path | None:
+        return latest_checkpoint(self.root)
+
+    def save(self, step: int, model_cfg: C.ModelConfig, meta: dict) -> Path:
+        """Write step-<step>/ (collective); returns its path once complete on every rank."""
+        b = self.backend
+        step_dir = self.root / step_dir_name(step)
+        if self.is_main:
+            if step_dir.exists():  # leftover of a save interrupted by a crash: never mix two saves
+                shutil.rmtree(step_dir)
+            (step_dir / TRAIN_STATE).mkdir(parents=True)
+        b.barrier()
+        b.save_train_state(step_dir / TRAIN_STATE)
+        with atomic_path(step_dir / TRAIN_STATE / f"rng-rank{b.rank}.pt") as tmp:
+            torch.save(capture_rng(), tmp)
+        weights = b.full_state_dict()  # collective: every rank takes part in gathering the fp32 masters
+        if self.is_main:
+            save_weights(step_dir / WEIGHTS, weights, model_cfg.tie_embeddings)
+            atomic_write_json(step_dir / MODEL_CONFIG, C.to_dict(model_cfg))
+        b.barrier()  # every rank's shards are on disk before the checkpoint is declared complete
+        if self.is_main:
+            full_meta = {"format_version": FORMAT_VERSION, "step": step, "world_size": b.world_size,
+                         "saved": now_iso(), **meta}
+            atomic_write_json(step_dir / META, full_meta)  # LAST: its presence means "complete"
+            atomic_write_text(self.root / LATEST, step_dir.name + "\n")
+            self._prune(keep=step_dir)
+        b.barrier()
+        return step_dir
+
+    def _prune(self, keep: Path) -> None:
+        complete = complete_checkpoints(self.root)
+        for old in complete[: max(0, len(complete) - self.keep_last)]:
+            if old != keep:
+                shutil.rmtree(old, ignore_errors=True)
+
+    def remove_incomplete(self) -> list[str]:
+        """Delete step folders without meta.json (a save cut short by a crash); rank 0 only."""
+        removed = []
+        if self.is_main and self.root.is_dir():
+            for p in self.root.iterdir():
+                if _STEP_DIR.match(p.name) and not is_complete(p):
+                    shutil.rmtree(p, ignore_errors=True)
+                    removed.append(p.name)
+        self.backend.barrier()
+        return removed
+
+    def load(self, step_dir: Path, stage_config: dict, world_size: int) -> dict:
+        """Restore the backend state and RNG from ``step_dir`` after checking it belongs to this run."""
+        meta = read_json(step_dir / META)
+        check_resumable(meta, stage_config, step_dir)
+        if meta.get("world_size") != world_size:
+            raise CheckpointError(
+                f"{step_dir} was written by {meta.get('world_size')} rank(s), this run has {world_size}: the "
+                f"optimizer state is split per rank. Relaunch with {meta.get('world_size')} GPUs/processes, or "
+                "start a new run from its weights (they are consolidated in model.safetensors)")
+        self.backend.load_train_state(step_dir / TRAIN_STATE)
+        rng_file = step_dir / TRAIN_STATE / f"rng-rank{self.backend.rank}.pt"
+        try:
+            restore_rng(torch.load(rng_file, weights_only=False))
+        except (OSError, pickle.UnpicklingError, KeyError) as e:
+            raise CheckpointError(f"{rng_file} is unreadable ({e}); delete {step_dir} to resume from the one before") from None
+        return meta
+
+
+def check_resumable(meta: dict, stage_config: dict, where: Path) -> None:
+    """Refuse a checkpoint whose stage config differs from ours in anything but RESUMABLE_KEYS."""
+    saved = meta.get("config")
+    if not isinstance(saved, dict):
+        raise CheckpointError(f"{where / META} has no stage config; it was not written by this engine")
+    ours = json.loads(json.dumps(stage_config, default=str))  # as saved: JSON turns int dict keys into strings
+    differing = [k for k in diff_configs(saved, ours) if k not in RESUMABLE_KEYS]
+    if differing:
+        shown = ", ".join(f"{k} ({_lookup(saved, k)!r} -> {_lookup(ours, k)!r})" for k in differing[:10])
+        raise CheckpointError(
+            f"refusing to resume from {where}: it was made with a different config; differing keys: {shown}.\n"
+            "  HINT: rerun with the checkpoint's config to resume, or pass --force to start this stage over.")
+
+
+def _lookup(d: dict, dotted: str) -> Any:
+    node: Any = d
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return None
+        node = node[part]
+    return node

@@ -1,0 +1,268 @@
+"""Stage 7 (SFT training) around the shared engine: packed SFT blocks as the engine's batch sources, the
+choice of the init checkpoint, and every cross-stage check, done before any weight is loaded.
+
+``7_sft.py`` calls ``plan_sft`` (pick the checkpoint, read stage 6, check stages 2/4-5/6 against each
+other and the config), then runs ``dante.engine.Trainer`` over ``SFTBatches`` (training blocks) and
+``SFTEvalBatches`` (held-out conversations). The math lives elsewhere: document-masked attention and
+positions in dante/model.py, the weighted loss in dante/loss.py, its normalization in dante/engine.py.
+
+Design choices
+- Epochs by counting, random access by step. A run is a sequence of micro-batches
+  g = step * grad_accum + micro_step; g is micro-batch g % per_epoch of epoch g // per_epoch, where
+  per_epoch is the micro-batches per rank in one pass (``dante.sft.num_sft_batches``). Every epoch is a
+  new permutation of the blocks seeded by (run.seed, epoch) (``dante.sft.sft_batches``), so a resumed run
+  asks for step s and gets what the uninterrupted run trained on at s, with no loader state to save.
+  The engine asks for micro-batches in order, so one epoch iterator is kept and advanced; any other
+  request rebuilds it at the index asked for.
+- Steps = ceil(epochs * per_epoch / grad_accum). When that does not divide evenly, the last step is
+  completed with micro-batches whose weights are all 0 (shape-true batches of the next permutation):
+  they add nothing to the loss or the gradient, because the engine divides by the weight total of the
+  step, and every rank still runs grad_accum forwards, which the collectives need.
+  ``train.max_steps > 0`` stops earlier (smoke tests) and may not exceed the epochs' steps.
+- Loss normalization is the engine's: sum(w * ce) over the whole accumulation window and all ranks,
+  divided by the total weight of that window, so an answer token counts the same whatever micro-batch
+  or rank it lands in (tests/test_sft_train.py checks accumulation 2 == one batch of both). Targets that
+  must not count (prompt tokens, conversation ends, padding) hold the pad id with weight 0
+  (``dante.sft.shifted_targets``), never -100 alone.
+- Attention: document ids go to the model (causal AND same-conversation mask) unless
+  ``sft.document_mask`` is off; positions always come from the packed arrays (0 at each conversation).
+  ``configure_document_attention`` picks the kernel: "flex" on a GPU with train.compile, because the
+  engine compiles each block, not the whole forward, and the model's "auto" (flex only while its own
+  forward is being compiled) would fall back to SDPA with a dense (B, 1, T, T) boolean mask, which
+  cannot run the flash kernel. "sdpa" elsewhere: eager flex materializes every score (PyTorch warns so)
+  and torch 2.13 flex has no backward on CPU.
+- Init checkpoint: ``sft.init_from: auto`` takes 05_extend when it is complete, else 04_pretrain; a
+  05_extend folder that exists but never finished is an error, not a silent fall back to the
+  short-context model. The model config (rope_scaling included) is the checkpoint's and is what every
+  SFT checkpoint records; there is no model section in the SFT config to disagree with it.
+
+Example::
+
+    plan = plan_sft(cfg, world_size=1, require=stage.require)
+    data = SFTBatches(plan.train, cfg.train.micro_batch, cfg.train.grad_accum, cfg.sft.epochs, cfg.run.seed,
+                      cfg.sft.document_mask, plan.data_id)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+import torch
+
+from dante import config as C
+from dante.artifacts import MANIFEST, StageError, file_sha256, read_json, stage_dir
+from dante.checkpoint import META, MODEL_CONFIG, resolve_checkpoint
+from dante.cli import UserError
+from dante.sft import PackedSFT, load_packed, num_sft_batches, sft_batches
+from dante.tokenizer import load_tokenizer
+
+# ---------------------------------------------------------------------------------------------------
+# Batch sources for dante.engine.Trainer
+# ---------------------------------------------------------------------------------------------------
+
+
+def _to_torch(batch: dict[str, np.ndarray], document_mask: bool) -> dict[str, torch.Tensor]:
+    """numpy micro-batch of dante.sft.sft_batches -> tensors for LossModule (doc_ids dropped when unmasked)."""
+    return {k: torch.from_numpy(v) for k, v in batch.items() if document_mask or k != "doc_ids"}
+
+
+def epoch_steps(n_blocks: int, micro_batch: int, grad_accum: int, epochs: int, world_size: int) -> int:
+    """Optimizer steps that cover ``epochs`` passes over ``n_blocks`` (the last one padded, see above)."""
+    return -(-epochs * num_sft_batches(n_blocks, micro_batch, world_size) // grad_accum)
+
+
+class SFTBatches:
+    """Training micro-batches by (step, micro_step): epochs of per-epoch shuffled packed blocks."""
+
+    def __init__(self, packed: PackedSFT, micro_batch: int, grad_accum: int, epochs: int, seed: int,
+                 document_mask: bool = True, data_id: str = ""):
+        if packed.n_blocks == 0:
+            raise UserError("the SFT training split has no blocks; rebuild stage 6 with more conversations")
+        self.packed, self.micro_batch, self.grad_accum = packed, micro_batch, grad_accum
+        self.epochs, self.seed, self.document_mask, self.data_id = epochs, seed, document_mask, data_id
+        self._cursor: tuple | None = None  # (epoch, rank, world_size, next index, iterator)
+
+    def locate(self, step: int, micro_step: int, world_size: int) -> tuple[int, int]:
+        """(epoch, micro-batch index in that epoch) of a micro-step; epoch == epochs means padding."""
+        per_epoch = num_sft_batches(self.packed.n_blocks, self.micro_batch, world_size)
+        return divmod(step * self.grad_accum + micro_step, per_epoch)
+
+    def batch(self, step: int, micro_step: int, rank: int, world_size: int) -> dict[str, torch.Tensor]:
+        epoch, index = self.locate(step, micro_step, world_size)
+        key = (epoch, rank, world_size)
+        if self._cursor is None or self._cursor[:3] != key or self._cursor[3] != index:
+            it = sft_batches(self.packed, self.micro_batch, seed=self.seed, epoch=epoch, rank=rank,
+                             world_size=world_size, start=index)
+            self._cursor = (*key, index, it)
+        batch = next(self._cursor[4])
+        self._cursor = (*key, index + 1, self._cursor[4])
+        if epoch >= self.epochs:  # completes the last step only: contributes nothing (see module docstring)
+            batch["weights"][:] = 0.0
+        return _to_torch(batch, self.document_mask)
+
+    def state_dict(self) -> dict:
+        """What determines the micro-batch stream; the position in it is the trainer's step."""
+        return {"kind": "SFTBatches", "seed": self.seed, "epochs": self.epochs, "micro_batch": self.micro_batch,
+                "grad_accum": self.grad_accum, "n_blocks": self.packed.n_blocks,
+                "block_size": self.packed.block_size, "document_mask": self.document_mask, "data": self.data_id}
+
+    def load_state_dict(self, state: dict) -> None:
+        mine = self.state_dict()
+        differing = [k for k in mine if state.get(k) != mine[k]]
+        if differing:
+            raise ValueError(f"the SFT data or its order differ from the checkpoint's in {', '.join(differing)} "
+                             "(was 06_sft_data rebuilt?); resuming would not continue the same run. Restore it, "
+                             "or start stage 7 over with --force")
+
+
+class SFTEvalBatches:
+    """Held-out blocks: the first ``max_batches * micro_batch`` of the eval split (stage 6 wrote them in a
+    seeded random order), dealt round-robin to ranks, so an eval loss means the same at any world size."""
+
+    def __init__(self, packed: PackedSFT, micro_batch: int, document_mask: bool = True):
+        self.packed, self.micro_batch, self.document_mask = packed, micro_batch, document_mask
+
+    def batches(self, rank: int, world_size: int, max_batches: int) -> Iterator[dict[str, torch.Tensor]]:
+        n = min(self.packed.n_blocks, max_batches * self.micro_batch)
+        if n == 0:
+            return
+        p = self.packed
+        head = PackedSFT(p.tokens[:n], p.weights[:n], p.doc_ids[:n], p.positions[:n], p.pad_id)
+        for batch in sft_batches(head, self.micro_batch, shuffle=False, rank=rank, world_size=world_size):
+            yield _to_torch(batch, self.document_mask)
+
+
+def configure_document_attention(model, device: torch.device, compiled: bool) -> str:
+    """Set ``model.doc_attention`` for training (why: module docstring) and return the choice."""
+    model.doc_attention = "flex" if device.type == "cuda" and compiled else "sdpa"
+    return model.doc_attention
+
+
+# ---------------------------------------------------------------------------------------------------
+# Planning: inputs and checks
+# ---------------------------------------------------------------------------------------------------
+
+
+def choose_init_stage(run: C.RunConfig, init_from: str) -> str:
+    """The stage whose newest checkpoint SFT starts from (sft.init_from)."""
+    if init_from != "auto":
+        return init_from
+    extend = stage_dir(run, "05_extend")
+    if (extend / MANIFEST).is_file():
+        return "05_extend"
+    if extend.is_dir():
+        raise UserError(f"{extend} exists but 05_extend never finished: finish it (`python 5_extend_context.py "
+                        "--config ...` resumes it) or start SFT from stage 4 with --set sft.init_from=04_pretrain")
+    return "04_pretrain"
+
+
+@dataclass
+class SFTPlan:
+    init_stage: str
+    checkpoint: Path
+    model_cfg: C.ModelConfig
+    tokenizer_path: Path
+    sft_data_dir: Path
+    train: PackedSFT
+    eval: PackedSFT
+    data_id: str
+    """sha256 of 06_sft_data/manifest.json: identifies the packed data a checkpoint was trained on."""
+    weighted_tokens: float
+    """Loss-weighted (answer) tokens in one epoch, from stage 6's manifest."""
+    steps_per_epoch: float
+    total_steps: int
+    world_size: int
+
+    def describe(self, cfg: C.SFTStageConfig) -> list[str]:
+        t, m = cfg.train, self.model_cfg
+        rope = f", rope_scaling {m.rope_scaling}" if m.rope_scaling else ""
+        return [
+            f"init       {self.init_stage}: {self.checkpoint} (max_seq_len {m.max_seq_len}{rope})",
+            f"data       {self.sft_data_dir}: {self.train.n_blocks} training blocks, {self.eval.n_blocks} held-out "
+            f"blocks of {self.train.block_size} tokens; {self.weighted_tokens:,.0f} weighted tokens per epoch",
+            f"plan       {cfg.sft.epochs} epoch(s) x {self.steps_per_epoch:g} steps/epoch -> {self.total_steps} "
+            f"steps ({'train.max_steps' if t.max_steps else 'all epochs'}); {t.micro_batch * t.grad_accum * self.world_size} "
+            f"blocks per step ({t.micro_batch} x accumulation {t.grad_accum} x {self.world_size} rank(s))",
+            f"attention  {'causal within each conversation (document mask)' if cfg.sft.document_mask else 'plain causal across the block (document_mask off)'}",
+        ]
+
+
+def plan_sft(cfg: C.SFTStageConfig, world_size: int, require: Callable[[str], dict]) -> SFTPlan:
+    """Resolve and check every input of stage 7; one UserError lists all problems.
+
+    ``require(stage)`` returns a completed stage's manifest or raises StageError (``Stage.require`` in the
+    stage, ``artifacts.read_manifest`` in --dry-run).
+    """
+    init_stage = choose_init_stage(cfg.run, cfg.sft.init_from)
+    manifests, missing = {}, []
+    for stage in ("02_tokenizer", "06_sft_data", init_stage):
+        try:
+            manifests[stage] = require(stage)
+        except StageError as e:
+            missing.append(str(e))
+    if missing:
+        raise UserError("stage 7 inputs are missing:\n" + "\n".join(f"  - {m}" for m in missing))
+    checkpoint = resolve_checkpoint(stage_dir(cfg.run, init_stage))
+    model_cfg = C.from_dict(C.ModelConfig, read_json(checkpoint / MODEL_CONFIG))
+    tokenizer_path = stage_dir(cfg.run, "02_tokenizer") / "tokenizer.json"
+    vocab = load_tokenizer(tokenizer_path).get_vocab_size()
+    sft_dir = stage_dir(cfg.run, "06_sft_data")
+    m6 = manifests["06_sft_data"]
+
+    t, problems = cfg.train, []
+    block = m6.get("block_size")
+    if t.seq_len != block:
+        problems.append(f"train.seq_len={t.seq_len} but 06_sft_data packs blocks of {block} tokens: set "
+                        f"train.seq_len={block} (or rebuild stage 6 with sft_data.block_size={t.seq_len})")
+    if t.seq_len > model_cfg.max_seq_len:
+        rope = f" (rope_scaling {model_cfg.rope_scaling})" if model_cfg.rope_scaling else " (no RoPE scaling)"
+        problems.append(f"train.seq_len={t.seq_len} exceeds the context of {checkpoint}: max_seq_len "
+                        f"{model_cfg.max_seq_len}{rope}; extend it first (5_extend_context.py) or pack shorter blocks")
+    if model_cfg.vocab_size != vocab:
+        problems.append(f"the {init_stage} model has vocab_size {model_cfg.vocab_size} but {tokenizer_path} has "
+                        f"{vocab} tokens: it was trained with another tokenizer; restore the tokenizer.json it was trained with, "
+                        "or rerun stages 3-5 with this one")
+    if m6.get("vocab_size") != vocab:
+        problems.append(f"06_sft_data was built for a {m6.get('vocab_size')}-token vocabulary, {tokenizer_path} "
+                        f"has {vocab}: rebuild it with `python 6_build_sft.py --force`")
+    built_with = m6.get("inputs", {}).get("tokenizer", {}).get("sha256")
+    if built_with and built_with != file_sha256(tokenizer_path):
+        problems.append(f"06_sft_data was built with another tokenizer.json than {tokenizer_path} (sha256 "
+                        f"{built_with[:12]}...): rebuild it with `python 6_build_sft.py --force`")
+    if problems:  # the arrays are not worth opening when the stages disagree
+        raise UserError("stage 7 cannot start:\n" + "\n".join(f"  - {p}" for p in problems))
+
+    train, held_out = load_packed(sft_dir, "train"), load_packed(sft_dir, "eval")
+    weighted = float(m6.get("counts", {}).get("train", {}).get("weighted_tokens", 0.0))
+    if train.n_blocks == 0 or weighted <= 0:
+        raise UserError(f"{sft_dir}: the training split has no weighted tokens; check stage 6's sources")
+    per_epoch = num_sft_batches(train.n_blocks, t.micro_batch, world_size)
+    planned = epoch_steps(train.n_blocks, t.micro_batch, t.grad_accum, cfg.sft.epochs, world_size)
+    if t.max_steps > planned:
+        raise UserError(f"train.max_steps={t.max_steps} exceeds the {planned} steps of sft.epochs={cfg.sft.epochs} "
+                        f"({train.n_blocks} blocks): raise sft.epochs, or set train.max_steps=0 to train all epochs")
+    return SFTPlan(init_stage=init_stage, checkpoint=checkpoint, model_cfg=model_cfg, tokenizer_path=tokenizer_path,
+                   sft_data_dir=sft_dir, train=train, eval=held_out, data_id=file_sha256(sft_dir / MANIFEST),
+                   weighted_tokens=weighted,
+                   steps_per_epoch=per_epoch / t.grad_accum, total_steps=t.max_steps or planned,
+                   world_size=world_size)
+
+
+def check_same_init(saved: dict, plan: SFTPlan) -> None:
+    """Refuse to resume a stage 7 folder that was started from another init checkpoint."""
+    was, now = saved.get("init_checkpoint"), init_identity(plan)
+    if was and was != now:
+        raise UserError(f"this unfinished 07_sft was started from {was['path']}, but the init checkpoint is now "
+                        f"{now['path']} (or it was rewritten); pass --force to start SFT over from it")
+
+
+def init_identity(plan: SFTPlan) -> dict:
+    """The init checkpoint's path and the hash of its meta.json (written last, so it names one save)."""
+    return {"path": str(plan.checkpoint), "meta_sha256": file_sha256(plan.checkpoint / META)}
+
+
+__all__ = ["SFTBatches", "SFTEvalBatches", "SFTPlan", "plan_sft", "choose_init_stage", "check_same_init",
+           "init_identity", "configure_document_attention", "epoch_steps"]
