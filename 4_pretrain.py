@@ -81,7 +81,6 @@ def main(stage, cfg, args) -> None:
         raise SystemExit(128 + result.stopped_by_signal)
     if not dist.is_main:
         return
-    stage.add_input("03_shards_train", stage_dir(cfg.run, "03_shards"))
     stage.finish(
         outputs={"checkpoint": result.checkpoint, "metrics": "metrics.jsonl", "tensorboard": "tensorboard"},
         counts={"parameters": n_params, "steps": result.steps, "tokens_seen": result.tokens_seen,

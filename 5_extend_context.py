@@ -10,9 +10,10 @@ dante/evaluation/long_context.py.
 
 Examples:
     python 5_extend_context.py --config configs/tiny/extend.yaml
-    python 5_extend_context.py --config configs/tiny/extend.yaml --set extend.mode=continued   # the A/B
+    python 5_extend_context.py --config configs/tiny/extend.yaml --set extend.mode=continued --set run.root=runs-ab
+        (the A/B: plain RoPE, same steps; copy runs/tiny/0[1-4]_* to runs-ab/tiny/ first)
     python 5_extend_context.py --config configs/dante-2b/extend.yaml --dry-run    # checks and plan, no weights
-    deepspeed --num_gpus 8 5_extend_context.py --config configs/dante-2b/extend.yaml
+    deepspeed --num_gpus 2 5_extend_context.py --config configs/dante-2b/extend.yaml
 """
 
 from __future__ import annotations

@@ -37,6 +37,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+PROCESS_START = time.time()
+
 import torch  # noqa: E402
 
 from dante.config import ModelConfig, PretrainStageConfig, TrainConfig, to_dict  # noqa: E402
@@ -220,23 +222,27 @@ def run_gpu_case(name, seq, mb, accum, fp8, compile_, backend, args) -> dict:
         fpt = training_flops_per_token(model_cfg, seq)
         peak = detect_peak(fp8)
         util = mfu(tok_s, fpt, peak)
+        util_bf16 = mfu(tok_s, fpt, detect_peak(False))  # FP8 cases against the bf16 peak too, for comparison
         return {"case": name, "seq_len": seq, "micro_batch": mb, "grad_accum": accum, "fp8": fp8, "compile": compile_,
                 "backend": backend, "tokens_per_step": tokens, "median_step_s": median, "tokens_per_sec": tok_s,
-                "mfu": util, "peak": peak.label if peak else None, "flops_per_token": fpt,
+                "mfu": util, "mfu_vs_bf16_peak": util_bf16, "peak": peak.label if peak else None, "flops_per_token": fpt,
                 "peak_mem_allocated_gib": torch.cuda.max_memory_allocated() / 2**30,
                 "peak_mem_reserved_gib": torch.cuda.max_memory_reserved() / 2**30,
                 "warmup_s": warm_s, "build_s": t0 - t_build, "transforms": trainer.transforms}
     finally:
         del trainer
-        gc.collect()
-        torch.cuda.empty_cache()
-        torch._dynamo.reset()  # a fresh, static-shape compile for the next case
+
+
+def _release_gpu_memory() -> None:
+    gc.collect()
+    torch.cuda.empty_cache()
+    torch._dynamo.reset()  # a fresh compile for the next case: a new shape would otherwise go dynamic
 
 
 def gpu_part(args) -> dict:
     if not torch.cuda.is_available():
         return {"part": "gpu", "skipped": ["no CUDA device"], "results": [], "versions": versions()}
-    started = time.time()
+    started = PROCESS_START  # the time limit counts the imports too
     results, skipped = [], []
     has_torchao = _importable("torchao")
     has_ds = _importable("deepspeed")
@@ -253,20 +259,19 @@ def gpu_part(args) -> dict:
             skipped.append(f"{name}: time limit")
             continue
         for attempt_mb in (mb, mb // 2):
+            outcome = None
             try:
-                result = run_gpu_case(name, seq, attempt_mb, accum, fp8, compile_, backend, args)
-                results.append(result)
-                print(_gpu_line(result), flush=True)
-                break
+                outcome = run_gpu_case(name, seq, attempt_mb, accum, fp8, compile_, backend, args)
+                print(_gpu_line(outcome), flush=True)
             except torch.cuda.OutOfMemoryError:
                 print(f"{name}: out of memory at micro_batch {attempt_mb}", flush=True)
-                results.append({"case": name, "seq_len": seq, "micro_batch": attempt_mb, "oom": True})
-                gc.collect()
-                torch.cuda.empty_cache()
-                torch._dynamo.reset()
+                outcome = {"case": name, "seq_len": seq, "micro_batch": attempt_mb, "oom": True}
             except Exception as e:  # report and go on: one broken case must not hide the others
                 print(f"{name}: failed: {type(e).__name__}: {e}", flush=True)
-                results.append({"case": name, "error": f"{type(e).__name__}: {e}"[:500]})
+                outcome = {"case": name, "error": f"{type(e).__name__}: {e}"[:500]}
+            results.append(outcome)
+            _release_gpu_memory()  # here, after the except block dropped the traceback that held the model
+            if not outcome.get("oom"):
                 break
     return {"part": "gpu", "model": DANTE_2B, "results": results, "skipped": skipped, "elapsed_s": time.time() - started,
             "gpu_steps": args.gpu_steps, "gpu_warmup": args.gpu_warmup, "versions": versions()}

@@ -852,6 +852,9 @@ def validate_train(t: TrainConfig, prefix: str = "train") -> list[str]:
         p.append(f"{prefix}.zero_stage must be 0, 1 or 2 (ZeRO-3 is not supported), got {t.zero_stage}")
     if t.expected_world_size <= 0:
         p.append(f"{prefix}.expected_world_size must be > 0")
+    elif t.backend == "torch" and t.expected_world_size > 1:
+        p.append(f"{prefix}.backend=torch runs one process; use backend deepspeed for expected_world_size="
+                 f"{t.expected_world_size}")
     if t.peak_tflops < 0 or t.assumed_tokens_per_sec <= 0:
         p.append(f"{prefix}: peak_tflops must be >= 0 and assumed_tokens_per_sec > 0")
     if t.eval_every < 0 or t.eval_batches <= 0:

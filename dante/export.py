@@ -738,7 +738,7 @@ def _human(n: float) -> str:
     return f"{n:g}"
 
 
-def _table(header: list[str], rows: list[list[Any]]) -> list[str]:
+def markdown_table(header: list[str], rows: list[list[Any]]) -> list[str]:
     out = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     out += ["| " + " | ".join(_fmt(c) for c in row) + " |" for row in rows]
     return out
@@ -858,7 +858,7 @@ def render_model_card(facts: dict, model_name: str, license_id: str, repo_hint: 
     rope = m["rope_scaling"]
     rope_text = (f"RoPE θ={_fmt(m['rope_theta'])}" + (f", {rope.get('rope_type', rope.get('type'))} scaling ×{_fmt(rope.get('factor'))}"
                  f" from {_fmt(rope.get('original_max_position_embeddings'))} tokens" if rope else ""))
-    lines += _table(["", "value"], [
+    lines += markdown_table(["", "value"], [
         ["parameters", m["parameters"]], ["d_model", m["dim"]], ["layers", m["n_layers"]],
         ["attention heads (query / key-value)", f"{m['n_heads']} / {m['n_kv_heads']}"], ["head dim", m["head_dim"]],
         ["SwiGLU hidden", m["ffn_hidden_dim"]], ["vocabulary", m["vocab_size"]], ["context", m["max_seq_len"]],
@@ -875,7 +875,7 @@ def render_model_card(facts: dict, model_name: str, license_id: str, repo_hint: 
         total = sum(d["train_tokens"] or 0 for d in data)
         rows = [[d["source"], d["lang"], d["tier"], d["origin"], d["docs"], d["chars"], d["train_tokens"],
                  f"{100 * d['train_tokens'] / total:.1f}%" if total and d["train_tokens"] else ""] for d in data]
-        lines += _table(["source", "language", "quality tier", "origin", "documents", "characters",
+        lines += markdown_table(["source", "language", "quality tier", "origin", "documents", "characters",
                          "training tokens", "share"], rows)
         weights = next((t["train"].get("tier_weights") for t in facts["training"] if t["stage"] == "04_pretrain"), None)
         if weights:
@@ -885,7 +885,7 @@ def render_model_card(facts: dict, model_name: str, license_id: str, repo_hint: 
         lines.append("The corpus manifest (stage 1) is not part of this run's files: data mix not recorded.")
     if facts.get("sft_data"):
         lines += ["", "Instruction data (stage 6):", ""]
-        lines += _table(["source", "format", "language", "origin"],
+        lines += markdown_table(["source", "format", "language", "origin"],
                         [[s["name"], s["format"], s["lang"], s["origin"]] for s in facts["sft_data"]])
     lines += ["", "## Training", ""]
     if facts["training"]:
@@ -896,7 +896,7 @@ def render_model_card(facts: dict, model_name: str, license_id: str, repo_hint: 
             precision = (tr["precision"] + (" + FP8" if tr.get("fp8") else "")) if tr.get("precision") else None
             rows.append([t["stage"], t["step"], t["tokens"], t["loss"], tr.get("seq_len"), batch or None,
                          tr.get("lr"), tr.get("warmup_steps"), precision])
-        lines += _table(["stage", "steps", "tokens seen", "last loss", "sequence length", "sequences per step",
+        lines += markdown_table(["stage", "steps", "tokens seen", "last loss", "sequence length", "sequences per step",
                          "peak lr", "warmup steps", "precision"], rows)
         ext = next((t["extend"] for t in facts["training"] if t["stage"] == "05_extend" and t["extend"]), None)
         if ext:
@@ -919,7 +919,7 @@ def render_model_card(facts: dict, model_name: str, license_id: str, repo_hint: 
             return f"{label} (step {_fmt(c.get('step'))}){' = this model' if this else ''}"
 
         metrics = sorted({k for s in ev["summary"].values() for k in s})
-        lines += _table(["metric", *[heading(lb) for lb in labels]],
+        lines += markdown_table(["metric", *[heading(lb) for lb in labels]],
                         [[k, *[ev["summary"][lb].get(k, "") for lb in labels]] for k in metrics])
         lines += ["", "From `08_eval/report.json` of this run (bpb = bits per byte, comparable across tokenizers; "
                   "ppl = perplexity per token of this tokenizer; acc = multiple-choice accuracy)."]

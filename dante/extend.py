@@ -182,9 +182,9 @@ class ExtendPlan:
 
 def _eval_docs_from_heldout(heldout: dict, tokenizer, problems: list[str]) -> list[list[int]]:
     from dante.evaluation.perplexity import encode_texts
-    from dante.evaluation.stage import _heldout  # stage 8's reader and checks of the same {lang: path} mapping
+    from dante.evaluation.stage import read_heldout  # stage 8's reader and checks of the same {lang: path} mapping
 
-    texts, found = _heldout(C.EvalConfig(heldout=heldout))
+    texts, found = read_heldout(C.EvalConfig(heldout=heldout))
     problems += [x.replace("eval.heldout", "extend.heldout", 1) for x in found]
     return [doc for lang in sorted(texts) for doc in encode_texts(tokenizer, texts[lang])]
 
@@ -358,7 +358,7 @@ def position_summary(position: dict, original_len: int) -> dict:
 def write_report(out_dir: Path, report: dict) -> dict[str, str]:
     """long_context.json, long_context.md and long_context.png; returns {file name: path}."""
     from dante.artifacts import atomic_write_json, atomic_write_text
-    from dante.evaluation.report import _table as md_table
+    from dante.evaluation.report import markdown_table as md_table
     from dante.evaluation.report import plot_positions
 
     evals, original = report["evaluations"], report["original_length"]

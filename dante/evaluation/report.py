@@ -50,7 +50,7 @@ def _fmt(x: Any, digits: int = 4) -> str:
     return "" if x is None else str(x)
 
 
-def _table(header: list[str], rows: list[list[Any]]) -> list[str]:
+def markdown_table(header: list[str], rows: list[list[Any]]) -> list[str]:
     out = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     return out + ["| " + " | ".join(_fmt(c).replace("|", "\\|").replace("\n", " ") for c in r) + " |" for r in rows]
 
@@ -176,7 +176,7 @@ def write_report(out_dir: Path, cfg: C.EvalStageConfig, results: list[dict], not
     summary = {r["label"]: summarize(r) for r in results}
     metrics = sorted({m for s in summary.values() for m in s})
     labels = [r["label"] for r in results]
-    md += ["## Summary", "", *_table(["", *labels],
+    md += ["## Summary", "", *markdown_table(["", *labels],
                                      [["step", *[r.get("step") for r in results]],
                                       ["context (tokens)", *[r["max_seq_len"] for r in results]],
                                       *[[m, *[summary[k].get(m) for k in labels]] for m in metrics]]), ""]
@@ -195,7 +195,7 @@ def write_report(out_dir: Path, cfg: C.EvalStageConfig, results: list[dict], not
             plot_bpb(results, out_dir / "bpb.png")
             written["bpb.png"] = str(out_dir / "bpb.png")
             md += ["![bits per byte](bpb.png)", ""]
-        md += _table(["checkpoint", "set", "name", "tokens", "bytes", "perplexity", "bits/byte", "stride", "note"], rows)
+        md += markdown_table(["checkpoint", "set", "name", "tokens", "bytes", "perplexity", "bits/byte", "stride", "note"], rows)
     else:
         md.append("No held-out text configured (eval.heldout) and no validation shards.")
     md.append("")
@@ -205,7 +205,7 @@ def write_report(out_dir: Path, cfg: C.EvalStageConfig, results: list[dict], not
                   for r in results for task, m in r.get("benchmarks", {}).get("tasks", {}).items()]
     if bench_rows:
         limit = next((r["benchmarks"].get("limit") for r in results if "benchmarks" in r), None)
-        md += _table(["checkpoint", "task", "examples", "acc", "± stderr", "acc_norm", "± stderr"], bench_rows)
+        md += markdown_table(["checkpoint", "task", "examples", "acc", "± stderr", "acc_norm", "± stderr"], bench_rows)
         md += ["", "Log-likelihood multiple choice through lm-evaluation-harness "
                f"{next(r['benchmarks']['lm_eval_version'] for r in results if 'benchmarks' in r)}; acc_norm divides each "
                "choice's log-likelihood by its length in characters."
@@ -222,7 +222,7 @@ def write_report(out_dir: Path, cfg: C.EvalStageConfig, results: list[dict], not
         md += [f"Sampling: temperature {g0.temperature}, top-p {g0.top_p}, top-k {g0.top_k or 'off'}, repetition "
                f"penalty {g0.repetition_penalty}, up to {g0.max_new_tokens} new tokens, seed {cfg.run.seed} + prompt index; "
                "tokens/s includes the prompt prefill.", ""]
-        md += _table(["checkpoint", "mode", "prompt", "output", "tokens", "tokens/s", "stop"], gen_rows)
+        md += markdown_table(["checkpoint", "mode", "prompt", "output", "tokens", "tokens/s", "stop"], gen_rows)
     else:
         md.append("No generation (eval.generation.max_new_tokens is 0 or no prompt).")
     md.append("")
@@ -238,7 +238,7 @@ def write_report(out_dir: Path, cfg: C.EvalStageConfig, results: list[dict], not
         md += [f"Passkey retrieval: rank = the true 5-digit key scores above {first['candidates'] - 1} random distractor "
                f"keys by log-likelihood (chance {first['chance_rank_accuracy']:.2f}; a tie counts as a miss); greedy = "
                "greedy decoding outputs the key.", ""]
-        md += _table(["checkpoint", "length", "depth", "trials", "rank accuracy", "greedy accuracy"], pk_rows)
+        md += markdown_table(["checkpoint", "length", "depth", "trials", "rank accuracy", "greedy accuracy"], pk_rows)
     else:
         md.append("Not measured (eval.long_eval.lengths empty or trials 0).")
     md.append("")

@@ -103,7 +103,7 @@ def _sampling(g: C.GenerationConfig) -> SamplingParams:
     return SamplingParams(temperature=g.temperature, top_p=g.top_p, top_k=g.top_k, repetition_penalty=g.repetition_penalty)
 
 
-def _heldout(e: C.EvalConfig) -> tuple[dict[str, list[str]], list[str]]:
+def read_heldout(e: C.EvalConfig) -> tuple[dict[str, list[str]], list[str]]:
     docs, problems = {}, []
     for lang, path in sorted(e.heldout.items()):
         p = Path(path)
@@ -136,7 +136,7 @@ def make_plan(cfg: C.EvalStageConfig, with_tasks: bool = True) -> EvalPlan:
     model_cfgs = {ref.label: read_model_config(ref.path) for ref in refs}
     for ref in refs:
         problems += tokenizer_problems(ref, model_cfgs[ref.label], tokenizer, tokenizer_path)
-    heldout, heldout_problems = _heldout(e)
+    heldout, heldout_problems = read_heldout(e)
     problems += heldout_problems
     heldout_tokens = {lang: encode_texts(tokenizer, texts) for lang, texts in heldout.items()}
     shards_dir = None
