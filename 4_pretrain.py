@@ -22,7 +22,7 @@ import torch
 
 from dante import config as C
 from dante.artifacts import stage_dir
-from dante.checkpoint import RESUMABLE_KEYS
+from dante.checkpoint import training_resume_check
 from dante.cli import UserError, run_stage
 from dante.data import DataError, TieredMemmapDataset, ValidationWindows
 from dante.engine import Trainer, init_distributed, preflight_report
@@ -99,13 +99,5 @@ def dry_run(cfg, args) -> None:
     print(preflight_report(cfg.model, cfg.train))
 
 
-def resume_check(old: dict, new: dict, state: dict) -> str | None:
-    """An unfinished stage 4 may resume under a config that differs only in logging/saving cadence."""
-    from dante.artifacts import diff_configs
-
-    hard = [k for k in diff_configs(old, new) if k not in RESUMABLE_KEYS]
-    return None if not hard else f"these keys change the training itself: {', '.join(hard)}"
-
-
 if __name__ == "__main__":
-    raise SystemExit(run_stage(STAGE, __doc__.split("\n\n")[0], main, dry_run=dry_run, resume_check=resume_check))
+    raise SystemExit(run_stage(STAGE, __doc__.split("\n\n")[0], main, dry_run=dry_run, resume_check=training_resume_check))

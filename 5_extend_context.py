@@ -22,6 +22,7 @@ import gc
 
 from dante import config as C
 from dante.artifacts import StageError
+from dante.checkpoint import training_resume_check
 from dante.cli import run_stage
 
 STAGE = "05_extend"
@@ -111,4 +112,4 @@ def dry_run(cfg: C.ExtendStageConfig, args) -> None:
 
 
 if __name__ == "__main__":
-    raise SystemExit(run_stage(STAGE, DESCRIPTION, main, dry_run=dry_run))
+    raise SystemExit(run_stage(STAGE, DESCRIPTION, main, dry_run=dry_run, resume_check=training_resume_check))

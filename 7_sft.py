@@ -24,7 +24,7 @@ import signal
 
 from dante import config as C
 from dante.artifacts import read_manifest
-from dante.checkpoint import load_model
+from dante.checkpoint import load_model, training_resume_check
 from dante.cli import run_stage
 from dante.engine import Trainer, init_distributed, preflight_report
 from dante.sft_train import (
@@ -112,4 +112,4 @@ def main(stage, cfg: C.SFTStageConfig, args) -> None:
 
 
 if __name__ == "__main__":
-    raise SystemExit(run_stage(STAGE, __doc__.splitlines()[0], main, dry_run=dry_run))
+    raise SystemExit(run_stage(STAGE, __doc__.splitlines()[0], main, dry_run=dry_run, resume_check=training_resume_check))

@@ -64,6 +64,14 @@ RESUMABLE_KEYS = {"run.root"} | {f"train.{k}" for k in (
     "peak_tflops", "expected_world_size")}
 
 
+def training_resume_check(old: dict, new: dict, state: dict) -> str | None:
+    """``Stage.open`` hook shared by the training stages (4, 5, 7): an unfinished run may resume under a
+    config that differs only in logging/saving cadence (RESUMABLE_KEYS); anything else changes the
+    training itself, so the reason is returned and the stage refuses."""
+    hard = [k for k in diff_configs(old, new) if k not in RESUMABLE_KEYS]
+    return None if not hard else f"these keys change the training itself: {', '.join(hard)}"
+
+
 class CheckpointError(UserError):
     """A checkpoint cannot be used (missing, incomplete, or made with another config)."""
 
