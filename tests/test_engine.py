@@ -400,8 +400,8 @@ def shard_run(tmp_path_factory):
     """A run folder with 02_tokenizer (a throwaway tokenizer) and 03_shards written by dante.shards' writer."""
     from dante.artifacts import Stage, stage_dir
     from dante.config import RunConfig, ShardsStageConfig, TokenizerStageConfig
-    from dante.shards import ShardHeader, shard_name, tokenizer_sha16, write_shard
-    from dante.tokenizer import EOS_ID, train_tokenizer
+    from dante.tokenizer import train_tokenizer
+    from tests.shard_helpers import write_text_shards
 
     heldout = REPO / "data" / "sample" / "heldout"
     it, code = _texts(heldout / "it.jsonl.gz"), _texts(heldout / "code.jsonl.gz")
@@ -411,18 +411,8 @@ def shard_run(tmp_path_factory):
     tokenizer.save(str(st.dir / "tokenizer.json"))
     st.finish(outputs={"tokenizer": "tokenizer.json"})
     st = Stage.open(ShardsStageConfig(run=run), "03_shards")
-    names: dict = {"train": {}, "val": {}}
-    for tier, split, texts in ((1, "train", it[:-4]), (2, "train", code[:-1]), (1, "val", it[-4:] + code[-1:])):
-        tokens, starts = [], []
-        for enc in tokenizer.encode_batch(texts, add_special_tokens=False):
-            starts.append(len(tokens))
-            tokens += enc.ids + [EOS_ID]
-        header = ShardHeader(itemsize=2, vocab_size=tokenizer.get_vocab_size(), n_tokens=0, n_doc_starts=0,
-                             tokens_crc32=0, index_crc32=0, tier=tier, split=split, shard_index=0, eos_id=EOS_ID,
-                             tokenizer_sha16=tokenizer_sha16(stage_dir(run, "02_tokenizer") / "tokenizer.json"))
-        write_shard(st.dir / shard_name(tier, split, 0), np.array(tokens, dtype=np.uint16), np.array(starts), header)
-        names[split][str(tier)] = [shard_name(tier, split, 0)]
-    st.finish(outputs={"shards": names, "dtype": "uint16", "eos_id": EOS_ID})
+    write_text_shards(st, tokenizer, stage_dir(run, "02_tokenizer") / "tokenizer.json",
+                      {(1, "train"): it[:-4], (2, "train"): code[:-1], (1, "val"): it[-4:] + code[-1:]})
     return run, tokenizer.get_vocab_size()
 
 

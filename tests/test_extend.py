@@ -41,8 +41,8 @@ from dante.evaluation.perplexity import load_texts  # noqa: E402
 from dante.extend import extended_model_config, extension_problems, load_weights_as, long_rows, trained_length  # noqa: E402
 from dante.metrics import read_metrics  # noqa: E402
 from dante.model import Transformer  # noqa: E402
-from dante.shards import ShardHeader, shard_name, tokenizer_sha16, write_shard  # noqa: E402
-from dante.tokenizer import EOS_ID, train_tokenizer  # noqa: E402
+from dante.tokenizer import train_tokenizer  # noqa: E402
+from tests.shard_helpers import write_text_shards  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLE = ROOT / "data" / "sample"
@@ -178,18 +178,7 @@ def write_shard_stage(run: C.RunConfig, tokenizer) -> None:
     streams = {(1, "train"): load_texts(SAMPLE / "it-diodati.jsonl.gz")[:40],
                (2, "train"): load_texts(SAMPLE / "code-cpython.jsonl.gz")[:6],
                (1, "val"): load_texts(SAMPLE / "heldout" / "it.jsonl.gz")[:20] + load_texts(SAMPLE / "heldout" / "code.jsonl.gz")[:3]}
-    names: dict = {"train": {}, "val": {}}
-    for (tier, split), texts in streams.items():
-        tokens, starts = [], []
-        for enc in tokenizer.encode_batch(texts, add_special_tokens=False):
-            starts.append(len(tokens))
-            tokens += enc.ids + [EOS_ID]
-        header = ShardHeader(itemsize=2, vocab_size=tokenizer.get_vocab_size(), n_tokens=0, n_doc_starts=0,
-                             tokens_crc32=0, index_crc32=0, tier=tier, split=split, shard_index=0, eos_id=EOS_ID,
-                             tokenizer_sha16=tokenizer_sha16(tok_path))
-        write_shard(st.dir / shard_name(tier, split, 0), np.array(tokens, dtype=np.uint16), np.array(starts), header)
-        names[split][str(tier)] = [shard_name(tier, split, 0)]
-    st.finish(outputs={"shards": names, "dtype": "uint16", "eos_id": EOS_ID})
+    write_text_shards(st, tokenizer, tok_path, streams)
 
 
 def write_pretrain_stage(run: C.RunConfig, vocab_size: int) -> None:
