@@ -874,6 +874,20 @@ def validate_train(t: TrainConfig, prefix: str = "train") -> list[str]:
     return p
 
 
+def long_eval_problems(le: LongEvalConfig, prefix: str, min_trials: int = 0) -> list[str]:
+    """Checks of a LongEvalConfig shared by stage 5 (min_trials 1) and stage 8 (trials 0 skips passkey)."""
+    p = []
+    if any(n <= 0 for n in le.lengths):
+        p.append(f"{prefix}.lengths={le.lengths}: every length must be > 0")
+    if le.trials < min_trials:
+        p.append(f"{prefix}.trials={le.trials}: must be >= {min_trials}")
+    if le.bucket_size <= 0 or le.max_docs <= 0 or le.distractors < 1:
+        p.append(f"{prefix}: need bucket_size > 0, max_docs > 0 and distractors >= 1")
+    if any(not 0 <= d <= 1 for d in le.depths):
+        p.append(f"{prefix}.depths={le.depths}: each must be in [0, 1]")
+    return p
+
+
 def validate(cfg: Any) -> list[str]:
     """Cross-field checks for a whole stage config."""
     p: list[str] = []
@@ -948,15 +962,12 @@ def validate(cfg: Any) -> list[str]:
             p.append(f"extend: need 0 < beta_slow < beta_fast (got beta_slow={e.beta_slow}, beta_fast={e.beta_fast})")
         if any(k not in ("it", "en", "code") for k in e.heldout) or not all(isinstance(v, str) and v for v in e.heldout.values()):
             p.append(f"extend.heldout: must map it/en/code to file paths, got {e.heldout!r}")
-        if not le.lengths or any(n <= 0 for n in le.lengths):
-            p.append(f"long_eval.lengths={le.lengths}: list at least one length > 0 (the longest is used for perplexity by position)")
+        # stage 5 always measures passkey retrieval and perplexity by position, before and after
+        p += long_eval_problems(le, "long_eval", min_trials=1)
+        if not le.lengths:
+            p.append("long_eval.lengths: list at least one length > 0 (the longest is used for perplexity by position)")
         elif e.new_max_seq_len and max(le.lengths) > e.new_max_seq_len:
             p.append(f"long_eval.lengths={le.lengths}: longer than extend.new_max_seq_len={e.new_max_seq_len}")
-        if le.trials < 1 or le.bucket_size <= 0 or le.max_docs <= 0 or le.distractors < 1:
-            p.append("long_eval: need trials >= 1, bucket_size > 0, max_docs > 0 and distractors >= 1 (stage 5 "
-                     "always measures passkey retrieval before and after)")
-        if any(not 0 <= d <= 1 for d in le.depths):
-            p.append(f"long_eval.depths={le.depths}: each must be in [0, 1]")
     if isinstance(cfg, SFTDataStageConfig):
         s = cfg.sft_data
         if not s.sources:

@@ -91,11 +91,7 @@ def config_problems(e: C.EvalConfig) -> list[str]:
     unknown = [t for t in g.stop_tokens if t not in SPECIAL_TOKENS]
     if unknown:
         p.append(f"eval.generation.stop_tokens: {unknown} are not special tokens ({SPECIAL_TOKENS})")
-    le = e.long_eval
-    if any(n <= 0 for n in le.lengths) or le.trials < 0 or le.bucket_size <= 0 or le.max_docs <= 0 or le.distractors < 1:
-        p.append("eval.long_eval: lengths and bucket_size/max_docs must be > 0, trials >= 0, distractors >= 1")
-    if any(not 0 <= d <= 1 for d in le.depths):
-        p.append(f"eval.long_eval.depths={le.depths}: each must be in [0, 1]")
+    p += C.long_eval_problems(e.long_eval, "eval.long_eval")
     return p
 
 
