@@ -399,17 +399,15 @@ def _texts(path: Path) -> list[str]:
 def shard_run(tmp_path_factory):
     """A run folder with 02_tokenizer (a throwaway tokenizer) and 03_shards written by dante.shards' writer."""
     from dante.artifacts import Stage, stage_dir
-    from dante.config import RunConfig, ShardsStageConfig, TokenizerStageConfig
+    from dante.config import RunConfig, ShardsStageConfig
     from dante.tokenizer import train_tokenizer
-    from tests.shard_helpers import write_text_shards
+    from tests.helpers import write_text_shards, write_tokenizer_stage
 
     heldout = REPO / "data" / "sample" / "heldout"
     it, code = _texts(heldout / "it.jsonl.gz"), _texts(heldout / "code.jsonl.gz")
     tokenizer = train_tokenizer(it + code, vocab_size=600, n_reserved=8, pinned_chars=[])
     run = RunConfig(name="p", root=str(tmp_path_factory.mktemp("runs")), seed=5)
-    st = Stage.open(TokenizerStageConfig(run=run), "02_tokenizer")
-    tokenizer.save(str(st.dir / "tokenizer.json"))
-    st.finish(outputs={"tokenizer": "tokenizer.json"})
+    write_tokenizer_stage(run, tokenizer)
     st = Stage.open(ShardsStageConfig(run=run), "03_shards")
     write_text_shards(st, tokenizer, stage_dir(run, "02_tokenizer") / "tokenizer.json",
                       {(1, "train"): it[:-4], (2, "train"): code[:-1], (1, "val"): it[-4:] + code[-1:]})

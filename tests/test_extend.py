@@ -42,7 +42,7 @@ from dante.extend import extended_model_config, extension_problems, load_weights
 from dante.metrics import read_metrics  # noqa: E402
 from dante.model import Transformer  # noqa: E402
 from dante.tokenizer import train_tokenizer  # noqa: E402
-from tests.shard_helpers import write_text_shards  # noqa: E402
+from tests.helpers import write_text_shards, write_tokenizer_stage  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLE = ROOT / "data" / "sample"
@@ -202,9 +202,7 @@ def pipeline(tmp_path_factory):
     tokenizer = train_tokenizer(texts, vocab_size=800, n_reserved=8, pinned_chars=[])
     root = tmp_path_factory.mktemp("runs")
     run = C.RunConfig(name="t", root=str(root / "a"), seed=7)
-    st = Stage.open(C.TokenizerStageConfig(run=run), "02_tokenizer", force=True)
-    tokenizer.save(str(st.dir / "tokenizer.json"))
-    st.finish(outputs={"tokenizer": "tokenizer.json"})
+    write_tokenizer_stage(run, tokenizer)
     write_shard_stage(run, tokenizer)
     write_pretrain_stage(run, tokenizer.get_vocab_size())
     return {"run": run, "root": root, "tokenizer": tokenizer}

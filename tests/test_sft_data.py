@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from dante import sft
-from dante.artifacts import Stage, read_json
+from dante.artifacts import read_json
 from dante.cli import UserError, run_stage
 from dante.config import (
     ConfigError,
@@ -22,10 +22,10 @@ from dante.config import (
     SFTDataConfig,
     SFTDataStageConfig,
     SFTSourceConfig,
-    TokenizerStageConfig,
     load_config,
 )
 from dante.tokenizer import EOT_ID, SPECIAL_TOKENS, to_transformers, train_tokenizer
+from tests.helpers import sft_sample_texts, write_tokenizer_stage  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLE = ROOT / "data" / "sft_sample"
@@ -49,15 +49,10 @@ CONVERSATIONS = [
 ]
 
 
-def sample_texts() -> list[str]:
-    return [line for f in sorted(SAMPLE.glob("*.jsonl")) for line in f.read_text(encoding="utf-8").splitlines()]
-
-
 @pytest.fixture(scope="module")
 def tokenizer():
-    # pinned_chars=[]: train_tokenizer's pinning currently costs tens of seconds even at a tiny vocabulary
-    # (see the report); identical ids across the two template paths do not depend on which merges exist.
-    return train_tokenizer(sample_texts(), vocab_size=1000, n_reserved=8, min_frequency=2, pinned_chars=[])
+    # pinned_chars=[]: identical ids across the two template paths do not depend on which merges exist.
+    return train_tokenizer(sft_sample_texts(), vocab_size=1000, n_reserved=8, min_frequency=2, pinned_chars=[])
 
 
 @pytest.fixture(scope="module")
@@ -409,9 +404,7 @@ def test_heldout_split_and_source_weights_are_deterministic():
 def run_with_tokenizer(tmp_path, tokenizer):
     """A run folder whose 02_tokenizer is complete (made through the real Stage lifecycle)."""
     run = RunConfig(name="t", root=str(tmp_path / "runs"))
-    st = Stage.open(TokenizerStageConfig(run=run), "02_tokenizer")
-    tokenizer.save(str(st.dir / "tokenizer.json"))
-    st.finish(outputs={"tokenizer": "tokenizer.json"})
+    write_tokenizer_stage(run, tokenizer)
     return run
 
 

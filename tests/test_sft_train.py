@@ -38,7 +38,6 @@ from dante.config import (  # noqa: E402
     RunConfig,
     SFTDataStageConfig,
     SFTStageConfig,
-    TokenizerStageConfig,
     TrainConfig,
     load_config,
     to_dict,
@@ -50,6 +49,7 @@ from dante.metrics import read_metrics  # noqa: E402
 from dante.model import Transformer  # noqa: E402
 from dante.sft_train import SFTBatches, epoch_steps  # noqa: E402
 from dante.tokenizer import EOT_ID, train_tokenizer  # noqa: E402
+from tests.helpers import sft_sample_texts, write_tokenizer_stage  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLE = ROOT / "data" / "sft_sample"
@@ -84,20 +84,10 @@ def tiny_model_cfg(vocab_size: int, **over) -> ModelConfig:
     return ModelConfig(**{**base, **over})
 
 
-def sample_texts() -> list[str]:
-    return [line for f in sorted(SAMPLE.glob("*.jsonl")) for line in f.read_text(encoding="utf-8").splitlines()]
-
-
 def run_script(script: str, stage: str, argv: list[str], **kw) -> int:
     """A numbered script's main through the real CLI (run_stage), in this process; returns the exit code."""
     ns = runpy.run_path(str(ROOT / script), run_name=f"{stage}_test")
     return run_stage(stage, stage, ns["main"], dry_run=ns.get("dry_run"), argv=argv, **kw)
-
-
-def write_tokenizer_stage(run: RunConfig, tokenizer) -> None:
-    st = Stage.open(TokenizerStageConfig(run=run), "02_tokenizer", force=True)
-    tokenizer.save(str(st.dir / "tokenizer.json"))
-    st.finish(outputs={"tokenizer": "tokenizer.json"})
 
 
 def write_init_checkpoint(run: RunConfig, stage: str, model_cfg: ModelConfig, seed: int = 0) -> Path:
@@ -146,7 +136,7 @@ def curve(stage_path: Path) -> list[tuple]:
 @pytest.fixture(scope="module")
 def tokenizer():
     # pinned_chars=[]: pinning is slow to train and changes nothing that SFT training depends on
-    return train_tokenizer(sample_texts(), vocab_size=1000, n_reserved=8, min_frequency=2, pinned_chars=[])
+    return train_tokenizer(sft_sample_texts(), vocab_size=1000, n_reserved=8, min_frequency=2, pinned_chars=[])
 
 
 @pytest.fixture(scope="module")
@@ -450,7 +440,7 @@ def test_bad_inputs_give_clear_errors(pipeline, tokenizer, tmp_path, capsys):
     # a token budget is not an SFT setting (config validation, before any input is read)
     assert "train.token_budget" in stage7_error(run, capsys, "--set", "train.token_budget=1000")
     # tokenizer mismatch: another tokenizer.json in 02 -> the model's vocabulary and stage 6 disagree with it
-    other = train_tokenizer(sample_texts(), vocab_size=900, n_reserved=8, min_frequency=2, pinned_chars=[])
+    other = train_tokenizer(sft_sample_texts(), vocab_size=900, n_reserved=8, min_frequency=2, pinned_chars=[])
     other.save(str(stage_dir(run, "02_tokenizer") / "tokenizer.json"))
     err = stage7_error(run, capsys)
     assert "has vocab_size 1000 but" in err and "has 900 tokens" in err and "rebuild it with `python 6_build_sft.py --force`" in err

@@ -1,5 +1,5 @@
-"""Test helper shared by the training-stage tests: a 03_shards stage folder written by the real
-``dante.shards`` writer from lists of texts (one shard per (tier, split))."""
+"""Helpers shared by several test files: stage folders written through the real Stage lifecycle and
+writers (02_tokenizer, 03_shards from lists of texts), and the SFT sample's raw lines."""
 
 from __future__ import annotations
 
@@ -8,8 +8,24 @@ from pathlib import Path
 import numpy as np
 
 from dante.artifacts import Stage
+from dante.config import RunConfig, TokenizerStageConfig
 from dante.shards import ShardHeader, shard_name, tokenizer_sha16, write_shard
 from dante.tokenizer import EOS_ID
+
+ROOT = Path(__file__).resolve().parent.parent
+SFT_SAMPLE = ROOT / "data" / "sft_sample"
+
+
+def sft_sample_texts() -> list[str]:
+    """Every raw JSONL line of data/sft_sample: enough text to train a throwaway tokenizer."""
+    return [line for f in sorted(SFT_SAMPLE.glob("*.jsonl")) for line in f.read_text(encoding="utf-8").splitlines()]
+
+
+def write_tokenizer_stage(run: RunConfig, tokenizer) -> None:
+    """A complete 02_tokenizer folder holding ``tokenizer`` (redone if it exists)."""
+    st = Stage.open(TokenizerStageConfig(run=run), "02_tokenizer", force=True)
+    tokenizer.save(str(st.dir / "tokenizer.json"))
+    st.finish(outputs={"tokenizer": "tokenizer.json"})
 
 
 def write_text_shards(st: Stage, tokenizer, tokenizer_path: Path, streams: dict[tuple[int, str], list[str]]) -> None:
