@@ -17,7 +17,8 @@ import time
 
 from dante import fertility as F
 from dante.artifacts import atomic_write_text, file_sha256, stage_dir
-from dante.cli import UserError, run_stage
+from dante.cli import run_stage
+from dante.errors import UserError
 from dante.shards import corpus_files
 from dante.tokenizer import (
     default_pinned,

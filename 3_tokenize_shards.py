@@ -17,10 +17,10 @@ import shutil
 import sys
 import time
 
-from dante import config as C
-from dante.artifacts import StageError, file_sha256, read_manifest, stage_dir
-from dante.cli import UserError, build_parser, load_stage_config, run_stage
+from dante.artifacts import file_sha256, read_manifest, stage_dir
+from dante.cli import run_command, run_stage
 from dante.corpus import FORMAT_VERSION as CORPUS_FORMAT
+from dante.errors import UserError, problems_message
 from dante.shards import (
     FORMAT_VERSION,
     WORK_DIR,
@@ -88,26 +88,18 @@ def main(stage, cfg, args):
     )
 
 
-def verify_main(argv: list[str]) -> int:
+def verify(cfg, args) -> int:
     """``--verify``: check a finished 03_shards (the stage is not reopened, nothing is written)."""
-    ap = build_parser(STAGE, "verify token shards")
-    ap.add_argument("--verify", action="store_true")
-    args = ap.parse_args(argv)
-    try:
-        cfg = load_stage_config(STAGE, args)
-        manifest = read_manifest(cfg.run, STAGE)
-        tok_manifest = read_manifest(cfg.run, "02_tokenizer")
-        tok = load_tokenizer(stage_dir(cfg.run, "02_tokenizer") / tok_manifest["outputs"]["tokenizer"])
-        problems = verify_shards(stage_dir(cfg.run, STAGE), manifest, tok, cfg.shards.verify_samples, cfg.run.seed)
-        n = sum(len(v) for sp in manifest["outputs"]["shards"].values() for v in sp.values())
-        if problems:
-            raise UserError(f"{len(problems)} problem(s) in {n} shard(s):\n  - " + "\n  - ".join(problems)
-                            + "\n  HINT: rerun `python 3_tokenize_shards.py --force` to rebuild them.")
-        print(f"[{STAGE}] verified {n} shard(s): headers, sizes, checksums, ids and round trips OK")
-        return 0
-    except (C.ConfigError, StageError, UserError) as e:
-        print(f"[{STAGE}] ERROR: {e}", file=sys.stderr)
-        return 2
+    manifest = read_manifest(cfg.run, STAGE)
+    tok_manifest = read_manifest(cfg.run, "02_tokenizer")
+    tok = load_tokenizer(stage_dir(cfg.run, "02_tokenizer") / tok_manifest["outputs"]["tokenizer"])
+    problems = verify_shards(stage_dir(cfg.run, STAGE), manifest, tok, cfg.shards.verify_samples, cfg.run.seed)
+    n = sum(len(v) for sp in manifest["outputs"]["shards"].values() for v in sp.values())
+    if problems:
+        raise UserError(problems_message(f"{len(problems)} problem(s) in {n} shard(s)", problems)
+                        + "\n  HINT: rerun `python 3_tokenize_shards.py --force` to rebuild them.")
+    print(f"[{STAGE}] verified {n} shard(s): headers, sizes, checksums, ids and round trips OK")
+    return 0
 
 
 def add_args(ap):
@@ -116,5 +108,5 @@ def add_args(ap):
 
 if __name__ == "__main__":
     if "--verify" in sys.argv[1:]:
-        sys.exit(verify_main(sys.argv[1:]))
+        sys.exit(run_command(STAGE, "verify token shards", verify, extra_args=add_args))
     sys.exit(run_stage(STAGE, __doc__.split("\n")[0], main, extra_args=add_args))

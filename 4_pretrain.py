@@ -23,9 +23,10 @@ import torch
 from dante import config as C
 from dante.artifacts import stage_dir
 from dante.checkpoint import training_resume_check
-from dante.cli import UserError, run_stage
+from dante.cli import run_stage
 from dante.data import DataError, TieredMemmapDataset, ValidationWindows
 from dante.engine import Trainer, init_distributed, preflight_report
+from dante.errors import UserError
 from dante.model import Transformer, count_parameters
 
 STAGE = "04_pretrain"

@@ -21,9 +21,9 @@ from __future__ import annotations
 import gc
 
 from dante import config as C
-from dante.artifacts import StageError
 from dante.checkpoint import training_resume_check
 from dante.cli import run_stage
+from dante.errors import StageError
 
 STAGE = "05_extend"
 DESCRIPTION = __doc__.split("\n\n")[0]

@@ -21,7 +21,8 @@ import time
 
 from dante import sft
 from dante.artifacts import atomic_write_text, file_sha256, stage_dir
-from dante.cli import UserError, run_stage
+from dante.cli import run_stage
+from dante.errors import UserError
 from dante.tokenizer import load_tokenizer
 
 

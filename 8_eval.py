@@ -19,8 +19,7 @@ from __future__ import annotations
 import sys
 
 from dante import config as C
-from dante.artifacts import StageError
-from dante.cli import UserError, build_parser, load_stage_config, run_stage
+from dante.cli import run_command, run_stage
 
 STAGE = "08_eval"
 DESCRIPTION = __doc__.split("\n\n")[0]
@@ -75,27 +74,19 @@ def dry_run(cfg: C.EvalStageConfig, args) -> None:
     log("dry run: all checks passed; no model loaded")
 
 
-def chat(argv: list[str]) -> int:
+def chat(cfg: C.EvalStageConfig, args) -> int:
     """--chat: outside the stage lifecycle (no folder, no manifest), same config and error handling."""
-    ap = build_parser(STAGE, DESCRIPTION)
-    add_args(ap)
-    args = ap.parse_args(argv)
-    try:
-        cfg = load_stage_config(STAGE, args)
-        from dante.evaluation.loading import load_for_eval
-        from dante.evaluation.stage import chat_loop, make_plan, stdin_line, stdout_write
+    from dante.evaluation.loading import load_for_eval
+    from dante.evaluation.stage import chat_loop, make_plan, stdin_line, stdout_write
 
-        if args.checkpoints:
-            cfg.eval.checkpoints = list(args.checkpoints)
-        plan = make_plan(cfg, with_tasks=False)
-        ref = plan.refs[0] if args.checkpoints else next((r for r in plan.refs if r.is_chat), plan.refs[-1])
-        loaded = load_for_eval(ref, plan.tokenizer, cfg.eval.device, cfg.eval.dtype)
-        log(f"chatting with {ref.label} ({ref.path}); /reset starts over, /exit or Ctrl-D quits")
-        chat_loop(loaded, cfg.eval.generation, cfg.run.seed, stdin_line(), stdout_write)
-        return 0
-    except (C.ConfigError, StageError, UserError) as e:
-        print(f"[{STAGE}] ERROR: {e}", file=sys.stderr)
-        return 2
+    if args.checkpoints:
+        cfg.eval.checkpoints = list(args.checkpoints)
+    plan = make_plan(cfg, with_tasks=False)
+    ref = plan.refs[0] if args.checkpoints else next((r for r in plan.refs if r.is_chat), plan.refs[-1])
+    loaded = load_for_eval(ref, plan.tokenizer, cfg.eval.device, cfg.eval.dtype)
+    log(f"chatting with {ref.label} ({ref.path}); /reset starts over, /exit or Ctrl-D quits")
+    chat_loop(loaded, cfg.eval.generation, cfg.run.seed, stdin_line(), stdout_write)
+    return 0
 
 
 def expand_checkpoints(argv: list[str]) -> list[str]:
@@ -116,6 +107,6 @@ def expand_checkpoints(argv: list[str]) -> list[str]:
 if __name__ == "__main__":
     argv = sys.argv[1:]
     if "--chat" in argv:
-        raise SystemExit(chat(argv))
+        raise SystemExit(run_command(STAGE, DESCRIPTION, chat, extra_args=add_args, argv=argv))
     raise SystemExit(run_stage(STAGE, DESCRIPTION, main, extra_args=add_args, dry_run=dry_run,
                                argv=expand_checkpoints(argv)))

@@ -20,8 +20,7 @@ import sys
 
 from dante import config as C
 from dante import export
-from dante.artifacts import StageError
-from dante.cli import UserError, build_parser, load_stage_config, run_stage
+from dante.cli import run_command, run_stage
 
 STAGE = "09_export"
 DESCRIPTION = __doc__.split("\n\n")[0]
@@ -48,25 +47,17 @@ def dry_run(cfg: C.ExportStageConfig, args) -> None:
     print("\n".join(f"[{STAGE}] {line}" for line in lines))
 
 
-def push(argv: list[str]) -> int:
+def push(cfg: C.ExportStageConfig, args) -> int:
     """The upload step, after run_stage (which returns without calling main when the export is complete)."""
-    ap = build_parser(STAGE, DESCRIPTION)
-    add_args(ap)
-    args = ap.parse_args(argv)
     if not args.push_to_hub or args.dry_run or args.print_config:
         return 0
-    try:
-        cfg = load_stage_config(STAGE, args)
-        for line in export.push_to_hub(cfg, args.push_to_hub, args.private):
-            print(f"[{STAGE}] {line}", flush=True)
-    except (C.ConfigError, StageError, UserError) as e:
-        print(f"[{STAGE}] ERROR: {e}", file=sys.stderr)
-        return 2
+    for line in export.push_to_hub(cfg, args.push_to_hub, args.private):
+        print(f"[{STAGE}] {line}", flush=True)
     return 0
 
 
 if __name__ == "__main__":
     rc = run_stage(STAGE, DESCRIPTION, main, format_version=export.FORMAT_VERSION, extra_args=add_args, dry_run=dry_run)
     if rc == 0:
-        rc = push(sys.argv[1:])
+        rc = run_command(STAGE, DESCRIPTION, push, extra_args=add_args)
     sys.exit(rc)

@@ -32,13 +32,10 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from dante import config as C
+from dante.errors import StageError
 
 MANIFEST = "manifest.json"
 PROGRESS = "progress.json"
-
-
-class StageError(RuntimeError):
-    """A problem with a stage's inputs or outputs that the user fixes by running something."""
 
 
 class StageAlreadyDone(Exception):

@@ -47,7 +47,7 @@ from safetensors.torch import load_file, save_file
 
 from dante import config as C
 from dante.artifacts import atomic_path, atomic_write_json, atomic_write_text, diff_configs, now_iso, read_json
-from dante.cli import UserError
+from dante.errors import UserError
 
 FORMAT_VERSION = 1
 CHECKPOINTS = "checkpoints"

@@ -17,11 +17,8 @@ import sys
 from typing import Any, Callable
 
 from dante import config as C
-from dante.artifacts import Stage, StageAlreadyDone, StageError, check_writable, run_dir
-
-
-class UserError(RuntimeError):
-    """Bad input (data or arguments) found by a stage; printed without a traceback."""
+from dante.artifacts import Stage, StageAlreadyDone, check_writable, run_dir
+from dante.errors import ConfigError, StageError, UserError
 
 
 def build_parser(stage: str, description: str) -> argparse.ArgumentParser:
@@ -39,6 +36,11 @@ def build_parser(stage: str, description: str) -> argparse.ArgumentParser:
     ap.add_argument("--help-config", action="store_true", help="list every config key with its default and doc")
     ap.add_argument("--force", action="store_true", help="redo the stage even if complete (deletes its folder)")
     ap.add_argument("--dry-run", action="store_true", help="validate and print the plan; do no work")
+    # The DeepSpeed launcher appends --local_rank=N to every rank's argv (torch.distributed.launch spelled it
+    # --local-rank). LOCAL_RANK in the environment stays the source of truth (dante.engine.init_distributed);
+    # the flag is accepted so that `deepspeed --num_gpus 2 4_pretrain.py ...` starts at all.
+    ap.add_argument("--local_rank", "--local-rank", dest="local_rank", type=int, default=None,
+                    help=argparse.SUPPRESS)
     return ap
 
 
@@ -48,8 +50,35 @@ def load_stage_config(stage: str, args: argparse.Namespace) -> Any:
         print("\n".join(C.describe(cls)))
         raise SystemExit(0)
     if not args.config:
-        raise C.ConfigError([f"--config is required (e.g. --config configs/tiny/{C.PROFILE_FILES[stage]})"], "<command line>")
+        raise ConfigError([f"--config is required (e.g. --config configs/tiny/{C.PROFILE_FILES[stage]})"], "<command line>")
     return C.load_config(cls, args.config, args.overrides)
+
+
+def _report(stage: str, e: Exception) -> int:
+    print(f"[{stage}] ERROR: {e}", file=sys.stderr)
+    return 2
+
+
+def run_command(
+    stage: str,
+    description: str,
+    command: Callable[[Any, argparse.Namespace], int | None],
+    *,
+    extra_args: Callable[[argparse.ArgumentParser], None] | None = None,
+    argv: list[str] | None = None,
+) -> int:
+    """A command beside the stage (``--verify``, ``--chat``, a hub push): same flags, config and errors as
+    ``run_stage``, but no stage folder is opened and nothing is marked done. ``command(cfg, args)`` returns
+    the exit code (None = 0)."""
+    ap = build_parser(stage, description)
+    if extra_args:
+        extra_args(ap)
+    args = ap.parse_args(argv)
+    try:
+        cfg = load_stage_config(stage, args)
+        return command(cfg, args) or 0
+    except (ConfigError, StageError, UserError) as e:
+        return _report(stage, e)
 
 
 def run_stage(
@@ -94,6 +123,5 @@ def run_stage(
     except StageAlreadyDone as e:
         print(f"[{stage}] {e}")
         return 0
-    except (C.ConfigError, StageError, UserError) as e:
-        print(f"[{stage}] ERROR: {e}", file=sys.stderr)
-        return 2
+    except (ConfigError, StageError, UserError) as e:
+        return _report(stage, e)

@@ -32,16 +32,7 @@ from typing import Any, Literal, Optional, Union
 
 import yaml
 
-
-class ConfigError(ValueError):
-    """A config problem list; str() gives one readable multi-line message."""
-
-    def __init__(self, problems: list[str], source: str = "<config>"):
-        self.problems = list(problems)
-        self.source = source
-        lines = "\n".join(f"  - {p}" for p in self.problems)
-        super().__init__(f"invalid configuration ({source}), {len(self.problems)} problem(s):\n{lines}")
-
+from dante.errors import ConfigError
 
 # ---------------------------------------------------------------------------------------------------
 # Sections shared by several stages

@@ -61,7 +61,7 @@ from tqdm import tqdm
 
 from dante import config as C
 from dante.artifacts import Stage, atomic_path, describe_path
-from dante.cli import UserError
+from dante.errors import UserError
 
 FORMAT_VERSION = 1
 SHARD_NAME = "shard-{:05d}.jsonl.gz"

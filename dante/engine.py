@@ -72,8 +72,8 @@ import torch.distributed as torch_dist
 from torch import nn
 
 from dante.checkpoint import CheckpointError, CheckpointManager, step_dir_name
-from dante.cli import UserError
 from dante.config import ModelConfig, TrainConfig
+from dante.errors import UserError
 from dante.flops import Peak, detect_peak, mfu, training_flops_per_token
 from dante.loss import chunked_cross_entropy
 from dante.metrics import MetricsLogger, format_duration

@@ -73,7 +73,7 @@ from dante.artifacts import (
     stage_dir,
     stage_done,
 )
-from dante.cli import UserError
+from dante.errors import UserError
 from dante.tokenizer import BOS, BOS_ID, EOS, EOS_ID, EOT, EOT_ID, PAD, PAD_ID, SPECIAL_TOKENS
 
 FORMAT_VERSION = 1

@@ -52,8 +52,8 @@ import numpy as np
 import torch
 
 from dante import config as C
-from dante.artifacts import StageError, read_json, read_manifest, stage_dir
-from dante.cli import UserError
+from dante.artifacts import read_json, read_manifest, stage_dir
+from dante.errors import StageError, UserError
 
 SCALED_MODES = ("yarn", "linear")
 REPORT_JSON, REPORT_MD, REPORT_PNG = "long_context.json", "long_context.md", "long_context.png"

@@ -35,7 +35,7 @@ from typing import Callable
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 
 from dante.artifacts import atomic_path, atomic_write_json, atomic_write_text
-from dante.cli import UserError
+from dante.errors import UserError
 from dante.tokenizer import LLAMA3_PATTERN, byte_symbols
 
 LANGS = ("it", "en", "code")

@@ -78,7 +78,7 @@ from typing import Any, Iterable, Iterator
 import numpy as np
 
 from dante.artifacts import atomic_path
-from dante.cli import UserError
+from dante.errors import UserError
 from dante.tokenizer import BOS, END_HEADER, EOS, EOT, PAD, SPECIAL_TOKENS, START_HEADER
 
 FORMAT_VERSION = 1

@@ -53,9 +53,9 @@ import numpy as np
 import torch
 
 from dante import config as C
-from dante.artifacts import MANIFEST, StageError, file_sha256, read_json, stage_dir
+from dante.artifacts import MANIFEST, file_sha256, read_json, stage_dir
 from dante.checkpoint import META, MODEL_CONFIG, resolve_checkpoint
-from dante.cli import UserError
+from dante.errors import StageError, UserError
 from dante.sft import PackedSFT, load_packed, num_sft_batches, sft_batches
 from dante.tokenizer import load_tokenizer
 

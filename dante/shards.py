@@ -50,8 +50,8 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from dante.artifacts import StageError, atomic_path, atomic_write_json, file_sha256, read_json
-from dante.cli import UserError
+from dante.artifacts import atomic_path, atomic_write_json, file_sha256, read_json
+from dante.errors import StageError, UserError
 
 FORMAT_VERSION = 1
 BIN_MAGIC = b"DANTESHD"

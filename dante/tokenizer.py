@@ -45,7 +45,7 @@ from typing import Iterable, Iterator
 
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from dante.cli import UserError
+from dante.errors import UserError
 
 # ---------------------------------------------------------------------------------------------------
 # Special tokens (contract: docs/DESIGN.md "Special tokens")

@@ -262,8 +262,8 @@ def test_activation_checkpointing_changes_memory_not_math():
 
 
 def test_fp8_on_cpu_is_refused_clearly():
-    from dante.cli import UserError
     from dante.engine import apply_fp8
+    from dante.errors import UserError
 
     with pytest.raises(UserError, match="compute capability >= 8.9"):
         apply_fp8(Transformer(ModelConfig(**MODEL)), torch.device("cpu"))

@@ -14,8 +14,8 @@ import pytest
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from dante.cli import UserError
 from dante.config import ModelConfig
+from dante.errors import UserError
 from dante.evaluation import long_context as lc
 from dante.evaluation.generation import (
     GREEDY,

@@ -26,7 +26,7 @@ from dante import checkpoint as ckpt
 from dante import config as C
 from dante import export
 from dante.artifacts import Stage, atomic_write_json, read_json, stage_dir
-from dante.cli import UserError
+from dante.errors import UserError
 from dante.model import Transformer
 from dante.sft import ChatEncoder
 from dante.tokenizer import load_tokenizer, train_tokenizer

@@ -15,7 +15,7 @@ import pytest
 
 from dante import sft
 from dante.artifacts import read_json
-from dante.cli import UserError, run_stage
+from dante.cli import run_stage
 from dante.config import (
     ConfigError,
     RunConfig,
@@ -24,6 +24,7 @@ from dante.config import (
     SFTSourceConfig,
     load_config,
 )
+from dante.errors import UserError
 from dante.tokenizer import EOT_ID, SPECIAL_TOKENS, to_transformers, train_tokenizer
 from tests.helpers import sft_sample_texts, write_tokenizer_stage  # noqa: E402
 

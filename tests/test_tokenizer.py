@@ -24,7 +24,7 @@ from dante import config as C
 from dante import corpus
 from dante import fertility as F
 from dante.artifacts import Stage
-from dante.cli import UserError
+from dante.errors import UserError
 from dante.tokenizer import (
     DANTE_PATTERN,
     EOS_ID,

@@ -34,7 +34,7 @@ from typing import Any, Sequence
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 
-from dante.cli import UserError
+from dante.errors import UserError
 from dante.evaluation.generation import GREEDY, SamplingParams, generate
 from dante.evaluation.perplexity import window_requests
 from dante.evaluation.scoring import ScoreRequest, score_requests

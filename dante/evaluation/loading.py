@@ -28,7 +28,7 @@ import torch
 
 from dante import config as C
 from dante.artifacts import MANIFEST, file_sha256, read_json, stage_dir, stage_done
-from dante.cli import UserError
+from dante.errors import UserError
 
 CHECKPOINT_STAGES = ("04_pretrain", "05_extend", "07_sft")
 

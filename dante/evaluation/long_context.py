@@ -38,7 +38,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from dante.cli import UserError
+from dante.errors import UserError
 from dante.evaluation.generation import GREEDY, generate
 from dante.evaluation.scoring import ScoreRequest, score_requests
 

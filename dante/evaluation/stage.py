@@ -29,8 +29,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 from dante import config as C
-from dante.artifacts import StageError, read_manifest, stage_dir, stage_done
-from dante.cli import UserError
+from dante.artifacts import read_manifest, stage_dir, stage_done
+from dante.errors import StageError, UserError
 from dante.evaluation import long_context as lc
 from dante.evaluation.generation import SamplingParams, generate
 from dante.evaluation.loading import CheckpointRef, LoadedModel, find_checkpoints, read_model_config, tokenizer_problems
