@@ -5,7 +5,7 @@ stage 2 tokenizer, stage 6's sources (chat template check) and stage 8's report 
 runs/<name>/09_export/, a folder that `AutoModelForCausalLM.from_pretrained` loads without custom code.
 Verification (on by default) loads it back with transformers and compares logits, greedy continuations,
 tokenizer ids and chat-template ids with the native model; any difference fails the stage (no manifest).
-All logic is in dante/export.py.
+All logic is in dante/export/ (stage.py orchestrates).
 
 Examples:
     python 9_export_hf.py --config configs/tiny/export.yaml

@@ -108,7 +108,7 @@ def make_trainer(model_cfg: ModelConfig, train_cfg: TrainConfig, stage_dir: str,
 def cpu_part(args) -> dict:
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from dante.convert import llama_config_kwargs, to_hf_state_dict
+    from dante.export.hf_format import llama_config_kwargs, to_hf_state_dict
 
     seq, mb = args.cpu_seq, args.cpu_micro_batch
     cfg = ModelConfig(**{**CPU_MODEL, "max_seq_len": seq})

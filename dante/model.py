@@ -9,7 +9,7 @@ states and ``model.output.weight`` so full fp32 logits are never built.
 Design choices
 - Meta-LLaMA parameter names (``tok_embeddings``, ``layers.{i}.attention.{wq,wk,wv,wo}``,
   ``layers.{i}.feed_forward.{w1,w2,w3}``, ``attention_norm``, ``ffn_norm``, ``norm``, ``output``); the one
-  table to Hugging Face names is ``dante.convert.HF_NAME_MAP``. No biases. No fused QKV (names must stay).
+  table to Hugging Face names is ``dante.export.hf_format.HF_NAME_MAP``. No biases. No fused QKV (names must stay).
 - RoPE in the rotate-half layout (see ``dante/rope.py``): export needs no wq/wk permutation. The cos/sin
   table is a non-persistent fp32 buffer built from the config (theta, rope_scaling, max_seq_len), so a
   checkpoint never carries it and stage 5 changes the scaling by building a new model from a new config.

@@ -1,4 +1,4 @@
-"""Stage 9 (dante/export.py, 9_export_hf.py): the Hugging Face folder loads in plain transformers and is our model.
+"""Stage 9 (dante/export/, 9_export_hf.py): the Hugging Face folder loads in plain transformers and is our model.
 
 Every test builds a real run folder in tmp_path with the real functions: a tokenizer trained on the
 embedded sample text (dante.tokenizer.train_tokenizer, stage 2 manifest via Stage.finish), a tiny model
@@ -27,6 +27,8 @@ from dante import config as C
 from dante import export
 from dante.artifacts import Stage, atomic_write_json, read_json, stage_dir
 from dante.errors import UserError
+from dante.export import hf_format, verify
+from dante.export import stage as stage_module  # the name "stage" is a parameter below
 from dante.model import Transformer
 from dante.sft import ChatEncoder
 from dante.tokenizer import load_tokenizer, train_tokenizer
@@ -214,7 +216,7 @@ def test_native_greedy_equals_transformers_generate(tmp_path, tokenizer_file, he
     hf = AutoModelForCausalLM.from_pretrained(stage_dir(run, "09_export"), dtype=torch.float32)
     prompt = load_tokenizer(tokenizer_file).encode("Nel mezzo del cammin di nostra vita").ids
     ours = generate(model.eval(), prompt, max_new_tokens=40, params=GREEDY).new_tokens
-    theirs = export.hf_greedy(hf, prompt, 40)
+    theirs = verify.hf_greedy(hf, prompt, 40)
     assert ours == theirs and len(ours) == 40
 
 
@@ -233,8 +235,8 @@ def test_yarn_export_matches_beyond_original_context(tmp_path, tokenizer_file, h
     assert hf_cfg.rope_parameters["original_max_position_embeddings"] == 64 and hf_cfg.max_position_embeddings == 256
 
     # the comparison has teeth: the same export without its rope_scaling fails verification, loudly
-    plain = export.hf_config_dict
-    monkeypatch.setattr(export, "hf_config_dict", lambda *a: {**plain(*a), "rope_scaling": None})
+    plain = stage_module.hf_config_dict
+    monkeypatch.setattr(stage_module, "hf_config_dict", lambda *a: {**plain(*a), "rope_scaling": None})
     with pytest.raises(export.VerificationError, match="logits differ"):
         run_export(export_cfg(run, heldout_file), force=True)
     assert not (stage_dir(run, "09_export") / "manifest.json").exists()
@@ -291,7 +293,7 @@ def test_refuses_what_llama_cannot_express(tmp_path, tokenizer_file, heldout_fil
     _refused(export_cfg(run, heldout_file), "tie_embeddings is true but output.weight differs")
 
     # a ModelConfig option the exporter has never heard of, set to a non-default value
-    monkeypatch.setattr(export, "EXPRESSED_FIELDS", {k: v for k, v in export.EXPRESSED_FIELDS.items() if k != "init_std"})
+    monkeypatch.setattr(hf_format, "EXPRESSED_FIELDS", {k: v for k, v in hf_format.EXPRESSED_FIELDS.items() if k != "init_std"})
     run = make_run(tmp_path / "unknown", tokenizer_file, random_model(init_std=0.05))
     _refused(export_cfg(run, heldout_file), "model.init_std=0.05: the exporter does not know")
 
@@ -317,13 +319,13 @@ def test_refuses_non_empty_output_folder_unless_force(tmp_path, tokenizer_file, 
 def test_failed_verification_leaves_no_manifest_and_rerun_resumes(tmp_path, tokenizer_file, heldout_file, monkeypatch):
     run = make_run(tmp_path, tokenizer_file, random_model())
     cfg = export_cfg(run, heldout_file)
-    real_greedy = export.hf_greedy
-    monkeypatch.setattr(export, "hf_greedy", lambda m, p, n: [(t + 1) % VOCAB for t in real_greedy(m, p, n)])
+    real_greedy = verify.hf_greedy
+    monkeypatch.setattr(verify, "hf_greedy", lambda m, p, n: [(t + 1) % VOCAB for t in real_greedy(m, p, n)])
     with pytest.raises(export.VerificationError, match="greedy continuations differ"):
         run_export(cfg)
     out = stage_dir(run, "09_export")
     assert (out / "progress.json").exists() and not (out / "manifest.json").exists()
-    monkeypatch.setattr(export, "hf_greedy", real_greedy)
+    monkeypatch.setattr(verify, "hf_greedy", real_greedy)
     st = Stage.open(cfg, "09_export", format_version=export.FORMAT_VERSION)
     assert st.resumed
     export.export_stage(st, cfg)

@@ -7,7 +7,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from dante.config import ModelConfig, validate_model
-from dante.convert import HF_NAME_MAP, from_hf_state_dict, llama_config_kwargs, to_hf_state_dict
+from dante.export.hf_format import HF_NAME_MAP, from_hf_state_dict, llama_config_kwargs, to_hf_state_dict
 from dante.model import KVCache, Transformer, count_parameters, ffn_hidden_dim_of, head_dim_of, positions_from_doc_ids
 
 torch.set_num_threads(1)

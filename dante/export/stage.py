@@ -1,0 +1,188 @@
+"""Stage 9 end to end: check everything, write the Hugging Face folder, verify it, write the card and the manifest.
+
+``9_export_hf.py`` calls ``export_stage`` (or ``plan_lines`` for ``--dry-run``); it writes
+``runs/<name>/09_export/``, a folder that ``AutoModelForCausalLM`` and ``AutoTokenizer`` read with no
+custom code:
+
+- ``config.json`` (``LlamaForCausalLM``), ``generation_config.json`` (eos = <|eot|> and <|end_of_text|>,
+  the sampling defaults of stage 8), ``model.safetensors`` (or shards + ``model.safetensors.index.json``);
+- ``tokenizer.json`` (stage 2's file, byte for byte), ``tokenizer_config.json`` (bos/eos/pad, context
+  length, the chat template of ``dante.sft.CHAT_TEMPLATE`` for an SFT checkpoint), ``special_tokens_map.json``;
+- ``README.md``, the model card (``dante/export/model_card.py``);
+- ``manifest.json`` last, with the verification results (it is never uploaded).
+
+Design choices
+- ``preflight`` runs every check before any weight is loaded and reports all problems in one error: the
+  export config, the checkpoint, what Llama can express (``hf_format``), the tokenizer's vocabulary.
+- eos: an SFT checkpoint ends its turns with <|eot|> (stage 6 teaches exactly that), so its tokenizer eos
+  is <|eot|>, as Llama 3 Instruct does, for tools that stop on ``tokenizer.eos_token``; a base model ends
+  documents with <|end_of_text|>. ``generation_config.json`` lists both ids either way.
+- A failed verification raises before ``stage.finish``: no manifest, and a rerun with the same config
+  resumes (redoes) the export in the same folder.
+
+Example::
+
+    python 9_export_hf.py --config configs/tiny/export.yaml
+    python 9_export_hf.py --config configs/tiny/export.yaml --dry-run
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+from pathlib import Path
+from typing import Any
+
+from dante import checkpoint as ckpt
+from dante import config as C
+from dante.artifacts import PROGRESS, Stage, atomic_write_json, atomic_write_text, read_manifest, stage_dir
+from dante.errors import UserError, problems_message, raise_problems
+from dante.evaluation.loading import resolve_device, tokenizer_problems
+from dante.export.hf_folder import hf_folder_files, parse_size, write_tokenizer_files, write_weights
+from dante.export.hf_format import (
+    expected_hf_shapes,
+    generation_config_dict,
+    hf_config_dict,
+    llama_problems,
+    to_hf_state_dict,
+    weight_problems,
+)
+from dante.export.model_card import card_facts, render_model_card, short_number
+from dante.export.run_inputs import Source, generation_defaults, load_heldout, resolve_checkpoint, tokenizer_path
+from dante.export.verify import verify_export
+from dante.sft import CHAT_TEMPLATE
+from dante.tokenizer import EOS, EOS_ID, EOT, EOT_ID, load_tokenizer
+
+FORMAT_VERSION = 1
+
+
+def config_problems(cfg: C.ExportStageConfig) -> list[str]:
+    """Problems of the export config itself (the rest of ``validate`` for this stage)."""
+    e = cfg.export
+    p = []
+    try:
+        if parse_size(e.max_shard_size) < 1:
+            p.append(f"export.max_shard_size={e.max_shard_size!r}: must be > 0")
+    except ValueError as err:
+        p.append(f"export.max_shard_size: {err}")
+    if e.verify_tokens < 1:
+        p.append(f"export.verify_tokens={e.verify_tokens}: must be >= 1")
+    if e.verify_windows < 1:
+        p.append(f"export.verify_windows={e.verify_windows}: must be >= 1")
+    if e.verify_seq_len < 0:
+        p.append(f"export.verify_seq_len={e.verify_seq_len}: must be >= 0 (0 means the model's context)")
+    if e.verify and not e.heldout:
+        p.append("export.heldout: empty, but verification needs real text; set e.g. "
+                 "{it: data/sample/heldout/it.jsonl.gz} (or export.verify: false)")
+    for lang, path in e.heldout.items():
+        if not isinstance(path, str) or not Path(path).is_file():
+            p.append(f"export.heldout.{lang}: file not found: {path!r}")
+    if not e.license.strip():
+        p.append("export.license: required (an SPDX id such as apache-2.0, shown in the model card)")
+    return p
+
+
+def _refuse_foreign_files(stage: Stage) -> None:
+    """A fresh export must start in an empty folder; a resumed one owns what is there (same config)."""
+    if stage.resumed:
+        for f in stage.dir.iterdir():  # our own partial files of the same config: start them over
+            if f.name != PROGRESS:
+                shutil.rmtree(f) if f.is_dir() else f.unlink()
+        return
+    foreign = sorted(f.name for f in stage.dir.iterdir() if f.name != PROGRESS)
+    if foreign:
+        (stage.dir / PROGRESS).unlink(missing_ok=True)  # Stage.open just wrote it: do not adopt these files
+        raise UserError(f"the output folder {stage.dir} is not empty ({', '.join(foreign[:6])}"
+                        f"{' ...' if len(foreign) > 6 else ''}) and was not written by this export.\n"
+                        "  HINT: pass --force to delete it and export again, or choose another run.name.")
+
+
+def preflight(cfg: C.ExportStageConfig) -> tuple[Source, Path, Any]:
+    """Every check before the work (no weights loaded): config, checkpoint, Llama expressibility of the config
+    and of the file's tensors, tokenizer (vocabulary, special ids, lineage). One error listing everything."""
+    raise_problems(UserError, "invalid export configuration", config_problems(cfg))
+    read_manifest(cfg.run, "02_tokenizer")
+    if cfg.export.verify:
+        resolve_device(cfg.export.verify_device)  # cuda asked for but absent: say so now
+    source = resolve_checkpoint(cfg)
+    tok_path = tokenizer_path(cfg)
+    tokenizer = load_tokenizer(tok_path)
+    problems = llama_problems(source.model_cfg)
+    if not problems:  # the tensors, from the file's header (a Llama config is needed to know what to expect)
+        problems += weight_problems(source.path / ckpt.WEIGHTS, source.model_cfg)
+    problems += tokenizer_problems(source.ref, source.model_cfg, tokenizer, tok_path)
+    if problems:
+        raise UserError(problems_message(f"cannot export {source.path} as a Hugging Face Llama model", problems))
+    return source, tok_path, tokenizer
+
+
+def export_stage(stage: Stage, cfg: C.ExportStageConfig) -> dict:
+    """Stage 9 end to end: checks, files, verification, model card, manifest (last)."""
+    source, tok_path, tokenizer = preflight(cfg)
+    _refuse_foreign_files(stage)
+    # from here on the folder holds our files: a rerun with this config resumes (redoes) the export
+    stage.save_progress({"checkpoint": str(source.path), "writing": True})
+    stage.require("02_tokenizer")
+    if source.stage:
+        stage.require(source.stage)
+    stage.add_input("checkpoint", source.path / ckpt.WEIGHTS)
+    stage.add_input("tokenizer", tok_path)
+    texts_by_lang = load_heldout(cfg) if cfg.export.verify else {}
+
+    model, m, _ = ckpt.load_model(source.path)
+    out = stage.dir
+    print(f"[09_export] {source.path} -> {out} ({cfg.export.dtype})", flush=True)
+    hf_sd = to_hf_state_dict(model.state_dict(), tie_embeddings=m.tie_embeddings)
+    weights = write_weights(out, hf_sd, cfg.export.dtype, cfg.export.max_shard_size)
+    n_params = sum(t.numel() for t in hf_sd.values())
+    del hf_sd
+
+    eos_token = EOT if source.is_chat else EOS
+    eos_id = EOT_ID if source.is_chat else EOS_ID
+    atomic_write_json(out / "config.json", hf_config_dict(m, eos_id, cfg.export.dtype))
+    gen = generation_defaults(cfg)
+    stop_ids = [i for i in (tokenizer.token_to_id(t) for t in gen.stop_tokens) if i is not None]
+    atomic_write_json(out / "generation_config.json", generation_config_dict(gen, eos_id, stop_ids))
+    write_tokenizer_files(out, tok_path, tokenizer, eos_token, CHAT_TEMPLATE if source.is_chat else None, m.max_seq_len)
+
+    verification = None
+    if cfg.export.verify:
+        verification = verify_export(cfg, out, model, tokenizer, source, texts_by_lang)
+        lg = verification["logits"]
+        print(f"[09_export] verified: max |Δ logit| {lg['max_abs_diff']:.3g} <= {lg['bound']:.3g} on {lg['windows']} x "
+              f"{lg['tokens_per_window']} tokens; greedy {verification['greedy']['identical']}/{verification['greedy']['prompts']} "
+              f"identical; tokenizer {verification['tokenizer']['documents']} docs identical", flush=True)
+    facts = card_facts(cfg, source, tokenizer, n_params, verification)
+    name = cfg.export.model_name or f"Dante ({cfg.run.name})"
+    atomic_write_text(out / "README.md", render_model_card(facts, name, cfg.export.license, str(out)))
+    files = {f.name: f.stat().st_size for f in hf_folder_files(out)}
+    return stage.finish(
+        outputs={"folder": str(out), "files": files, "weights": weights},
+        counts={"parameters": n_params, "files": len(files), "bytes": sum(files.values())},
+        extra={"checkpoint": {"path": str(source.path), "stage": source.stage, "step": source.meta.get("step")},
+               "verification": verification, "card_facts": facts},
+    )
+
+
+def plan_lines(cfg: C.ExportStageConfig) -> list[str]:
+    """What the export would write, from the checkpoint's config alone (no weights loaded)."""
+    source, tok_path, _ = preflight(cfg)
+    shapes = expected_hf_shapes(source.model_cfg)
+    n_params = sum(math.prod(s) for s in shapes.values())
+    nbytes = n_params * {"float32": 4, "bfloat16": 2, "float16": 2}[cfg.export.dtype]
+    n_shards = max(1, math.ceil(nbytes / parse_size(cfg.export.max_shard_size)))
+    lines = [f"checkpoint: {source.path} (stage {source.stage or 'external'}, step {source.meta.get('step')})",
+             f"model: {n_params:,} parameters, {'SFT (chat template, eos <|eot|>)' if source.is_chat else 'base'}",
+             f"tokenizer: {tok_path}",
+             f"would write to {stage_dir(cfg.run, '09_export')}:"]
+    names = ["config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+             "special_tokens_map.json", "README.md"]
+    if n_shards == 1:
+        lines.append(f"  model.safetensors  ~{short_number(nbytes)}B ({cfg.export.dtype})")
+    else:
+        lines.append(f"  model-0000k-of-{n_shards:05d}.safetensors x{n_shards} (about; ~{short_number(nbytes)}B in "
+                     f"{cfg.export.dtype}, shards <= {cfg.export.max_shard_size}) + model.safetensors.index.json")
+    lines += [f"  {n}" for n in names]
+    lines.append("verification: " + ("on (logits, greedy, tokenizer" + (", chat template)" if source.is_chat else ")")
+                                     if cfg.export.verify else "off"))
+    return lines
