@@ -39,7 +39,7 @@ def load_inputs(stage, cfg):
     stage.require("03_shards")
     tok_path = tokenizer_path(cfg.run)
     tokenizer = load_tokenizer(tok_path)
-    problems = check_vocab(tokenizer, cfg.model, tok_path)
+    problems = check_vocab(tokenizer, cfg.model, tok_path, trained=False)
     shards, t = stage_dir(cfg.run, "03_shards"), cfg.train
     data = val = None
     try:
@@ -50,10 +50,6 @@ def load_inputs(stage, cfg):
     if t.eval_every and len(val) == 0:
         problems.append(f"no validation window of {t.seq_len + 1} tokens in {shards} (val shards missing or too short); "
                         "set train.eval_every=0 or give stage 3 a larger shards.val_fraction")
-    vocab = tokenizer.get_vocab_size(with_added_tokens=True)
-    if vocab != cfg.model.vocab_size:  # a model not trained yet: the config is what changes, not the tokenizer
-        problems.append(f"HINT: set model.vocab_size={vocab}, or retrain the tokenizer with "
-                        f"tokenizer.vocab_size={cfg.model.vocab_size}")
     raise_problems(UserError, "inputs do not fit this config", problems)
     return data, val
 

@@ -472,20 +472,24 @@ def recorded_tokenizer_manifest(stage_folder: str | Path) -> str | None:
                  if s.stage == "02_tokenizer" and s.manifest_sha256), None)
 
 
-def check_vocab(tokenizer, model_cfg: C.ModelConfig, tokenizer_path: str | Path | None = None) -> list[str]:
+def check_vocab(tokenizer, model_cfg: C.ModelConfig, tokenizer_path: str | Path | None = None,
+                trained: bool = True) -> list[str]:
     """Why ``tokenizer`` cannot feed a model of ``model_cfg`` (empty when it can).
 
     The embedding has one row per token id, so the sizes must agree; and the six named specials must sit at
     ids 0..5 (docs/DESIGN.md), where the data, the chat template and the export expect BOS, EOS and pad.
-    The fix depends on who asks (stage 4 sets model.vocab_size; later stages need the right tokenizer), so
-    callers add their own hint.
+    The fix of a size mismatch depends on whether the model exists: before training (``trained=False``,
+    stage 4) the config changes; a trained checkpoint's embedding is fixed, so the tokenizer is the wrong one.
     """
     where = f" {tokenizer_path}" if tokenizer_path is not None else ""
     problems = []
-    n = tokenizer.get_vocab_size(with_added_tokens=True)
-    if n != model_cfg.vocab_size:
-        problems.append(f"the embedding has model.vocab_size={model_cfg.vocab_size} rows but the tokenizer{where} "
-                        f"has {n} ids")
+    n, m = tokenizer.get_vocab_size(with_added_tokens=True), model_cfg.vocab_size
+    if n != m and trained:
+        problems.append(f"the checkpoint's embedding has model.vocab_size={m} rows but the tokenizer{where} has {n} ids")
+    elif n != m:
+        at = f" ({tokenizer_path})" if tokenizer_path is not None else ""
+        problems.append(f"model.vocab_size={m} but the tokenizer has {n} tokens{at}; set model.vocab_size={n} "
+                        f"(or retrain the tokenizer with tokenizer.vocab_size={m})")
     wrong = [t for i, t in enumerate(SPECIAL_TOKENS) if tokenizer.token_to_id(t) != i]
     if wrong:
         problems.append(f"tokenizer{where}: special tokens {wrong} are not at the ids of docs/DESIGN.md")
