@@ -17,7 +17,7 @@ import shutil
 import sys
 import time
 
-from dante.artifacts import file_sha256, read_manifest, stage_dir
+from dante.artifacts import file_sha256, read_manifest, stage_dir, tokenizer_path
 from dante.cli import run_command, run_stage
 from dante.corpus import FORMAT_VERSION as CORPUS_FORMAT
 from dante.errors import UserError, problems_message
@@ -41,7 +41,7 @@ def main(stage, cfg, args):
     s = cfg.shards
     corpus = stage.require("01_corpus", CORPUS_FORMAT)
     tok_manifest = stage.require("02_tokenizer")
-    tok_path = stage_dir(cfg.run, "02_tokenizer") / tok_manifest["outputs"]["tokenizer"]
+    tok_path = tokenizer_path(cfg.run)
     tok = load_tokenizer(tok_path)
     vocab_size = tok.get_vocab_size(with_added_tokens=True)
     check_dtype_fits(vocab_size, s.dtype, tok_path)
@@ -91,8 +91,7 @@ def main(stage, cfg, args):
 def verify(cfg, args) -> int:
     """``--verify``: check a finished 03_shards (the stage is not reopened, nothing is written)."""
     manifest = read_manifest(cfg.run, STAGE)
-    tok_manifest = read_manifest(cfg.run, "02_tokenizer")
-    tok = load_tokenizer(stage_dir(cfg.run, "02_tokenizer") / tok_manifest["outputs"]["tokenizer"])
+    tok = load_tokenizer(tokenizer_path(cfg.run))
     problems = verify_shards(stage_dir(cfg.run, STAGE), manifest, tok, cfg.shards.verify_samples, cfg.run.seed)
     n = sum(len(v) for sp in manifest["outputs"]["shards"].values() for v in sp.values())
     if problems:

@@ -21,28 +21,25 @@ from __future__ import annotations
 import torch
 
 from dante import config as C
-from dante.artifacts import stage_dir
-from dante.checkpoint import training_resume_check
+from dante.artifacts import stage_dir, tokenizer_path
+from dante.checkpoint import check_vocab, training_resume_check
 from dante.cli import run_stage
 from dante.data import DataError, TieredMemmapDataset, ValidationWindows
 from dante.engine import Trainer, init_distributed, preflight_report
-from dante.errors import UserError
+from dante.errors import UserError, raise_problems
 from dante.model import Transformer, count_parameters
+from dante.tokenizer import load_tokenizer
 
 STAGE = "04_pretrain"
 
 
 def load_inputs(stage, cfg):
     """Check stages 2 and 3 and build the data sources; every problem is reported in one error."""
-    from dante.tokenizer import load_tokenizer
-
     stage.require("02_tokenizer")
     stage.require("03_shards")
-    problems = []
-    vocab = load_tokenizer(stage_dir(cfg.run, "02_tokenizer") / "tokenizer.json").get_vocab_size(with_added_tokens=True)
-    if vocab != cfg.model.vocab_size:
-        problems.append(f"model.vocab_size={cfg.model.vocab_size} but the tokenizer has {vocab} tokens; "
-                        f"set model.vocab_size={vocab} (or retrain the tokenizer with that size)")
+    tok_path = tokenizer_path(cfg.run)
+    tokenizer = load_tokenizer(tok_path)
+    problems = check_vocab(tokenizer, cfg.model, tok_path, trained=False)
     shards, t = stage_dir(cfg.run, "03_shards"), cfg.train
     data = val = None
     try:
@@ -53,8 +50,7 @@ def load_inputs(stage, cfg):
     if t.eval_every and len(val) == 0:
         problems.append(f"no validation window of {t.seq_len + 1} tokens in {shards} (val shards missing or too short); "
                         "set train.eval_every=0 or give stage 3 a larger shards.val_fraction")
-    if problems:
-        raise UserError("inputs do not fit this config:\n" + "\n".join(f"  - {p}" for p in problems))
+    raise_problems(UserError, "inputs do not fit this config", problems)
     return data, val
 
 

@@ -20,10 +20,14 @@ from __future__ import annotations
 
 import gc
 
+import torch
+
 from dante import config as C
-from dante.checkpoint import training_resume_check
+from dante.checkpoint import WEIGHTS, load_model, training_resume_check
 from dante.cli import run_stage
+from dante.engine import Trainer, init_distributed, preflight_report
 from dante.errors import StageError
+from dante.extend import before_variants, evaluate, load_weights_as, make_plan, write_report
 
 STAGE = "05_extend"
 DESCRIPTION = __doc__.split("\n\n")[0]
@@ -34,12 +38,6 @@ def log(msg: str) -> None:
 
 
 def main(stage, cfg: C.ExtendStageConfig, args) -> None:
-    import torch
-
-    from dante.checkpoint import WEIGHTS, load_model
-    from dante.engine import Trainer, init_distributed
-    from dante.extend import before_variants, evaluate, load_weights_as, make_plan, write_report
-
     plan = make_plan(cfg)  # every check before any weight is loaded
     for name in ("02_tokenizer", "03_shards", "04_pretrain"):
         stage.require(name)
@@ -102,9 +100,6 @@ def main(stage, cfg: C.ExtendStageConfig, args) -> None:
 
 
 def dry_run(cfg: C.ExtendStageConfig, args) -> None:
-    from dante.engine import preflight_report
-    from dante.extend import make_plan
-
     plan = make_plan(cfg)
     for line in plan.describe() + preflight_report(plan.model_cfg, cfg.train).splitlines():
         log(line)

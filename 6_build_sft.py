@@ -20,7 +20,7 @@ import shutil
 import time
 
 from dante import sft
-from dante.artifacts import atomic_write_text, file_sha256, stage_dir
+from dante.artifacts import atomic_write_text, file_sha256, tokenizer_path
 from dante.cli import run_stage
 from dante.errors import UserError
 from dante.tokenizer import load_tokenizer
@@ -46,9 +46,7 @@ def main(stage, cfg, args) -> None:
     s = cfg.sft_data
     _fail_early(cfg)
     stage.require("02_tokenizer")
-    tok_path = stage_dir(cfg.run, "02_tokenizer") / "tokenizer.json"
-    if not tok_path.is_file():
-        raise UserError(f"{tok_path} is missing although 02_tokenizer is complete; rerun `python 2_train_tokenizer.py --force`.")
+    tok_path = tokenizer_path(cfg.run)
     stage.add_input("tokenizer", tok_path)
     encoder = sft.ChatEncoder(load_tokenizer(tok_path))
 

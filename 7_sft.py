@@ -24,7 +24,7 @@ import signal
 
 from dante import config as C
 from dante.artifacts import read_manifest
-from dante.checkpoint import load_model, training_resume_check
+from dante.checkpoint import WEIGHTS, load_model, training_resume_check
 from dante.cli import run_stage
 from dante.engine import Trainer, init_distributed, preflight_report
 from dante.sft_train import (
@@ -88,7 +88,7 @@ def main(stage, cfg: C.SFTStageConfig, args) -> None:
     final = result.final_val_loss
     if init_loss is not None and final is not None:
         log(f"eval loss {init_loss:.4f} -> {final:.4f}")
-    stage.add_input("init_checkpoint", plan.checkpoint / "model.safetensors")
+    stage.add_input("init_checkpoint", plan.checkpoint / WEIGHTS)
     stage.add_input("tokenizer", plan.tokenizer_path)
     stage.finish(
         outputs={"checkpoint": result.checkpoint, "metrics": "metrics.jsonl", "tensorboard": "tensorboard"},

@@ -13,6 +13,9 @@ Lifecycle used by every numbered script::
 
 Resume: an interrupted stage leaves its partial outputs and ``progress.json`` (no manifest); the next
 run reuses them when the resolved config is the same, and refuses (naming --force) when it differs.
+
+A later stage finds an earlier stage's files through that stage's manifest, not by a file name of its
+own: ``tokenizer_path(run)`` is stage 2's ``outputs.tokenizer``, for stages 3 to 9.
 """
 
 from __future__ import annotations
@@ -208,6 +211,25 @@ def read_manifest(run: C.RunConfig, stage: str, format_version: int | None = Non
             f"{format_version}; rerun `python {script} --force` to rebuild it."
         )
     return m
+
+
+def tokenizer_path(run: C.RunConfig) -> Path:
+    """The run's tokenizer file, as stage 2's manifest names it (``outputs.tokenizer``).
+
+    Every later stage finds the tokenizer here, so the file name is stage 2's to choose and written once,
+    in its manifest. StageError (naming 2_train_tokenizer.py) when stage 2 has not finished, its manifest
+    names no tokenizer, or the file is gone.
+    """
+    name = read_manifest(run, "02_tokenizer").get("outputs", {}).get("tokenizer")
+    folder = stage_dir(run, "02_tokenizer")
+    if not isinstance(name, str) or not name:
+        raise StageError(f"{folder / MANIFEST} names no tokenizer file (outputs.tokenizer); "
+                         f"rerun `python {script_for('02_tokenizer')} --force`.")
+    path = folder / name
+    if not path.is_file():
+        raise StageError(f"{path} is missing although 02_tokenizer is complete; "
+                         f"rerun `python {script_for('02_tokenizer')} --force`.")
+    return path
 
 
 def stage_done(run: C.RunConfig, stage: str) -> bool:

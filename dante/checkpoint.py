@@ -1,4 +1,5 @@
-"""Training checkpoints: layout, atomic completion, keep-last-K, resume, and ``load_model`` for later stages.
+"""Training checkpoints: layout, atomic completion, keep-last-K, resume, ``load_model`` for later stages, and
+checkpoint identity: which checkpoint, from which stage, trained with which tokenizer.
 
 Layout (docs/DESIGN.md, "Checkpoints")::
 
@@ -26,9 +27,15 @@ Design choices
 - Resuming with a different config is refused, naming the differing keys; keys that do not change
   the computation (how often to log/save/evaluate, how many to keep) may differ.
 
+- Identity and lineage (the last section) are read from files, never from names: a checkpoint's stage is
+  the stage folder it lies in, and what it was built from is followed through the manifests' recorded
+  inputs (``stage_lineage``). Stages 5, 7, 8 and 9 ask these questions; they live here rather than in
+  ``dante.evaluation`` so that training and export need not import the evaluation package.
+
 Example::
 
     model, model_cfg, meta = load_model("runs/tiny/04_pretrain")     # newest complete checkpoint
+    stage = newest_finished(run, CHECKPOINT_STAGES, setting="export.checkpoint")   # e.g. "07_sft"
 """
 
 from __future__ import annotations
@@ -38,16 +45,33 @@ import pickle
 import random
 import re
 import shutil
+from collections import deque
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, Sequence
 
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
 from dante import config as C
-from dante.artifacts import atomic_path, atomic_write_json, atomic_write_text, diff_configs, now_iso, read_json
-from dante.errors import UserError
+from dante.artifacts import (
+    MANIFEST,
+    atomic_path,
+    atomic_write_json,
+    atomic_write_text,
+    diff_configs,
+    file_sha256,
+    now_iso,
+    read_json,
+    read_manifest,
+    script_for,
+    stage_dir,
+    stage_done,
+)
+from dante.errors import StageError, UserError, raise_problems
+from dante.model import Transformer
+from dante.tokenizer import SPECIAL_TOKENS
 
 FORMAT_VERSION = 1
 CHECKPOINTS = "checkpoints"
@@ -182,10 +206,8 @@ def load_model(path_or_stage_dir: str | Path, device: str | torch.device = "cpu"
     ``path_or_stage_dir``: a stage folder (runs/x/04_pretrain), its checkpoints/ folder, or a step folder.
     The model is built on the meta device and filled from the file: no time spent on a throwaway init.
     """
-    from dante.model import Transformer
-
     step_dir = resolve_checkpoint(path_or_stage_dir)
-    model_cfg = C.from_dict(C.ModelConfig, read_json(step_dir / MODEL_CONFIG))
+    model_cfg = read_model_config(step_dir)
     with torch.device("meta"):
         model = Transformer(model_cfg)
     model.to_empty(device=device)
@@ -298,3 +320,200 @@ def _lookup(d: dict, dotted: str) -> Any:
             return None
         node = node[part]
     return node
+
+
+# ---------------------------------------------------------------------------------------------------
+# Identity and lineage: which checkpoint, from which stage, trained with which tokenizer
+# ---------------------------------------------------------------------------------------------------
+
+#: the stages that write checkpoints, in pipeline order (the oldest model first)
+CHECKPOINT_STAGES = ("04_pretrain", "05_extend", "07_sft")
+
+
+@dataclass
+class CheckpointRef:
+    label: str
+    """Name in reports and errors: the stage name, or the path as given."""
+    path: Path
+    """The step folder (checkpoints/step-NNNNNNN) that will be loaded."""
+    stage: str | None
+    """04_pretrain / 05_extend / 07_sft when the folder belongs to such a stage."""
+    stage_dir: Path | None
+    """The stage folder holding manifest.json, when known."""
+
+    @property
+    def is_chat(self) -> bool:
+        return self.stage == "07_sft"
+
+
+def stage_of(path: Path) -> tuple[str | None, Path | None]:
+    """(stage, stage folder) of the nearest folder at or above ``path`` named like a checkpoint stage."""
+    for parent in [path, *path.parents]:
+        if parent.name in CHECKPOINT_STAGES:
+            return parent.name, parent
+    return None, None
+
+
+def checkpoint_ref(path: str | Path, label: str | None = None) -> CheckpointRef:
+    """The newest complete checkpoint at ``path`` (a step, checkpoints/ or stage folder) and its stage."""
+    step_dir = resolve_checkpoint(path)
+    stage, folder = stage_of(step_dir.resolve())
+    return CheckpointRef(label=str(path) if label is None else label, path=step_dir, stage=stage, stage_dir=folder)
+
+
+def read_model_config(step_dir: Path) -> C.ModelConfig:
+    """The ModelConfig a checkpoint was saved with (model_config.json; no weights read)."""
+    return C.from_dict(C.ModelConfig, read_json(step_dir / MODEL_CONFIG))
+
+
+def find_checkpoints(run: C.RunConfig, entries: list[str], setting: str = "eval.checkpoints"
+                     ) -> tuple[list[CheckpointRef], list[str]]:
+    """Checkpoints named by stage (e.g. ``04_pretrain``) or path; returns (refs, notes about skipped stages).
+
+    A stage of this run that has not run is skipped with a note (stage 8 lists all three and evaluates what
+    exists); a path that does not exist, or holds no complete checkpoint, is an error. ``setting`` is the
+    config key the entries came from, for the messages. One UserError lists every bad entry.
+    """
+    refs, notes, problems = [], [], []
+    for entry in entries:
+        if entry in C.STAGES:
+            if entry not in CHECKPOINT_STAGES:
+                problems.append(f"{setting}: {entry} is not a checkpoint stage (use {', '.join(CHECKPOINT_STAGES)} or a path)")
+                continue
+            if not stage_done(run, entry):
+                notes.append(f"{entry}: skipped, the stage has not run for run {run.name!r} "
+                             f"(no {stage_dir(run, entry) / MANIFEST})")
+                continue
+            where = stage_dir(run, entry)
+        else:
+            where = Path(entry)
+            if not where.exists():
+                problems.append(f"{setting}: {entry} is neither a stage name ({', '.join(CHECKPOINT_STAGES)}) "
+                                f"nor an existing checkpoint folder")
+                continue
+        try:
+            refs.append(checkpoint_ref(where, label=entry))
+        except UserError as e:
+            problems.append(f"{setting}: {entry}: {e}")
+    raise_problems(UserError, f"{setting} names checkpoints that cannot be used", problems)
+    return refs, notes
+
+
+def newest_finished(run: C.RunConfig, stages: Sequence[str] = CHECKPOINT_STAGES, setting: str | None = None) -> str:
+    """The newest of ``stages`` (given in pipeline order) that has finished, i.e. has its manifest.
+
+    A newer stage that started but never finished is an error, not a silent fall back to an older model:
+    SFT from the short-context stage 4 while stage 5 is half done, or exporting stage 5 while SFT is still
+    running, is never what "the newest" meant. ``setting`` (e.g. ``sft.init_from``) is the option that
+    picks a stage explicitly, named in the hint. No finished stage: StageError naming the oldest's script.
+    """
+    for i in range(len(stages) - 1, 0, -1):
+        stage = stages[i]
+        if stage_done(run, stage):
+            return stage
+        folder = stage_dir(run, stage)
+        if folder.is_dir():
+            older = next((s for s in reversed(stages[:i]) if stage_done(run, s)), stages[i - 1])
+            pick = f"--set {setting}={older}" if setting else f"the stage {older} explicitly"
+            raise StageError(f"{folder} exists but {stage} never finished: finish it (`python {script_for(stage)} "
+                             f"--config ...` resumes it) or start from {older} with {pick}")
+    try:
+        read_manifest(run, stages[0])
+    except StageError as e:
+        raise StageError(f"no finished checkpoint stage ({', '.join(stages)}) for run {run.name!r}: {e}") from None
+    return stages[0]
+
+
+@dataclass(frozen=True)
+class LineageStep:
+    stage: str
+    """The stage's name (a key of config.STAGES)."""
+    folder: Path
+    """Its folder, as recorded by the stage that read it (the starting folder as given)."""
+    manifest_sha256: str | None
+    """sha256 of its manifest.json when it was read as an input (None for the starting folder)."""
+    used_by: str | None
+    """The stage that recorded it as an input (None for the starting folder)."""
+
+
+def stage_lineage(stage_folder: str | Path) -> list[LineageStep]:
+    """The stage at ``stage_folder`` and every stage behind it, nearest first, from the manifests' inputs.
+
+    Every finished stage records, per input stage, the path and sha256 of that stage's manifest
+    (``Stage.require``), so following the records back tells what a checkpoint was built from: 07_sft ->
+    the stage it started from (05_extend or 04_pretrain) -> ... -> 02_tokenizer. Breadth-first, so the first
+    record of a stage is the nearest (the one the starting stage itself read); each (stage, folder) is
+    listed once. A folder without a manifest (unfinished, or moved away since) ends its branch.
+    """
+    start = Path(stage_folder)
+    first = LineageStep(stage=start.name, folder=start, manifest_sha256=None, used_by=None)
+    found, queue, seen = [first], deque([first]), {(first.stage, first.folder)}
+    while queue:
+        step = queue.popleft()
+        manifest = step.folder / MANIFEST
+        if not manifest.is_file():
+            continue
+        for name, info in read_json(manifest).get("inputs", {}).items():
+            if name not in C.STAGES or not isinstance(info, dict) or not info.get("manifest"):
+                continue  # add_input records of plain files (no manifest behind them)
+            folder = Path(info["manifest"]).parent
+            if (name, folder) in seen:
+                continue
+            seen.add((name, folder))
+            found.append(LineageStep(stage=name, folder=folder, manifest_sha256=info.get("manifest_sha256"),
+                                     used_by=step.stage))
+            queue.append(found[-1])
+    return found
+
+
+def recorded_tokenizer_manifest(stage_folder: str | Path) -> str | None:
+    """The 02_tokenizer manifest hash a stage was built from (the nearest record in its lineage)."""
+    return next((s.manifest_sha256 for s in stage_lineage(stage_folder)[1:]
+                 if s.stage == "02_tokenizer" and s.manifest_sha256), None)
+
+
+def check_vocab(tokenizer, model_cfg: C.ModelConfig, tokenizer_path: str | Path | None = None,
+                trained: bool = True) -> list[str]:
+    """Why ``tokenizer`` cannot feed a model of ``model_cfg`` (empty when it can).
+
+    The embedding has one row per token id, so the sizes must agree; and the six named specials must sit at
+    ids 0..5 (docs/DESIGN.md), where the data, the chat template and the export expect BOS, EOS and pad.
+    The fix of a size mismatch depends on whether the model exists: before training (``trained=False``,
+    stage 4) the config changes; a trained checkpoint's embedding is fixed, so the tokenizer is the wrong one.
+    """
+    where = f" {tokenizer_path}" if tokenizer_path is not None else ""
+    problems = []
+    n, m = tokenizer.get_vocab_size(with_added_tokens=True), model_cfg.vocab_size
+    if n != m and trained:
+        problems.append(f"the checkpoint's embedding has model.vocab_size={m} rows but the tokenizer{where} has {n} ids")
+    elif n != m:
+        at = f" ({tokenizer_path})" if tokenizer_path is not None else ""
+        problems.append(f"model.vocab_size={m} but the tokenizer has {n} tokens{at}; set model.vocab_size={n} "
+                        f"(or retrain the tokenizer with tokenizer.vocab_size={m})")
+    wrong = [t for i, t in enumerate(SPECIAL_TOKENS) if tokenizer.token_to_id(t) != i]
+    if wrong:
+        problems.append(f"tokenizer{where}: special tokens {wrong} are not at the ids of docs/DESIGN.md")
+    return problems
+
+
+def tokenizer_problems(ref: CheckpointRef, model_cfg: C.ModelConfig, tokenizer, tokenizer_path: Path) -> list[str]:
+    """Reasons why ``tokenizer`` (at ``tokenizer_path``) is not the tokenizer the checkpoint was trained with.
+
+    ``check_vocab``, then lineage: following the checkpoint stage's inputs back to ``02_tokenizer`` gives the
+    tokenizer manifest it was trained with; if that differs from the manifest beside ``tokenizer_path``
+    (another run's tokenizer, or stage 2 rebuilt since), the token ids mean different strings even when the
+    sizes agree.
+    """
+    p = [f"{ref.label}: {x}" for x in check_vocab(tokenizer, model_cfg, tokenizer_path)]
+    tok_manifest = Path(tokenizer_path).parent / MANIFEST
+    if ref.stage_dir is not None and tok_manifest.is_file():
+        recorded = recorded_tokenizer_manifest(ref.stage_dir)
+        current = file_sha256(tok_manifest)
+        if recorded and recorded != current:
+            p.append(f"{ref.label}: the checkpoint was trained with another tokenizer: its stage inputs record "
+                     f"02_tokenizer manifest {recorded[:12]}, but {tok_manifest} is {current[:12]} (another run's "
+                     f"tokenizer, or stage 2 rebuilt since)")
+    if p:
+        p.append("HINT: checkpoint and tokenizer do not belong together: use the checkpoint with the run that "
+                 "trained it (same run.name), or retrain from stage 3 with this tokenizer")
+    return p

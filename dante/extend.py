@@ -52,8 +52,19 @@ import numpy as np
 import torch
 
 from dante import config as C
-from dante.artifacts import read_json, read_manifest, stage_dir
-from dante.errors import StageError, UserError
+from dante.artifacts import atomic_write_json, atomic_write_text, read_json, read_manifest, stage_dir, tokenizer_path
+from dante.checkpoint import META, WEIGHTS, checkpoint_ref, load_weights_into, read_model_config, tokenizer_problems
+from dante.data import DataError, TieredMemmapDataset, ValidationWindows
+from dante.errors import StageError, UserError, problems_message
+from dante.evaluation import long_context as lc
+from dante.evaluation.loading import resolve_autocast
+from dante.evaluation.perplexity import encode_texts, split_special
+from dante.evaluation.report import markdown_table as md_table
+from dante.evaluation.report import plot_positions
+from dante.evaluation.stage import read_heldout  # stage 8's reader and checks of the same {lang: path} mapping
+from dante.model import Transformer
+from dante.shards import ShardReader, list_shards
+from dante.tokenizer import BOS_ID, EOS_ID, SPECIAL_TOKENS, load_tokenizer
 
 SCALED_MODES = ("yarn", "linear")
 REPORT_JSON, REPORT_MD, REPORT_PNG = "long_context.json", "long_context.md", "long_context.png"
@@ -111,25 +122,28 @@ def extension_problems(base_cfg: C.ModelConfig, e: C.ExtendConfig, original: int
     return p
 
 
+def try_extend(base_cfg: C.ModelConfig, e: C.ExtendConfig, original: int) -> tuple[C.ModelConfig | None, list[str]]:
+    """(the stage 4 config with the new max_seq_len and rope_scaling, []), or (None, every problem)."""
+    problems = extension_problems(base_cfg, e, original)
+    if problems:
+        return None, problems
+    new_cfg = dataclasses.replace(base_cfg, max_seq_len=target_length(e, original),
+                                  rope_scaling=rope_scaling_for(e, original))
+    problems = C.validate_model(new_cfg)
+    return (None, problems) if problems else (new_cfg, [])
+
+
 def extended_model_config(base_cfg: C.ModelConfig, e: C.ExtendConfig, original: int) -> C.ModelConfig:
     """The stage 4 config with the new max_seq_len and rope_scaling; UserError listing every problem."""
-    problems = extension_problems(base_cfg, e, original)
-    new_cfg = None
-    if not problems:
-        new_cfg = dataclasses.replace(base_cfg, max_seq_len=target_length(e, original),
-                                      rope_scaling=rope_scaling_for(e, original))
-        problems = C.validate_model(new_cfg)
-    if problems or new_cfg is None:
-        raise UserError("cannot extend the context:\n" + "\n".join(f"  - {x}" for x in problems))
+    new_cfg, problems = try_extend(base_cfg, e, original)
+    if new_cfg is None:
+        raise UserError(problems_message("cannot extend the context", problems))
     return new_cfg
 
 
 def load_weights_as(step_dir: str | Path, model_cfg: C.ModelConfig, device: str | torch.device = "cpu"):
     """The fp32 weights of a checkpoint in a Transformer built from ``model_cfg`` (which may differ from the
     checkpoint's own config in max_seq_len and rope_scaling only: neither changes a weight's shape)."""
-    from dante.checkpoint import WEIGHTS, load_weights_into
-    from dante.model import Transformer
-
     with torch.device("meta"):
         model = Transformer(model_cfg)
     model.materialize(device)
@@ -181,19 +195,12 @@ class ExtendPlan:
 
 
 def _eval_docs_from_heldout(heldout: dict, tokenizer, problems: list[str]) -> list[list[int]]:
-    from dante.evaluation.perplexity import encode_texts
-    from dante.evaluation.stage import read_heldout  # stage 8's reader and checks of the same {lang: path} mapping
-
     texts, found = read_heldout(C.EvalConfig(heldout=heldout))
     problems += [x.replace("eval.heldout", "extend.heldout", 1) for x in found]
     return [doc for lang in sorted(texts) for doc in encode_texts(tokenizer, texts[lang])]
 
 
 def _eval_docs_from_val_shards(shards_dir: Path) -> list[np.ndarray]:
-    from dante.evaluation.perplexity import split_special
-    from dante.shards import ShardReader, list_shards
-    from dante.tokenizer import SPECIAL_TOKENS
-
     specials = list(range(len(SPECIAL_TOKENS)))
     return [doc for paths in list_shards(shards_dir, "val").values() for p in paths
             for doc in split_special(ShardReader(p).tokens, specials)]
@@ -206,41 +213,30 @@ def long_rows(docs: list, length: int, max_rows: int, bos_id: int, eos_id: int) 
     documents, so the rows vary in topic and language. When fewer documents are that long, the rest of the
     rows are concatenations of the remaining documents (``long_sequences``, stage 8's rule).
     """
-    from dante.evaluation.long_context import long_sequences
-
     docs = sorted(docs, key=len, reverse=True)  # stable: equal lengths keep shard order
     rows = [[bos_id] + [int(t) for t in d[:length - 1]] for d in docs[:max_rows] if len(d) >= length - 1]
     whole = len(rows)
     if whole < max_rows:
         rest = ([int(t) for t in d] for d in docs[whole:])
-        rows += long_sequences(rest, length, max_rows - whole, bos_id=bos_id, eos_id=eos_id)
+        rows += lc.long_sequences(rest, length, max_rows - whole, bos_id=bos_id, eos_id=eos_id)
     return rows, whole
 
 
 def make_plan(cfg: C.ExtendStageConfig) -> ExtendPlan:
     """Check inputs, config and data for stage 5 without loading weights; one UserError lists every problem."""
-    from dante.checkpoint import META, MODEL_CONFIG, resolve_checkpoint
-    from dante.data import DataError, TieredMemmapDataset, ValidationWindows
-    from dante.evaluation import long_context as lc
-    from dante.evaluation.loading import CheckpointRef, tokenizer_problems
-    from dante.tokenizer import BOS_ID, EOS_ID, load_tokenizer
-
     for stage in ("02_tokenizer", "03_shards", "04_pretrain"):
         read_manifest(cfg.run, stage)  # StageError naming the script to run
     pretrain_dir = stage_dir(cfg.run, "04_pretrain")
     try:
-        base_checkpoint = resolve_checkpoint(pretrain_dir)
+        ref = checkpoint_ref(pretrain_dir, label="04_pretrain")
     except UserError as e:
         raise StageError(f"04_pretrain has no usable checkpoint: {e}") from None
-    base_cfg = C.from_dict(C.ModelConfig, read_json(base_checkpoint / MODEL_CONFIG))
+    base_checkpoint = ref.path
+    base_cfg = read_model_config(base_checkpoint)
     base_meta = read_json(base_checkpoint / META)
     original = trained_length(base_cfg, base_meta)
-    problems, notes = [], []
-    try:
-        model_cfg = extended_model_config(base_cfg, cfg.extend, original)
-    except UserError as e:
-        model_cfg = None
-        problems += str(e).splitlines()[1:]
+    model_cfg, problems = try_extend(base_cfg, cfg.extend, original)
+    notes: list[str] = []
     # a failed extension leaves no new length to check against: the stage 4 length stands in
     new_len = model_cfg.max_seq_len if model_cfg else original
     t, le = cfg.train, cfg.long_eval
@@ -256,10 +252,9 @@ def make_plan(cfg: C.ExtendStageConfig) -> ExtendPlan:
         notes.append(f"perplexity by position stops at {max(le.lengths)} tokens (the longest long_eval length), "
                      f"short of the new context {new_len}")
 
-    tokenizer_path = stage_dir(cfg.run, "02_tokenizer") / "tokenizer.json"
-    tokenizer = load_tokenizer(tokenizer_path)
-    ref = CheckpointRef(label="04_pretrain", path=base_checkpoint, stage="04_pretrain", stage_dir=pretrain_dir)
-    problems += tokenizer_problems(ref, base_cfg, tokenizer, tokenizer_path)
+    tok_path = tokenizer_path(cfg.run)
+    tokenizer = load_tokenizer(tok_path)
+    problems += tokenizer_problems(ref, base_cfg, tokenizer, tok_path)
     if not too_long:
         try:  # prompts too short for the passkey sentence are refused here, not after training
             lc.passkey_prompts(tokenizer, le.lengths, le.depths, 1, le.distractors, cfg.run.seed)
@@ -271,7 +266,7 @@ def make_plan(cfg: C.ExtendStageConfig) -> ExtendPlan:
     try:
         data = TieredMemmapDataset.from_stage_dir(shards_dir, t.tier_weights, t.seq_len, t.micro_batch, cfg.run.seed)
     except DataError as e:
-        problems.append(str(e))
+        problems += e.problems
     if t.eval_every:
         val_data = ValidationWindows.from_stage_dir(shards_dir, t.seq_len, t.micro_batch)
         if len(val_data) == 0:
@@ -296,7 +291,7 @@ def make_plan(cfg: C.ExtendStageConfig) -> ExtendPlan:
         notes.append(f"perplexity by position: {len(rows) - whole} of {len(rows)} sequences concatenate shorter "
                      f"documents (only {whole} held-out documents reach {row_len} tokens)")
     if problems or model_cfg is None or data is None:
-        raise UserError("stage 5 cannot start:\n" + "\n".join(f"  - {x.removeprefix('  - ')}" for x in problems))
+        raise UserError(problems_message("stage 5 cannot start", problems))
     return ExtendPlan(base_checkpoint=base_checkpoint, base_cfg=base_cfg, base_step=int(base_meta.get("step", 0)),
                       original_len=original, model_cfg=model_cfg, tokenizer=tokenizer, shards_dir=shards_dir,
                       data=data, val_data=val_data, eval_rows=rows, eval_source=source,
@@ -320,10 +315,6 @@ def before_variants(plan: ExtendPlan, mode: str) -> list[tuple[str, str, C.Model
 
 def evaluate(model, plan: ExtendPlan, cfg: C.ExtendStageConfig, key: str, label: str) -> dict:
     """Perplexity by position and passkey retrieval of one model, as one report entry."""
-    from dante.evaluation import long_context as lc
-    from dante.evaluation.loading import resolve_autocast
-    from dante.tokenizer import BOS_ID
-
     le = cfg.long_eval
     autocast = resolve_autocast("auto", next(model.parameters()).device)
     batch = cfg.train.micro_batch  # what fits in training at this length fits in evaluation
@@ -357,10 +348,6 @@ def position_summary(position: dict, original_len: int) -> dict:
 
 def write_report(out_dir: Path, report: dict) -> dict[str, str]:
     """long_context.json, long_context.md and long_context.png; returns {file name: path}."""
-    from dante.artifacts import atomic_write_json, atomic_write_text
-    from dante.evaluation.report import markdown_table as md_table
-    from dante.evaluation.report import plot_positions
-
     evals, original = report["evaluations"], report["original_length"]
     plot_positions(evals, out_dir / REPORT_PNG)
     md = [f"# Stage 5: context extension ({report['mode']})", "",

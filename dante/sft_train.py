@@ -33,7 +33,7 @@ Design choices
   and torch 2.13 flex has no backward on CPU.
 - Init checkpoint: ``sft.init_from: auto`` takes 05_extend when it is complete, else 04_pretrain; a
   05_extend folder that exists but never finished is an error, not a silent fall back to the
-  short-context model. The model config (rope_scaling included) is the checkpoint's and is what every
+  short-context model (``dante.checkpoint.newest_finished``, the rule of every "newest checkpoint"). The model config (rope_scaling included) is the checkpoint's and is what every
   SFT checkpoint records; there is no model section in the SFT config to disagree with it.
 
 Example::
@@ -53,9 +53,9 @@ import numpy as np
 import torch
 
 from dante import config as C
-from dante.artifacts import MANIFEST, file_sha256, read_json, stage_dir
-from dante.checkpoint import META, MODEL_CONFIG, resolve_checkpoint
-from dante.errors import StageError, UserError
+from dante.artifacts import MANIFEST, file_sha256, stage_dir, tokenizer_path
+from dante.checkpoint import META, checkpoint_ref, newest_finished, read_model_config, tokenizer_problems
+from dante.errors import StageError, UserError, raise_problems
 from dante.sft import PackedSFT, load_packed, num_sft_batches, sft_batches
 from dante.tokenizer import load_tokenizer
 
@@ -146,17 +146,8 @@ def configure_document_attention(model, device: torch.device, compiled: bool) ->
 # ---------------------------------------------------------------------------------------------------
 
 
-def choose_init_stage(run: C.RunConfig, init_from: str) -> str:
-    """The stage whose newest checkpoint SFT starts from (sft.init_from)."""
-    if init_from != "auto":
-        return init_from
-    extend = stage_dir(run, "05_extend")
-    if (extend / MANIFEST).is_file():
-        return "05_extend"
-    if extend.is_dir():
-        raise UserError(f"{extend} exists but 05_extend never finished: finish it (`python 5_extend_context.py "
-                        "--config ...` resumes it) or start SFT from stage 4 with --set sft.init_from=04_pretrain")
-    return "04_pretrain"
+#: the stages SFT may start from, in pipeline order (``sft.init_from: auto`` takes the newest finished one)
+INIT_STAGES = ("04_pretrain", "05_extend")
 
 
 @dataclass
@@ -196,19 +187,25 @@ def plan_sft(cfg: C.SFTStageConfig, world_size: int, require: Callable[[str], di
     ``require(stage)`` returns a completed stage's manifest or raises StageError (``Stage.require`` in the
     stage, ``artifacts.read_manifest`` in --dry-run).
     """
-    init_stage = choose_init_stage(cfg.run, cfg.sft.init_from)
     manifests, missing = {}, []
-    for stage in ("02_tokenizer", "06_sft_data", init_stage):
+    init_stage: str | None = cfg.sft.init_from
+    if init_stage == "auto":
+        try:
+            init_stage = newest_finished(cfg.run, INIT_STAGES, setting="sft.init_from")
+        except StageError as e:
+            missing.append(str(e))
+            init_stage = None
+    for stage in ("02_tokenizer", "06_sft_data", *([init_stage] if init_stage else [])):
         try:
             manifests[stage] = require(stage)
         except StageError as e:
             missing.append(str(e))
-    if missing:
-        raise UserError("stage 7 inputs are missing:\n" + "\n".join(f"  - {m}" for m in missing))
-    checkpoint = resolve_checkpoint(stage_dir(cfg.run, init_stage))
-    model_cfg = C.from_dict(C.ModelConfig, read_json(checkpoint / MODEL_CONFIG))
-    tokenizer_path = stage_dir(cfg.run, "02_tokenizer") / "tokenizer.json"
-    vocab = load_tokenizer(tokenizer_path).get_vocab_size()
+    raise_problems(UserError, "stage 7 inputs are missing", missing)
+    ref = checkpoint_ref(stage_dir(cfg.run, init_stage), label=init_stage)
+    checkpoint, model_cfg = ref.path, read_model_config(ref.path)
+    tok_path = tokenizer_path(cfg.run)
+    tokenizer = load_tokenizer(tok_path)
+    vocab = tokenizer.get_vocab_size(with_added_tokens=True)
     sft_dir = stage_dir(cfg.run, "06_sft_data")
     m6 = manifests["06_sft_data"]
 
@@ -221,19 +218,15 @@ def plan_sft(cfg: C.SFTStageConfig, world_size: int, require: Callable[[str], di
         rope = f" (rope_scaling {model_cfg.rope_scaling})" if model_cfg.rope_scaling else " (no RoPE scaling)"
         problems.append(f"train.seq_len={t.seq_len} exceeds the context of {checkpoint}: max_seq_len "
                         f"{model_cfg.max_seq_len}{rope}; extend it first (5_extend_context.py) or pack shorter blocks")
-    if model_cfg.vocab_size != vocab:
-        problems.append(f"the {init_stage} model has vocab_size {model_cfg.vocab_size} but {tokenizer_path} has "
-                        f"{vocab} tokens: it was trained with another tokenizer; restore the tokenizer.json it was trained with, "
-                        "or rerun stages 3-5 with this one")
+    problems += tokenizer_problems(ref, model_cfg, tokenizer, tok_path)
     if m6.get("vocab_size") != vocab:
-        problems.append(f"06_sft_data was built for a {m6.get('vocab_size')}-token vocabulary, {tokenizer_path} "
-                        f"has {vocab}: rebuild it with `python 6_build_sft.py --force`")
+        problems.append(f"06_sft_data has vocab_size {m6.get('vocab_size')} but {tok_path} has {vocab} tokens: "
+                        "it was built with another tokenizer; rebuild it with `python 6_build_sft.py --force`")
     built_with = m6.get("inputs", {}).get("tokenizer", {}).get("sha256")
-    if built_with and built_with != file_sha256(tokenizer_path):
-        problems.append(f"06_sft_data was built with another tokenizer.json than {tokenizer_path} (sha256 "
+    if built_with and built_with != file_sha256(tok_path):
+        problems.append(f"06_sft_data was built with another tokenizer file than {tok_path} (sha256 "
                         f"{built_with[:12]}...): rebuild it with `python 6_build_sft.py --force`")
-    if problems:  # the arrays are not worth opening when the stages disagree
-        raise UserError("stage 7 cannot start:\n" + "\n".join(f"  - {p}" for p in problems))
+    raise_problems(UserError, "stage 7 cannot start", problems)  # the arrays are not worth opening otherwise
 
     train, held_out = load_packed(sft_dir, "train"), load_packed(sft_dir, "eval")
     weighted = float(m6.get("counts", {}).get("train", {}).get("weighted_tokens", 0.0))
@@ -244,7 +237,7 @@ def plan_sft(cfg: C.SFTStageConfig, world_size: int, require: Callable[[str], di
     if t.max_steps > planned:
         raise UserError(f"train.max_steps={t.max_steps} exceeds the {planned} steps of sft.epochs={cfg.sft.epochs} "
                         f"({train.n_blocks} blocks): raise sft.epochs, or set train.max_steps=0 to train all epochs")
-    return SFTPlan(init_stage=init_stage, checkpoint=checkpoint, model_cfg=model_cfg, tokenizer_path=tokenizer_path,
+    return SFTPlan(init_stage=init_stage, checkpoint=checkpoint, model_cfg=model_cfg, tokenizer_path=tok_path,
                    sft_data_dir=sft_dir, train=train, eval=held_out, data_id=file_sha256(sft_dir / MANIFEST),
                    weighted_tokens=weighted,
                    steps_per_epoch=per_epoch / t.grad_accum, total_steps=t.max_steps or planned,
@@ -264,5 +257,5 @@ def init_identity(plan: SFTPlan) -> dict:
     return {"path": str(plan.checkpoint), "meta_sha256": file_sha256(plan.checkpoint / META)}
 
 
-__all__ = ["SFTBatches", "SFTEvalBatches", "SFTPlan", "plan_sft", "choose_init_stage", "check_same_init",
+__all__ = ["SFTBatches", "SFTEvalBatches", "SFTPlan", "plan_sft", "INIT_STAGES", "check_same_init",
            "init_identity", "configure_document_attention", "epoch_steps"]

@@ -18,8 +18,8 @@ from test_eval import tiny_model, tiny_tokenizer
 from dante import config as C
 from dante import fertility
 from dante.artifacts import Stage, atomic_write_text
-from dante.checkpoint import CheckpointManager
-from dante.evaluation.loading import find_checkpoints, load_for_eval
+from dante.checkpoint import CheckpointManager, find_checkpoints
+from dante.evaluation.loading import load_for_eval
 from dante.evaluation.perplexity import load_texts
 from dante.evaluation.stage import chat_loop
 
@@ -85,7 +85,7 @@ def run(tmp_path, tok):
     tok.save(str(stage.dir / "tokenizer.json"))
     texts = {"it": load_texts("data/sample/heldout/it.jsonl.gz")[:5]}
     fertility.write_report(fertility.fertility_report([fertility.hf_counter("dante", "hf_json", tok)], texts), stage.dir)
-    stage.finish()
+    stage.finish(outputs={"tokenizer": "tokenizer.json"})  # as stage 2 records it
     add_checkpoint(run, "04_pretrain", tok, max_seq_len=256, seed=1)
     return run
 
@@ -186,7 +186,7 @@ def test_checkpoint_of_another_runs_tokenizer_is_refused(tmp_path, run, tok, cap
     other = C.RunConfig(name="other", root=run.root)
     stage = make_stage(other, "02_tokenizer")
     tok.save(str(stage.dir / "tokenizer.json"))
-    stage.finish()  # same vocabulary size, but a different stage 2 manifest
+    stage.finish(outputs={"tokenizer": "tokenizer.json"})  # same vocabulary size, but a different stage 2 manifest
     ckpt = Path(run.root) / run.name / "04_pretrain"
     code, out = run_script(["--config", str(write_config(tmp_path, other, checkpoints=[str(ckpt)]))], capsys)
     assert code == 2 and "trained with another tokenizer" in out
@@ -224,7 +224,7 @@ def test_missing_tokenizer_stage_and_no_checkpoint(tmp_path, capsys):
     assert code == 2 and "2_train_tokenizer.py" in out
     stage = make_stage(run, "02_tokenizer")
     tiny_tokenizer().save(str(stage.dir / "tokenizer.json"))
-    stage.finish()
+    stage.finish(outputs={"tokenizer": "tokenizer.json"})
     code, out = run_script(["--config", str(write_config(tmp_path, run))], capsys)
     assert code == 2 and "no checkpoint to evaluate" in out and "4_pretrain.py" in out
 

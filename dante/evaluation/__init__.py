@@ -6,7 +6,7 @@
 - ``generation``: KV-cache sampling (temperature, top-k, top-p, repetition penalty, stops), tokens/s.
 - ``long_context``: perplexity by position, passkey retrieval.
 - ``tasks`` / ``lm_eval_adapter``: benchmark task files, the Dante model as an lm-eval ``LM``, the runner.
-- ``loading``: which checkpoints, and whether each belongs with the tokenizer.
+- ``loading``: a checkpoint loaded for evaluation (device, autocast), after ``dante.checkpoint``'s checks.
 - ``stage`` / ``report``: the stage-8 plan, per-checkpoint evaluation, chat, and report.json/md/PNG.
 
 Modules import lm-eval and matplotlib only where used, so stage 5 can use ``long_context`` alone.

@@ -3,7 +3,7 @@
 ``make_plan`` runs every check that needs no weights before anything expensive starts, and reports all
 problems in one error: the config values; that 02_tokenizer is done; which checkpoints exist (absent
 stages are skipped with a note, at least one must remain); that each checkpoint belongs with the run's
-tokenizer (``loading.tokenizer_problems``); held-out files that exist and hold text; local benchmark
+tokenizer (``dante.checkpoint.tokenizer_problems``); held-out files that exist and hold text; local benchmark
 files and lm-eval task names; and that every long-context length fits at least one checkpoint (a length
 no checkpoint supports is an error; a length beyond one checkpoint's context is skipped for that
 checkpoint only, with a note, so a base model and its YaRN extension can share one config).
@@ -29,11 +29,13 @@ from pathlib import Path
 from typing import Any, Callable
 
 from dante import config as C
-from dante.artifacts import read_manifest, stage_dir, stage_done
+from dante.artifacts import stage_dir, stage_done
+from dante.artifacts import tokenizer_path as run_tokenizer_path
+from dante.checkpoint import CheckpointRef, find_checkpoints, read_model_config, tokenizer_problems
 from dante.errors import StageError, UserError
 from dante.evaluation import long_context as lc
 from dante.evaluation.generation import SamplingParams, generate
-from dante.evaluation.loading import CheckpointRef, LoadedModel, find_checkpoints, read_model_config, tokenizer_problems
+from dante.evaluation.loading import LoadedModel
 from dante.evaluation.perplexity import (
     encode_texts,
     load_texts,
@@ -121,8 +123,7 @@ def make_plan(cfg: C.EvalStageConfig, with_tasks: bool = True) -> EvalPlan:
     """Every check that needs no model weights; raises UserError/StageError listing all problems."""
     e = cfg.eval
     problems = config_problems(e)
-    read_manifest(cfg.run, "02_tokenizer")  # StageError naming 2_train_tokenizer.py when missing
-    tokenizer_path = stage_dir(cfg.run, "02_tokenizer") / "tokenizer.json"
+    tokenizer_path = run_tokenizer_path(cfg.run)  # StageError naming 2_train_tokenizer.py when missing
     tokenizer = load_tokenizer(tokenizer_path)
     refs, notes = find_checkpoints(cfg.run, list(e.checkpoints))
     if not refs:
