@@ -74,8 +74,12 @@ def dry_run(cfg: C.EvalStageConfig, args) -> None:
     log("dry run: all checks passed; no model loaded")
 
 
-def chat(cfg: C.EvalStageConfig, args) -> int:
+def chat(argv: list[str]) -> int:
     """--chat: outside the stage lifecycle (no folder, no manifest), same config and error handling."""
+    return run_command(STAGE, DESCRIPTION, chat_session, extra_args=add_args, argv=argv)
+
+
+def chat_session(cfg: C.EvalStageConfig, args) -> int:
     from dante.evaluation.loading import load_for_eval
     from dante.evaluation.stage import chat_loop, make_plan, stdin_line, stdout_write
 
@@ -107,6 +111,6 @@ def expand_checkpoints(argv: list[str]) -> list[str]:
 if __name__ == "__main__":
     argv = sys.argv[1:]
     if "--chat" in argv:
-        raise SystemExit(run_command(STAGE, DESCRIPTION, chat, extra_args=add_args, argv=argv))
+        raise SystemExit(chat(argv))
     raise SystemExit(run_stage(STAGE, DESCRIPTION, main, extra_args=add_args, dry_run=dry_run,
                                argv=expand_checkpoints(argv)))

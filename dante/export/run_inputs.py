@@ -1,9 +1,8 @@
 """What stage 9 reads from the run folder: the checkpoint to export, its tokenizer, its training lineage, stage 8's sampling defaults and the held-out text.
 
 One place for stage 9's view of earlier stages, so the rest of ``dante/export/`` works on plain values.
-Which checkpoint is which (``CheckpointRef``, ``find_checkpoints``, ``read_model_config``) is stage 8's
-notion, used here as it is; ``training_lineage`` is the export's own walk over the manifests (the model
-card's training table), kept here until checkpoint lineage has one home.
+Which checkpoint is which (``CheckpointRef``, ``find_checkpoints``, ``newest_finished``, ``stage_lineage``)
+is ``dante.checkpoint``'s notion, used here as it is.
 
 Example::
 
@@ -18,13 +17,18 @@ from pathlib import Path
 
 from dante import checkpoint as ckpt
 from dante import config as C
-from dante.artifacts import read_json, read_manifest, stage_dir, stage_done
-from dante.errors import StageError, UserError
-from dante.evaluation.loading import CheckpointRef, find_checkpoints, read_model_config
+from dante.artifacts import read_json, read_manifest, stage_done
+from dante.artifacts import tokenizer_path as run_tokenizer_path
+from dante.checkpoint import (
+    CHECKPOINT_STAGES,
+    CheckpointRef,
+    find_checkpoints,
+    newest_finished,
+    read_model_config,
+    stage_lineage,
+)
+from dante.errors import UserError
 from dante.evaluation.perplexity import load_texts
-
-#: Checkpoint stages, newest first: "auto" exports the first one that finished.
-AUTO_ORDER = ("07_sft", "05_extend", "04_pretrain")
 
 
 @dataclass
@@ -52,23 +56,16 @@ def resolve_checkpoint(cfg: C.ExportStageConfig) -> Source:
     """The checkpoint named by export.checkpoint: 'auto' (newest finished stage), a stage name, or a path."""
     choice = cfg.export.checkpoint
     if choice == "auto":
-        done = [s for s in AUTO_ORDER if stage_done(cfg.run, s)]
-        if not done:
-            raise StageError(
-                f"no finished checkpoint stage for run {cfg.run.name!r} (looked for {', '.join(AUTO_ORDER)}).\n"
-                "  HINT: run `python 4_pretrain.py --config configs/<profile>/pretrain.yaml` first, or set "
-                "export.checkpoint to a checkpoint folder."
-            )
-        choice = done[0]
-    if choice in AUTO_ORDER:
+        choice = newest_finished(cfg.run, CHECKPOINT_STAGES, setting="export.checkpoint")
+    if choice in CHECKPOINT_STAGES:
         read_manifest(cfg.run, choice)  # an unfinished stage: the error names the script to run
-    (ref,), _ = find_checkpoints(cfg.run, [choice])
+    (ref,), _ = find_checkpoints(cfg.run, [choice], setting="export.checkpoint")
     return Source(ref=ref, model_cfg=read_model_config(ref.path), meta=read_json(ref.path / ckpt.META))
 
 
 def tokenizer_path(cfg: C.ExportStageConfig) -> Path:
-    """Stage 2's tokenizer.json, the tokenizer every checkpoint of the run was trained with."""
-    return stage_dir(cfg.run, "02_tokenizer") / "tokenizer.json"
+    """Stage 2's tokenizer file (as its manifest names it), the tokenizer every checkpoint of the run used."""
+    return run_tokenizer_path(cfg.run)
 
 
 def finished_manifest(cfg: C.ExportStageConfig, stage: str) -> dict | None:
@@ -82,15 +79,14 @@ def training_lineage(cfg: C.ExportStageConfig, source: Source) -> list[tuple[str
     Followed through the manifests' recorded inputs (7_sft records the stage it started from), so an SFT
     model fine-tuned from 04_pretrain does not list a 05_extend that it never saw.
     """
-    chain, stage = [(source.stage, source.meta)] if source.stage else [], source.stage
-    while stage is not None:
-        manifest = finished_manifest(cfg, stage) or {}
-        parent = next((s for s in ("05_extend", "04_pretrain") if s in manifest.get("inputs", {}) and s != stage), None)
-        if parent is None:
-            break
-        step_dir = ckpt.latest_checkpoint(stage_dir(cfg.run, parent) / ckpt.CHECKPOINTS)
-        chain.append((parent, read_json(step_dir / ckpt.META) if step_dir else {}))
-        stage = parent
+    if source.stage is None:
+        return []
+    chain = [(source.stage, source.meta)]
+    for step in stage_lineage(source.ref.stage_dir or source.path.parent.parent)[1:]:
+        if step.stage not in CHECKPOINT_STAGES or step.stage == source.stage:
+            continue
+        step_dir = ckpt.latest_checkpoint(step.folder / ckpt.CHECKPOINTS)
+        chain.append((step.stage, read_json(step_dir / ckpt.META) if step_dir else {}))
     return chain[::-1]
 
 

@@ -36,8 +36,9 @@ from typing import Any
 from dante import checkpoint as ckpt
 from dante import config as C
 from dante.artifacts import PROGRESS, Stage, atomic_write_json, atomic_write_text, read_manifest, stage_dir
+from dante.checkpoint import tokenizer_problems
 from dante.errors import UserError, problems_message, raise_problems
-from dante.evaluation.loading import resolve_device, tokenizer_problems
+from dante.evaluation.loading import resolve_device
 from dante.export.hf_folder import hf_folder_files, parse_size, write_tokenizer_files, write_weights
 from dante.export.hf_format import (
     expected_hf_shapes,
