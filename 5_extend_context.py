@@ -102,8 +102,8 @@ def main(stage, cfg: C.ExtendStageConfig, args) -> None:
 
 
 def dry_run(cfg: C.ExtendStageConfig, args) -> None:
-    from dante.engine import preflight_report
     from dante.extend import make_plan
+    from dante.flops import preflight_report
 
     plan = make_plan(cfg)
     for line in plan.describe() + preflight_report(plan.model_cfg, cfg.train).splitlines():

@@ -7,7 +7,8 @@
 - ``long_context``: perplexity by position, passkey retrieval.
 - ``tasks`` / ``lm_eval_adapter``: benchmark task files, the Dante model as an lm-eval ``LM``, the runner.
 - ``loading``: which checkpoints, and whether each belongs with the tokenizer.
-- ``stage`` / ``report``: the stage-8 plan, per-checkpoint evaluation, chat, and report.json/md/PNG.
+- ``stage`` / ``report``: the stage-8 plan, per-checkpoint evaluation, and report.json/md/PNG.
+- ``chat``: the interactive ``--chat`` loop (streamed answers in the chat format of stage 6).
 
 Modules import lm-eval and matplotlib only where used, so stage 5 can use ``long_context`` alone.
 

@@ -41,6 +41,11 @@ class SamplingParams:
     top_k: int = 0
     repetition_penalty: float = 1.0
 
+    @classmethod
+    def from_config(cls, g) -> "SamplingParams":
+        """The sampling settings of a ``dante.config.GenerationConfig`` (``eval.generation``)."""
+        return cls(temperature=g.temperature, top_p=g.top_p, top_k=g.top_k, repetition_penalty=g.repetition_penalty)
+
     def problems(self) -> list[str]:
         p = []
         if self.temperature < 0:
