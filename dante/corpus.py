@@ -30,9 +30,8 @@ writes no manifest. Rerunning (with the same config, or one where only failed or
 ``resume_check``) retries them after the sources completed meanwhile, which then come first in the dedup
 order (recorded in the manifest as ``dedup_order``).
 
-Memory: the dedup set costs ~70 bytes per kept document in CPython (measured with tracemalloc at 1M keys;
-50-100 depending on the set's fill), ~8 GB for the ~120M documents of the reference dante-2b corpus.
-64-bit keys collide with probability ~n^2/2^65 (4e-4 at 1.2e8 documents: expect no false duplicate).
+Memory: the dedup set holds one 64-bit key per kept document, in a Python set (its measured cost per
+key, and what that means for the dante-2b corpus: docs/PERFORMANCE.md, "Stage 1"). 64-bit keys collide with probability ~n^2/2^65 (4e-4 at 1.2e8 documents: expect no false duplicate).
 
 Example::
 
@@ -276,9 +275,9 @@ def _no_torch_import():
     """Build IterableDatasets without importing torch.
 
     When torch is installed, ``datasets.IterableDataset.__init__`` imports it only to put its epoch counter
-    in shared memory for DataLoader workers (``_maybe_share_with_torch_persistent_workers``, datasets 5.2):
-    6 s of a 12 s tiny-profile run on our 2-core machine. Stage 1 iterates in its own process and never
-    uses a DataLoader. If a future datasets drops the flag, this only costs the import again.
+    in shared memory for DataLoader workers (``_maybe_share_with_torch_persistent_workers``), which was
+    half of a tiny-profile run (docs/PERFORMANCE.md, "Stage 1"). Stage 1 iterates in its own process and
+    never uses a DataLoader. If a future datasets drops the flag, this only costs the import again.
     """
     from datasets import config as ds_config
 

@@ -48,7 +48,8 @@ Design choices
   once, unweighted; source weight w gives each training conversation floor(w) copies plus one more with
   probability frac(w), decided by a seeded hash (deterministic).
 - Local JSONL is read line by line, not through datasets' json builder: one undecodable line makes that
-  builder abort the whole file (datasets 5.2, measured), which would break "never crash on one bad row".
+  builder abort the whole file (seen with the datasets version in docs/PERFORMANCE.md, "Stage 6"), which
+  would break "never crash on one bad row".
   Hub rows go through ``datasets.load_dataset(..., streaming=True)``; both meet at ``normalize_row``.
 
 Binary files: a 64-byte header (magic ``DANTESFT``, version, array kind, dtype code, pad id, n_blocks,

@@ -181,8 +181,8 @@ def lm_eval_names(specs: Sequence[str], include_paths: Sequence[str]) -> tuple[l
 
 
 def task_manager(specs: Sequence[str], include_paths: Sequence[str]):
-    """An lm-eval TaskManager over the include folders; lm-eval's ~15k built-in tasks are indexed (15 s)
-    only when a spec is a name, not a file. Raises UserError for a name it does not know."""
+    """An lm-eval TaskManager over the include folders; lm-eval's built-in tasks (thousands; slow to index,
+    docs/PERFORMANCE.md "Stage 8") are indexed only when a spec is a name, not a file. Raises UserError for a name it does not know."""
     from lm_eval.tasks import TaskManager
 
     _, folders = lm_eval_names(specs, include_paths)
