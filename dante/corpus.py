@@ -30,8 +30,14 @@ writes no manifest. Rerunning (with the same config, or one where only failed or
 ``resume_check``) retries them after the sources completed meanwhile, which then come first in the dedup
 order (recorded in the manifest as ``dedup_order``).
 
+Readers of a finished stage 1 live here too, beside the writer of the format they read: ``corpus_files``
+lists its shards as ``CorpusFile`` s (with their source, language and tier), ``iter_shard_texts`` yields
+the checked texts of one shard (stages 2 and 3), ``read_shard`` / ``iter_documents`` the raw records.
+
 Memory: the dedup set holds one 64-bit key per kept document, in a Python set (its measured cost per
-key, and what that means for the dante-2b corpus: docs/PERFORMANCE.md, "Stage 1"). 64-bit keys collide with probability ~n^2/2^65 (4e-4 at 1.2e8 documents: expect no false duplicate).
+key, and what that means for the dante-2b corpus: docs/PERFORMANCE.md, "Facts measured while the stages
+were written"). 64-bit keys collide with probability ~n^2/2^65 (4e-4 at 1.2e8 documents: expect no false
+duplicate).
 
 Example::
 
@@ -276,7 +282,7 @@ def _no_torch_import():
 
     When torch is installed, ``datasets.IterableDataset.__init__`` imports it only to put its epoch counter
     in shared memory for DataLoader workers (``_maybe_share_with_torch_persistent_workers``), which was
-    half of a tiny-profile run (docs/PERFORMANCE.md, "Stage 1"). Stage 1 iterates in its own process and
+    half of a tiny-profile run (docs/PERFORMANCE.md). Stage 1 iterates in its own process and
     never uses a DataLoader. If a future datasets drops the flag, this only costs the import again.
     """
     from datasets import config as ds_config

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+from tokenizers import ByteLevelBPETokenizer, Regex, Tokenizer, decoders, models, pre_tokenizers
 
 from dante.artifacts import atomic_path, atomic_write_json, atomic_write_text
 from dante.errors import UserError
@@ -76,8 +76,6 @@ def load_hf_json(name: str, path: str) -> TokenCounter:
 
 
 def load_gpt2_bpe(name: str, vocab_path: str, merges_path: str) -> TokenCounter:
-    from tokenizers import ByteLevelBPETokenizer
-
     v, m = _need(vocab_path, "GPT-2 encoder.json"), _need(merges_path, "GPT-2 vocab.bpe (merges_path)")
     try:
         impl = ByteLevelBPETokenizer(str(v), str(m))
@@ -88,7 +86,7 @@ def load_gpt2_bpe(name: str, vocab_path: str, merges_path: str) -> TokenCounter:
 
 
 def load_sentencepiece(name: str, path: str) -> TokenCounter:
-    import sentencepiece as spm
+    import sentencepiece as spm  # optional: only SentencePiece references need it
 
     p = _need(path, "SentencePiece model")
     sp = spm.SentencePieceProcessor()
@@ -270,7 +268,7 @@ def write_report(report: dict, out_dir: Path) -> dict[str, str]:
     lines += [f"- note: {n}" for n in report["notes"]]
     atomic_write_text(paths["md"], "\n".join(lines) + "\n")
 
-    import matplotlib
+    import matplotlib  # heavy, and only the plot needs it
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -48,7 +48,7 @@ Design choices
   once, unweighted; source weight w gives each training conversation floor(w) copies plus one more with
   probability frac(w), decided by a seeded hash (deterministic).
 - Local JSONL is read line by line, not through datasets' json builder: one undecodable line makes that
-  builder abort the whole file (seen with the datasets version in docs/PERFORMANCE.md, "Stage 6"), which
+  builder abort the whole file (seen with the datasets version named in docs/PERFORMANCE.md), which
   would break "never crash on one bad row".
   Hub rows go through ``datasets.load_dataset(..., streaming=True)``; both meet at ``normalize_row``.
 
@@ -82,7 +82,7 @@ import numpy as np
 
 from dante import config as C
 from dante.artifacts import Stage, atomic_path, atomic_write_text, file_sha256, stable_unit, stage_dir
-from dante.errors import UserError, raise_problems
+from dante.errors import UserError, problems_message, raise_problems
 from dante.tokenizer import BOS, END_HEADER, EOS, EOT, PAD, SPECIAL_TOKENS, START_HEADER, load_tokenizer
 
 FORMAT_VERSION = 1
@@ -283,10 +283,8 @@ class ChatEncoder:
             if got != want:
                 problems.append(f"{text} has id {got}, expected {want}")
         if problems:
-            raise UserError(
-                "the tokenizer does not follow docs/DESIGN.md's special tokens: " + "; ".join(problems)
-                + "\n  HINT: retrain it with `python 2_train_tokenizer.py --force`."
-            )
+            raise UserError(problems_message("the tokenizer does not follow docs/DESIGN.md's special tokens", problems)
+                            + "\n  HINT: retrain it with `python 2_train_tokenizer.py --force`.")
         self.vocab_size = tokenizer.get_vocab_size()
         # A private copy that treats special-token text as plain text (the original stays untouched).
         self._text_tok = type(tokenizer).from_str(tokenizer.to_str())
@@ -704,8 +702,9 @@ def pack_splits(directory: str | Path, sources: list[EncodedSource], block_size:
             hint = f"raise sft_data.block_size (now {block_size}) or set sft_data.overlong: truncate"
         else:
             hint = "check each source's format and columns against its rows"
-        lines = "\n".join(f"    {r}: {n}, e.g. {examples.get(r, '')}" for r, n in reasons.most_common())
-        raise UserError(f"no conversation survived in any source; dropped by reason:\n{lines}\n  HINT: {hint}.")
+        raise UserError(problems_message("no conversation survived in any source; dropped by reason",
+                                         [f"{r}: {n}, e.g. {examples.get(r, '')}" for r, n in reasons.most_common()])
+                        + f"\n  HINT: {hint}.")
     outputs, stats = {}, {}
     for split_no, split in enumerate(("train", "eval")):
         parts = []

@@ -28,6 +28,7 @@ Example (offline, local task)::
 from __future__ import annotations
 
 import logging
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -181,8 +182,9 @@ def lm_eval_names(specs: Sequence[str], include_paths: Sequence[str]) -> tuple[l
 
 
 def task_manager(specs: Sequence[str], include_paths: Sequence[str]):
-    """An lm-eval TaskManager over the include folders; lm-eval's built-in tasks (thousands; slow to index,
-    docs/PERFORMANCE.md "Stage 8") are indexed only when a spec is a name, not a file. Raises UserError for a name it does not know."""
+    """An lm-eval TaskManager over the include folders; lm-eval's built-in tasks (thousands, slow to index:
+    docs/PERFORMANCE.md) are indexed only when a spec is a name, not a file. Raises UserError for a name it
+    does not know."""
     from lm_eval.tasks import TaskManager
 
     _, folders = lm_eval_names(specs, include_paths)
@@ -226,8 +228,6 @@ def run_tasks(lm: DanteLM, specs: Sequence[str], include_paths: Sequence[str], *
 
 
 def _lm_eval_version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
     try:
         return version("lm_eval")
     except PackageNotFoundError:
