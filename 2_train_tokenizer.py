@@ -15,11 +15,11 @@ from __future__ import annotations
 import sys
 import time
 
-from dante import fertility as F
+from dante import fertility
 from dante.artifacts import atomic_write_text, file_sha256, stage_dir
 from dante.cli import run_stage
-from dante.errors import UserError
-from dante.shards import corpus_files
+from dante.corpus import corpus_files
+from dante.errors import UserError, raise_problems
 from dante.tokenizer import (
     default_pinned,
     iter_training_sample,
@@ -42,7 +42,7 @@ def check_inputs(cfg, corpus_manifest):
     if len({r.name for r in t.references}) != len(t.references) or any(r.name in ("dante", "baseline") for r in t.references):
         problems.append("tokenizer.references: names must be unique and not 'dante' or 'baseline'")
     for r in t.references:
-        missing = F.missing_reference_files(r)
+        missing = fertility.missing_reference_files(r)
         if missing and r.optional:
             notes.append(f"reference {r.name!r} skipped: {', '.join(missing) or 'path unset'} not found "
                          f"(run `python tools/fetch_reference_tokenizers.py`)")
@@ -53,11 +53,10 @@ def check_inputs(cfg, corpus_manifest):
             refs.append(r)
     heldout = {}
     try:
-        heldout = F.load_heldout(t.heldout)
+        heldout = fertility.load_heldout(t.heldout)
     except UserError as e:
         problems.append(str(e))
-    if problems:
-        raise UserError("tokenizer stage cannot start:\n  - " + "\n  - ".join(problems))
+    raise_problems(UserError, "tokenizer stage cannot start", problems)
     files = corpus_files(stage_dir(cfg.run, "01_corpus"), corpus_manifest)
     plan = plan_sample(corpus_manifest["outputs"]["sources"], t.language_mix, t.sample_chars)
     return files, plan, refs, heldout, notes
@@ -86,20 +85,20 @@ def main(stage, cfg, args):
     corpus = stage.require("01_corpus")
     files, plan, refs, heldout, notes = check_inputs(cfg, corpus)
     dante, dante_info = train_or_resume(stage, "dante", stage.dir / "tokenizer.json", t.pretokenizer, files, plan, cfg)
-    counters = [F.hf_counter("dante", t.pretokenizer, dante)]
+    counters = [fertility.hf_counter("dante", t.pretokenizer, dante)]
     outputs = {"tokenizer": "tokenizer.json", "tokenizer_sha256": file_sha256(stage.dir / "tokenizer.json"),
                **dante_info["facts"], "sample": dante_info["sample"]}
     if t.baseline:
         (stage.dir / "baseline").mkdir(exist_ok=True)
         base, _ = train_or_resume(stage, "baseline", stage.dir / "baseline" / "tokenizer.json",
                                   t.baseline_pretokenizer, files, plan, cfg)
-        counters.append(F.hf_counter("baseline", t.baseline_pretokenizer, base))
+        counters.append(fertility.hf_counter("baseline", t.baseline_pretokenizer, base))
         outputs["baseline"] = "baseline/tokenizer.json"
-    counters += [F.load_reference(r) for r in refs]
+    counters += [fertility.load_reference(r) for r in refs]
     if heldout:
-        report = F.fertility_report(counters, heldout, notes)
-        outputs["fertility"] = {k: v.split("/")[-1] for k, v in F.write_report(report, stage.dir).items()}
-        outputs["fertility_summary"] = F.summary_lines(report)
+        report = fertility.fertility_report(counters, heldout, notes)
+        outputs["fertility"] = {k: v.split("/")[-1] for k, v in fertility.write_report(report, stage.dir).items()}
+        outputs["fertility_summary"] = fertility.summary_lines(report)
         for line in outputs["fertility_summary"] + [f"note: {n}" for n in notes]:
             print(f"[{STAGE}] {line}")
     else:

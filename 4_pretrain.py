@@ -25,8 +25,9 @@ from dante.artifacts import stage_dir, tokenizer_path
 from dante.checkpoint import check_vocab, training_resume_check
 from dante.cli import run_stage
 from dante.data import DataError, TieredMemmapDataset, ValidationWindows
-from dante.engine import Trainer, init_distributed, preflight_report
+from dante.engine import Trainer, init_distributed
 from dante.errors import UserError, raise_problems
+from dante.flops import preflight_report
 from dante.model import Transformer, count_parameters
 from dante.tokenizer import load_tokenizer
 

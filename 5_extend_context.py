@@ -25,9 +25,10 @@ import torch
 from dante import config as C
 from dante.checkpoint import WEIGHTS, load_model, training_resume_check
 from dante.cli import run_stage
-from dante.engine import Trainer, init_distributed, preflight_report
+from dante.engine import Trainer, init_distributed
 from dante.errors import StageError
 from dante.extend import before_variants, evaluate, load_weights_as, make_plan, write_report
+from dante.flops import preflight_report
 
 STAGE = "05_extend"
 DESCRIPTION = __doc__.split("\n\n")[0]

@@ -26,7 +26,8 @@ from dante import config as C
 from dante.artifacts import read_manifest
 from dante.checkpoint import WEIGHTS, load_model, training_resume_check
 from dante.cli import run_stage
-from dante.engine import Trainer, init_distributed, preflight_report
+from dante.engine import Trainer, init_distributed
+from dante.flops import preflight_report
 from dante.sft_train import (
     SFTBatches,
     SFTEvalBatches,

@@ -20,6 +20,10 @@ import sys
 
 from dante import config as C
 from dante.cli import run_command, run_stage
+from dante.evaluation import report as eval_report
+from dante.evaluation import stage as eval_stage
+from dante.evaluation.chat import chat_loop, stdin_line, stdout_write
+from dante.evaluation.loading import load_for_eval
 
 STAGE = "08_eval"
 DESCRIPTION = __doc__.split("\n\n")[0]
@@ -38,11 +42,7 @@ def log(msg: str) -> None:
 
 
 def main(stage, cfg: C.EvalStageConfig, args) -> None:
-    from dante.evaluation.loading import load_for_eval
-    from dante.evaluation.report import summarize, write_report
-    from dante.evaluation.stage import evaluate_checkpoint, make_plan
-
-    plan = make_plan(cfg)  # every check before the first model is loaded
+    plan = eval_stage.make_plan(cfg)  # every check before the first model is loaded
     stage.require("02_tokenizer")
     for ref in plan.refs:
         if ref.label in C.STAGES:  # a stage of this run (a checkpoint given by path may be from a running stage)
@@ -56,36 +56,31 @@ def main(stage, cfg: C.EvalStageConfig, args) -> None:
             log(f"{ref.label}: already evaluated (resumed)")
             continue
         loaded = load_for_eval(ref, plan.tokenizer, cfg.eval.device, cfg.eval.dtype)
-        done[ref.label] = evaluate_checkpoint(loaded, cfg, plan, log=lambda m: log(m))
+        done[ref.label] = eval_stage.evaluate_checkpoint(loaded, cfg, plan, log=lambda m: log(m))
         del loaded
         stage.save_progress({"results": done})
     results = [done[ref.label] for ref in plan.refs]
-    written = write_report(stage.dir, cfg, results, plan.notes)
+    written = eval_report.write_report(stage.dir, cfg, results, plan.notes)
     stage.finish(outputs=written, counts={"checkpoints": len(results), "notes": len(plan.notes)},
-                 extra={"summary": {r["label"]: summarize(r) for r in results}})
+                 extra={"summary": {r["label"]: eval_report.summarize(r) for r in results}})
     log(f"done: {stage.dir / 'report.md'}")
 
 
 def dry_run(cfg: C.EvalStageConfig, args) -> None:
-    from dante.evaluation.stage import make_plan
-
-    for line in make_plan(cfg).describe():
+    for line in eval_stage.make_plan(cfg).describe():
         log(line)
     log("dry run: all checks passed; no model loaded")
 
 
 def chat(argv: list[str]) -> int:
     """--chat: outside the stage lifecycle (no folder, no manifest), same config and error handling."""
-    return run_command(STAGE, DESCRIPTION, chat_session, extra_args=add_args, argv=argv)
+    return run_command(STAGE, DESCRIPTION, chat_with_checkpoint, extra_args=add_args, argv=argv)
 
 
-def chat_session(cfg: C.EvalStageConfig, args) -> int:
-    from dante.evaluation.loading import load_for_eval
-    from dante.evaluation.stage import chat_loop, make_plan, stdin_line, stdout_write
-
+def chat_with_checkpoint(cfg: C.EvalStageConfig, args) -> int:
     if args.checkpoints:
         cfg.eval.checkpoints = list(args.checkpoints)
-    plan = make_plan(cfg, with_tasks=False)
+    plan = eval_stage.make_plan(cfg, with_tasks=False)
     ref = plan.refs[0] if args.checkpoints else next((r for r in plan.refs if r.is_chat), plan.refs[-1])
     loaded = load_for_eval(ref, plan.tokenizer, cfg.eval.device, cfg.eval.dtype)
     log(f"chatting with {ref.label} ({ref.path}); /reset starts over, /exit or Ctrl-D quits")

@@ -25,7 +25,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from dante.artifacts import read_json  # noqa: E402
-from dante.shards import EncodeSettings, corpus_files, iter_documents, tokenize_corpus  # noqa: E402
+from dante.corpus import corpus_files, iter_shard_texts  # noqa: E402
+from dante.shards import EncodeSettings, tokenize_corpus  # noqa: E402
 from dante.tokenizer import EOS_ID, load_tokenizer  # noqa: E402
 
 
@@ -41,7 +42,7 @@ def one_process_loop(files, tokenizer_path: Path) -> tuple[float, int, int]:
     start = time.perf_counter()
     n_bytes = n_tokens = 0
     for cf in files:
-        for _, text in iter_documents(cf.path):
+        for _, text in iter_shard_texts(cf.path):
             n_tokens += len(tok.encode(text, add_special_tokens=False).ids) + 1  # + EOS, as stage 3
             n_bytes += len(text.encode("utf-8"))
     return time.perf_counter() - start, n_bytes, n_tokens

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
+import gzip
 import hashlib
 import json
 import os
@@ -100,6 +101,36 @@ def read_json(path: str | Path) -> Any:
     return json.loads(Path(path).read_text(encoding="utf-8"))
 
 
+def read_jsonl(path: str | Path) -> list[dict]:
+    """The objects of a JSON Lines file (optionally .gz); ValueError naming file and line when malformed."""
+    path = Path(path)
+    opener = gzip.open if path.suffix == ".gz" else open
+    rows = []
+    with opener(path, "rt", encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+            if not isinstance(row, dict):
+                raise ValueError(f"{path}:{lineno}: expected a JSON object per line")
+            rows.append(row)
+    return rows
+
+
+def load_texts(path: str | Path, field: str = "text") -> list[str]:
+    """The non-empty ``field`` strings of a JSON Lines file (optionally .gz), one document per line."""
+    texts = []
+    for i, row in enumerate(read_jsonl(path)):
+        if not isinstance(row.get(field), str):
+            raise ValueError(f"{path}: document {i} has no string field {field!r}")
+        if row[field]:
+            texts.append(row[field])
+    return texts
+
+
 def file_sha256(path: str | Path, limit: int | None = None) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -115,6 +146,23 @@ def file_sha256(path: str | Path, limit: int | None = None) -> str:
             if remaining is not None:
                 remaining -= len(chunk)
     return h.hexdigest()
+
+
+def stable_hash64(*parts: str | int) -> int:
+    """A 64-bit BLAKE2b of the parts joined by U+001F, as an int (same on every machine and run).
+
+    The one hash behind every content-keyed data decision: stage 1's dedup keys (one part: the text),
+    stage 2's sample, stage 3's train/val split, stage 6's held-out split and copies (``stable_unit``).
+    Independent of PYTHONHASHSEED, order and worker count; pass ``run.seed`` as a part where the draw
+    should follow the seed. U+001F (unit separator) is not in text that reaches these calls' fixed parts.
+    """
+    data = "\x1f".join(str(p) for p in parts).encode("utf-8", "surrogatepass")
+    return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little")
+
+
+def stable_unit(*parts: str | int) -> float:
+    """A deterministic number in [0, 1) from the parts: ``stable_hash64`` / 2**64."""
+    return stable_hash64(*parts) / 2**64
 
 
 def describe_path(path: str | Path, hash_limit: int = 64 << 20) -> dict:

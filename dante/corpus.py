@@ -30,9 +30,14 @@ writes no manifest. Rerunning (with the same config, or one where only failed or
 ``resume_check``) retries them after the sources completed meanwhile, which then come first in the dedup
 order (recorded in the manifest as ``dedup_order``).
 
-Memory: the dedup set costs ~70 bytes per kept document in CPython (measured with tracemalloc at 1M keys;
-50-100 depending on the set's fill), ~8 GB for the ~120M documents of the reference dante-2b corpus.
-64-bit keys collide with probability ~n^2/2^65 (4e-4 at 1.2e8 documents: expect no false duplicate).
+Readers of a finished stage 1 live here too, beside the writer of the format they read: ``corpus_files``
+lists its shards as ``CorpusFile`` s (with their source, language and tier), ``iter_shard_texts`` yields
+the checked texts of one shard (stages 2 and 3), ``read_shard`` / ``iter_documents`` the raw records.
+
+Memory: the dedup set holds one 64-bit key per kept document, in a Python set (its measured cost per
+key, and what that means for the dante-2b corpus: docs/PERFORMANCE.md, "Facts measured while the stages
+were written"). 64-bit keys collide with probability ~n^2/2^65 (4e-4 at 1.2e8 documents: expect no false
+duplicate).
 
 Example::
 
@@ -46,12 +51,12 @@ import contextlib
 import dataclasses
 import glob
 import gzip
-import hashlib
 import json
 import shutil
 import sys
 import traceback
 import unicodedata
+import zlib
 from array import array
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,8 +65,8 @@ from typing import Any, Iterator
 from tqdm import tqdm
 
 from dante import config as C
-from dante.artifacts import Stage, atomic_path, describe_path
-from dante.errors import UserError
+from dante.artifacts import Stage, atomic_path, describe_path, stable_hash64
+from dante.errors import UserError, problems_message, raise_problems
 
 FORMAT_VERSION = 1
 SHARD_NAME = "shard-{:05d}.jsonl.gz"
@@ -97,7 +102,7 @@ class SourceStats:
 
 
 class DedupIndex:
-    """Exact-duplicate filter over the whole stage: 64-bit BLAKE2b keys of the UTF-8 text."""
+    """Exact-duplicate filter over the whole stage: 64-bit BLAKE2b keys of the UTF-8 text (``stable_hash64``)."""
 
     def __init__(self) -> None:
         self._seen: set[int] = set()
@@ -106,8 +111,8 @@ class DedupIndex:
         return len(self._seen)
 
     @staticmethod
-    def key(data: bytes) -> int:
-        return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little")
+    def key(text: str) -> int:
+        return stable_hash64(text)
 
     def add(self, key: int) -> bool:
         """True if the key is new (and remember it), False for a duplicate."""
@@ -169,6 +174,69 @@ def iter_documents(stage_dir: str | Path, manifest: dict, langs: set[str] | None
 
 
 # ---------------------------------------------------------------------------------------------------
+# Reading a finished stage 1 (stages 2 and 3)
+# ---------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CorpusFile:
+    """One stage-1 document shard, with the source facts every document in it shares."""
+
+    index: int
+    source: str
+    lang: str
+    tier: int
+    path: Path
+
+
+def corpus_files(corpus_dir: Path, corpus_manifest: dict) -> list[CorpusFile]:
+    """Stage-1 shards in a fixed order (source name, then listed order); all problems in one UserError."""
+    sources = (corpus_manifest.get("outputs") or {}).get("sources")
+    if not isinstance(sources, dict) or not sources:
+        raise UserError(
+            f"{corpus_dir}/manifest.json lists no sources under outputs.sources. "
+            f"HINT: rerun `python 1_download_corpus.py --force` with a config that declares sources."
+        )
+    files, missing = [], []
+    for name in sorted(sources):
+        info = sources[name]
+        for rel in info.get("shards", []):
+            p = corpus_dir / rel
+            if not p.is_file():
+                missing.append(str(p))
+            files.append(CorpusFile(len(files), name, str(info.get("lang")), int(info.get("tier", 1)), p))
+    if missing:
+        raise UserError(
+            f"{len(missing)} stage-1 shard(s) listed in {corpus_dir}/manifest.json are missing: "
+            f"{', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}. HINT: rerun `python 1_download_corpus.py --force`."
+        )
+    return files
+
+
+def iter_shard_texts(path: Path) -> Iterator[tuple[int, str]]:
+    """(line number, text) of one stage-1 shard, checked: bad input is a UserError naming the file and
+    line (truncated gzip, bytes that are not UTF-8, a record without text, a lone surrogate)."""
+    hint = "HINT: rebuild it with `python 1_download_corpus.py --force`."
+    line_no = 0
+    try:
+        for line_no, record in enumerate(read_shard(path), 1):
+            text = record.get("text") if isinstance(record, dict) else None
+            if not isinstance(text, str):
+                raise UserError(f"{path}:{line_no}: record has no string field 'text'. {hint}")
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError:
+                raise UserError(f"{path}:{line_no}: text holds an unpaired surrogate (not valid Unicode). {hint}") from None
+            yield line_no, text
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path}: not UTF-8 after line {line_no} ({e.reason}). {hint}") from None
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path}:{line_no + 1}: not a JSON record ({e.msg}). {hint}") from None
+    except (OSError, EOFError, zlib.error) as e:  # gzip.BadGzipFile is an OSError
+        raise UserError(f"{path}: unreadable or truncated gzip ({e}). {hint}") from None
+
+
+# ---------------------------------------------------------------------------------------------------
 # Sources: files, streams, text extraction
 # ---------------------------------------------------------------------------------------------------
 
@@ -213,9 +281,9 @@ def _no_torch_import():
     """Build IterableDatasets without importing torch.
 
     When torch is installed, ``datasets.IterableDataset.__init__`` imports it only to put its epoch counter
-    in shared memory for DataLoader workers (``_maybe_share_with_torch_persistent_workers``, datasets 5.2):
-    6 s of a 12 s tiny-profile run on our 2-core machine. Stage 1 iterates in its own process and never
-    uses a DataLoader. If a future datasets drops the flag, this only costs the import again.
+    in shared memory for DataLoader workers (``_maybe_share_with_torch_persistent_workers``), which was
+    half of a tiny-profile run (docs/PERFORMANCE.md). Stage 1 iterates in its own process and
+    never uses a DataLoader. If a future datasets drops the flag, this only costs the import again.
     """
     from datasets import config as ds_config
 
@@ -407,7 +475,7 @@ class _SourceRun:
         if len(text.strip()) < max(src.min_chars, 1):
             st.dropped_filter += 1
             return 0
-        key = DedupIndex.key(text.encode("utf-8"))
+        key = DedupIndex.key(text)
         if not self.dedup.add(key):
             st.dropped_dedup += 1
             return 0
@@ -463,9 +531,7 @@ def resume_check(old_cfg: dict, new_cfg: dict, state: dict) -> str | None:
 def build_corpus(stage: Stage, cfg: C.CorpusStageConfig) -> dict:
     """Run stage 1 into ``stage.dir`` and write its manifest; raises SourceError summarizing failures."""
     corpus = cfg.corpus
-    problems = check_sources(cfg)
-    if problems:
-        raise SourceError("\n".join(problems))
+    raise_problems(SourceError, "stage 1 cannot start, the local sources cannot be read", check_sources(cfg))
     progress = stage.load_progress()
     progress.setdefault("sources", {})
     progress.setdefault("completed_order", [])
@@ -504,10 +570,10 @@ def build_corpus(stage: Stage, cfg: C.CorpusStageConfig) -> dict:
         _print_source_summary(src, state)
 
     if failures:
-        lines = "\n".join(f"  - {name}: {msg}" for name, msg in failures.items())
         raise SourceError(
-            f"{len(failures)} source(s) failed; the others' progress is kept in {stage.dir / 'progress.json'}:\n{lines}\n"
-            f"  HINT: fix the cause and rerun the same command to retry only the failed sources."
+            problems_message(f"{len(failures)} source(s) failed; the others' progress is kept in {stage.dir / 'progress.json'}",
+                             [f"{name}: {msg}" for name, msg in failures.items()])
+            + "\n  HINT: fix the cause and rerun the same command to retry only the failed sources."
         )
     return _finish(stage, cfg, progress)
 

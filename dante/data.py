@@ -43,6 +43,9 @@ from typing import Iterator, Mapping, Sequence
 import numpy as np
 import torch
 
+from dante.errors import problems_message
+from dante.shards import ShardReader, list_shards
+
 _MASK64 = (1 << 64) - 1
 
 
@@ -51,8 +54,8 @@ class DataError(ValueError):
 
     def __init__(self, problems: list[str] | str):
         self.problems = [problems] if isinstance(problems, str) else list(problems)
-        text = self.problems[0] if len(self.problems) == 1 else "\n".join(f"  - {p}" for p in self.problems)
-        super().__init__(text if len(self.problems) == 1 else f"training data cannot serve the configured windows:\n{text}")
+        super().__init__(self.problems[0] if len(self.problems) == 1 else
+                         problems_message("training data cannot serve the configured windows", self.problems))
 
 
 def row_range(micro_step: int, rank: int, world_size: int, micro_batch: int) -> range:
@@ -68,8 +71,6 @@ def _windows_to_batch(windows: list[np.ndarray]) -> dict[str, torch.Tensor]:
 
 def _shards_of(stage_dir: str | Path, split: str) -> tuple[dict[int, list[np.ndarray]], dict[int, list[str]]]:
     """{tier: [token arrays]}, {tier: [file names]} of one split of a stage 3 folder."""
-    from dante.shards import ShardReader, list_shards
-
     paths = list_shards(stage_dir, split)
     arrays = {tier: [ShardReader(p).tokens for p in ps] for tier, ps in paths.items()}
     names = {tier: [Path(p).name for p in ps] for tier, ps in paths.items()}

@@ -74,9 +74,9 @@ from torch import nn
 from dante.checkpoint import CheckpointError, CheckpointManager, step_dir_name
 from dante.config import ModelConfig, TrainConfig
 from dante.errors import UserError
-from dante.flops import Peak, detect_peak, mfu, training_flops_per_token
+from dante.flops import Peak, detect_peak, mfu, planned_steps, tokens_per_step, training_flops_per_token
 from dante.loss import chunked_cross_entropy
-from dante.metrics import MetricsLogger, format_duration
+from dante.metrics import MetricsLogger
 from dante.model import Transformer
 
 IGNORE_INDEX = -100
@@ -190,17 +190,6 @@ def adamw_param_groups(model: nn.Module, weight_decay: float) -> tuple[list[dict
     summary = {"decay_params": sum(p.numel() for p in decay), "exempt_params": sum(p.numel() for p in exempt),
                "exempt_tensors": len(exempt_names), "exempt_examples": exempt_names[:4]}
     return groups, summary
-
-
-def tokens_per_step(cfg: TrainConfig, world_size: int) -> int:
-    return cfg.micro_batch * cfg.seq_len * cfg.grad_accum * world_size
-
-
-def planned_steps(cfg: TrainConfig, world_size: int) -> int:
-    """train.max_steps, or the steps that reach train.token_budget (rounded up)."""
-    if cfg.max_steps > 0:
-        return cfg.max_steps
-    return -(-cfg.token_budget // tokens_per_step(cfg, world_size))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -694,60 +683,6 @@ class Trainer:
                                   "optimizer_groups": self.backend.param_summary})
 
 
-# ---------------------------------------------------------------------------------------------------
-# Preflight (--dry-run)
-# ---------------------------------------------------------------------------------------------------
-
-
-def preflight_report(model_cfg: ModelConfig, train_cfg: TrainConfig, world_size: int | None = None) -> str:
-    """Parameters, FLOPs, step plan, per-GPU memory under ZeRO and ETA: what to know before renting GPUs."""
-    from dante.flops import estimate_memory, flops_breakdown, peak_for_device
-
-    world = world_size or train_cfg.expected_world_size
-    with torch.device("meta"):
-        n_params = sum(p.numel() for p in Transformer(model_cfg).parameters())
-    causal = flops_breakdown(model_cfg, train_cfg.seq_len, causal=True)
-    full = flops_breakdown(model_cfg, train_cfg.seq_len, causal=False)
-    per_step = tokens_per_step(train_cfg, world)
-    steps = planned_steps(train_cfg, world)
-    tokens = steps * per_step
-    lines = [
-        f"model      {n_params:,} parameters ({n_params / 1e9:.3f} B); matmul weights incl. lm_head "
-        f"{causal.linear_params:,}",
-        f"FLOPs/tok  {causal.total / 1e9:.2f} GFLOP for training (6N {causal.dense / 1e9:.2f} + causal attention "
-        f"{causal.attention / 1e9:.2f}); full-square convention {full.total / 1e9:.2f}",
-        f"batch      {train_cfg.micro_batch} x {train_cfg.seq_len} tokens x accumulation {train_cfg.grad_accum} x "
-        f"{world} rank(s) = {per_step:,} tokens per optimizer step",
-        f"steps      {steps:,} ({'train.max_steps' if train_cfg.max_steps else 'to reach train.token_budget'}) "
-        f"= {tokens / 1e9:.3f} B tokens; warmup {train_cfg.warmup_steps:,}",
-    ]
-    mem = estimate_memory(model_cfg, train_cfg, world)
-    zero = f"ZeRO-{train_cfg.zero_stage} " if train_cfg.backend == "deepspeed" else ""
-    lines.append(f"memory     per GPU, {train_cfg.backend} {zero}{train_cfg.precision}, {world} rank(s); an estimate "
-                 "(dante/flops.py estimate_memory, +-15%):")
-    for key, value in mem["parts"].items():
-        lines.append(f"             {key:<58} {value / 2**30:7.2f} GiB")
-    lines.append(f"           = {'total':<58} {mem['total'] / 2**30:7.2f} GiB")
-    by_world = []
-    for w in sorted({1, 2, 8, world}):
-        m = estimate_memory(model_cfg, train_cfg, w)
-        by_world.append(f"{w} GPU{'s' if w > 1 else ' '}: {m['total_no_ac'] / 2**30:5.1f} GiB without / "
-                        f"{m['total_ac'] / 2**30:5.1f} GiB with activation checkpointing")
-    lines.append("           by GPU count (same micro-batch): " + ("\n" + " " * 44).join(by_world))
-    rate = train_cfg.assumed_tokens_per_sec * world
-    lines.append(f"ETA        {format_duration(tokens / rate)} at train.assumed_tokens_per_sec="
-                 f"{train_cfg.assumed_tokens_per_sec:,.0f} per GPU x {world}")
-    utils = []
-    for device in ("NVIDIA H100 80GB HBM3", "NVIDIA H100 PCIe", "NVIDIA A100-SXM4-80GB"):
-        peak = peak_for_device(device, train_cfg.fp8)
-        util = mfu(train_cfg.assumed_tokens_per_sec, causal.total, peak)
-        if util is not None:
-            note = ": impossible, the assumed throughput exceeds this GPU's peak" if util > 1 else ""
-            utils.append(f"{100 * util:.1f}% on {peak.label} ({peak.tflops:,.1f} TFLOP/s dense){note}")
-    lines.append("MFU        at that throughput: " + "; ".join(utils))
-    return "\n".join(lines)
-
-
 __all__ = ["Trainer", "TrainResult", "TrainingDiverged", "DistInfo", "init_distributed", "lr_at", "adamw_param_groups",
-           "planned_steps", "tokens_per_step", "deepspeed_config", "preflight_report", "LossModule", "batch_weight",
+           "planned_steps", "tokens_per_step", "deepspeed_config", "LossModule", "batch_weight",
            "DeepSpeedBackend", "TorchBackend"]

@@ -59,7 +59,7 @@ from dante.errors import StageError, UserError, problems_message
 from dante.evaluation import long_context as lc
 from dante.evaluation.loading import resolve_autocast
 from dante.evaluation.perplexity import encode_texts, split_special
-from dante.evaluation.report import markdown_table as md_table
+from dante.report_format import markdown_table as md_table
 from dante.evaluation.report import plot_positions
 from dante.evaluation.stage import read_heldout  # stage 8's reader and checks of the same {lang: path} mapping
 from dante.model import Transformer

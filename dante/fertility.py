@@ -32,10 +32,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+from tokenizers import ByteLevelBPETokenizer, Regex, Tokenizer, decoders, models, pre_tokenizers
 
 from dante.artifacts import atomic_path, atomic_write_json, atomic_write_text
 from dante.errors import UserError
+from dante.report_format import markdown_table
 from dante.tokenizer import LLAMA3_PATTERN, byte_symbols
 
 LANGS = ("it", "en", "code")
@@ -75,8 +76,6 @@ def load_hf_json(name: str, path: str) -> TokenCounter:
 
 
 def load_gpt2_bpe(name: str, vocab_path: str, merges_path: str) -> TokenCounter:
-    from tokenizers import ByteLevelBPETokenizer
-
     v, m = _need(vocab_path, "GPT-2 encoder.json"), _need(merges_path, "GPT-2 vocab.bpe (merges_path)")
     try:
         impl = ByteLevelBPETokenizer(str(v), str(m))
@@ -87,7 +86,7 @@ def load_gpt2_bpe(name: str, vocab_path: str, merges_path: str) -> TokenCounter:
 
 
 def load_sentencepiece(name: str, path: str) -> TokenCounter:
-    import sentencepiece as spm
+    import sentencepiece as spm  # optional: only SentencePiece references need it
 
     p = _need(path, "SentencePiece model")
     sp = spm.SentencePieceProcessor()
@@ -259,17 +258,17 @@ def write_report(report: dict, out_dir: Path) -> dict[str, str]:
     paths = {k: out_dir / f"fertility.{k}" for k in ("json", "md", "png")}
     atomic_write_json(paths["json"], report | {"summary": summary_lines(report)})
 
-    head = "| tokenizer | kind | vocab | " + " | ".join(f"{lang} tok/word | {lang} chars/tok" for lang in langs) + " |"
-    lines = ["# Tokenizer fertility on held-out text", "", head, "|" + "---|" * (3 + 2 * len(langs))]
-    for r in report["tokenizers"]:
-        cells = " | ".join(f"{r['per_lang'][lg]['tokens_per_word']:.3f} | {r['per_lang'][lg]['chars_per_token']:.3f}" for lg in langs)
-        lines.append(f"| {r['name']} | {r['kind']} | {r['vocab_size']:,} | {cells} |")
+    header = ["tokenizer", "kind", "vocab", *[f"{lang} {m}" for lang in langs for m in ("tok/word", "chars/tok")]]
+    rows = [[r["name"], r["kind"], f"{r['vocab_size']:,}",
+             *[f"{r['per_lang'][lg][m]:.3f}" for lg in langs for m in ("tokens_per_word", "chars_per_token")]]
+            for r in report["tokenizers"]]
+    lines = ["# Tokenizer fertility on held-out text", "", *markdown_table(header, rows)]
     lines += ["", "Held-out documents: " + ", ".join(f"{k} {v}" for k, v in report["heldout_docs"].items()), ""]
     lines += [f"- {s}" for s in summary_lines(report)]
     lines += [f"- note: {n}" for n in report["notes"]]
     atomic_write_text(paths["md"], "\n".join(lines) + "\n")
 
-    import matplotlib
+    import matplotlib  # heavy, and only the plot needs it
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

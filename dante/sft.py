@@ -1,6 +1,6 @@
 """Stage 6: SFT conversations -> chat-format token ids with loss weights -> packed blocks (and their reader).
 
-Flow (``6_build_sft.py`` drives it, one source at a time, then packs everything)::
+Flow (``build_sft_stage`` drives it, one source at a time, then packs everything)::
 
     rows (hub dataset via `datasets` streaming, or local JSONL)
       -> normalize_row       one of four formats -> [{"role", "content"}, ...]   (or a counted drop)
@@ -42,12 +42,14 @@ Design choices
 - Packing is best-fit decreasing over a segment tree of remaining capacities: O(n log block_size).
   Every block row has per-token document ids (0..k-1 in placement order; padding ``PAD_DOC_ID`` = -1,
   which never equals a conversation) and positions restarting at 0 per conversation (padding 0).
-- Held-out split: a hash of the conversation's content, so an exact duplicate can never sit on both sides,
+- Held-out split: a hash of the conversation's content (``dante.artifacts.stable_unit``, the hash of
+  stages 1-3, without the seed), so an exact duplicate can never sit on both sides,
   and the split does not move when sources are reordered or the seed changes. Eval conversations appear
   once, unweighted; source weight w gives each training conversation floor(w) copies plus one more with
   probability frac(w), decided by a seeded hash (deterministic).
 - Local JSONL is read line by line, not through datasets' json builder: one undecodable line makes that
-  builder abort the whole file (datasets 5.2, measured), which would break "never crash on one bad row".
+  builder abort the whole file (seen with the datasets version named in docs/PERFORMANCE.md), which
+  would break "never crash on one bad row".
   Hub rows go through ``datasets.load_dataset(..., streaming=True)``; both meet at ``normalize_row``.
 
 Binary files: a 64-byte header (magic ``DANTESFT``, version, array kind, dtype code, pad id, n_blocks,
@@ -63,23 +65,25 @@ Example::
 from __future__ import annotations
 
 import gzip
-import hashlib
 import json
 import math
 import re
+import shutil
 import struct
+import time
 from collections import Counter
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from glob import glob
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 
-from dante.artifacts import atomic_path
-from dante.errors import UserError
-from dante.tokenizer import BOS, END_HEADER, EOS, EOT, PAD, SPECIAL_TOKENS, START_HEADER
+from dante import config as C
+from dante.artifacts import Stage, atomic_path, atomic_write_text, file_sha256, stable_unit, tokenizer_path
+from dante.errors import UserError, problems_message, raise_problems
+from dante.tokenizer import BOS, END_HEADER, EOS, EOT, PAD, SPECIAL_TOKENS, START_HEADER, load_tokenizer
 
 FORMAT_VERSION = 1
 
@@ -279,10 +283,8 @@ class ChatEncoder:
             if got != want:
                 problems.append(f"{text} has id {got}, expected {want}")
         if problems:
-            raise UserError(
-                "the tokenizer does not follow docs/DESIGN.md's special tokens: " + "; ".join(problems)
-                + "\n  HINT: retrain it with `python 2_train_tokenizer.py --force`."
-            )
+            raise UserError(problems_message("the tokenizer does not follow docs/DESIGN.md's special tokens", problems)
+                            + "\n  HINT: retrain it with `python 2_train_tokenizer.py --force`.")
         self.vocab_size = tokenizer.get_vocab_size()
         # A private copy that treats special-token text as plain text (the original stays untouched).
         self._text_tok = type(tokenizer).from_str(tokenizer.to_str())
@@ -382,6 +384,11 @@ def check_sources(sources: list, block_size: int) -> list[str]:
     return problems
 
 
+def require_readable_sources(s: C.SFTDataConfig) -> None:
+    """``check_sources`` as one UserError listing every problem (before any work, and in --dry-run)."""
+    raise_problems(UserError, "the SFT sources cannot be read", check_sources(s.sources, s.block_size))
+
+
 def iter_source_rows(src: Any) -> Iterator[Any]:
     """Rows of one source: dicts, or a DroppedRow('invalid_json') for a local line that is not UTF-8 JSON."""
     n = 0
@@ -418,19 +425,13 @@ def iter_source_rows(src: Any) -> Iterator[Any]:
         ) from None
 
 
-def _unit_hash(*parts: str) -> float:
-    """Deterministic number in [0, 1) from strings (blake2b, independent of PYTHONHASHSEED)."""
-    h = hashlib.blake2b("\x1f".join(parts).encode("utf-8"), digest_size=8).digest()
-    return int.from_bytes(h, "little") / 2.0**64
-
-
 def split_and_copies(messages: list[dict], source: str, weight: float, heldout_fraction: float, seed: int) -> tuple[bool, int]:
     """(held out?, training copies). Held-out by content; copies = floor(w) + [hash < frac(w)]."""
     key = json.dumps(messages, ensure_ascii=False, sort_keys=True)
-    if _unit_hash("heldout", key) < heldout_fraction:
+    if stable_unit("heldout", key) < heldout_fraction:  # no seed: the split stays when run.seed changes
         return True, 0
     base = math.floor(weight)
-    extra = _unit_hash("copies", str(seed), source, key) < weight - base
+    extra = stable_unit("copies", seed, source, key) < weight - base
     return False, base + int(extra)
 
 
@@ -701,8 +702,9 @@ def pack_splits(directory: str | Path, sources: list[EncodedSource], block_size:
             hint = f"raise sft_data.block_size (now {block_size}) or set sft_data.overlong: truncate"
         else:
             hint = "check each source's format and columns against its rows"
-        lines = "\n".join(f"    {r}: {n}, e.g. {examples.get(r, '')}" for r, n in reasons.most_common())
-        raise UserError(f"no conversation survived in any source; dropped by reason:\n{lines}\n  HINT: {hint}.")
+        raise UserError(problems_message("no conversation survived in any source; dropped by reason",
+                                         [f"{r}: {n}, e.g. {examples.get(r, '')}" for r, n in reasons.most_common()])
+                        + f"\n  HINT: {hint}.")
     outputs, stats = {}, {}
     for split_no, split in enumerate(("train", "eval")):
         parts = []
@@ -752,6 +754,82 @@ def pack_splits(directory: str | Path, sources: list[EncodedSource], block_size:
             "weighted_token_share_by_source": _shares({k: src_weighted[k] for k in names}),
         }
     return outputs, stats
+
+
+# -- the stage (6_build_sft.py parses the command line and prints) --------------------------------------------
+def build_sft_stage(stage: Stage, cfg: C.SFTDataStageConfig, log: Callable[[str], None] = print) -> dict:
+    """Run stage 6 into ``stage.dir``: encode each source (reusing those an interrupted run finished),
+    pack both splits, write the chat template and the manifest (returned)."""
+    s = cfg.sft_data
+    require_readable_sources(s)
+    stage.require("02_tokenizer")
+    tok_path = tokenizer_path(cfg.run)
+    stage.add_input("tokenizer", tok_path)
+    encoder = ChatEncoder(load_tokenizer(tok_path))
+
+    state = stage.load_progress()
+    tok_hash = file_sha256(tok_path)
+    done = state.get("sources", {}) if state.get("tokenizer_sha256") == tok_hash else {}
+    work = stage.dir / "work"
+    encoded = []
+    for src in s.sources:
+        cache = work / f"{src.name}.npz"
+        if src.name in done and cache.is_file():
+            encoded.append(EncodedSource.load(cache, src.name, src.lang, done[src.name]))
+            log(f"{src.name}: reusing the encoded source from the interrupted run")
+            continue
+        t0 = time.time()
+        es = encode_source(src, iter_source_rows(src), encoder, s, cfg.run.seed)
+        es.save(cache)
+        done[src.name] = es.stats
+        stage.save_progress({"tokenizer_sha256": tok_hash, "sources": done})
+        st = es.stats
+        log(f"{src.name}: {st['rows_read']} rows, kept {st['kept']}, dropped {st['dropped']} "
+            f"{st['dropped_by_reason'] or ''} ({time.time() - t0:.1f}s)")
+        encoded.append(es)
+
+    outputs, split_stats = pack_splits(stage.dir, encoded, s.block_size, s.user_weight, encoder.vocab_size, cfg.run.seed)
+    atomic_write_text(stage.dir / "chat_template.jinja", CHAT_TEMPLATE)
+    shutil.rmtree(work, ignore_errors=True)
+
+    per_source = {es.name: es.stats for es in encoded}
+    dropped_by_reason = {r: sum(st["dropped_by_reason"].get(r, 0) for st in per_source.values()) for r in DROP_REASONS}
+    counts = {
+        "rows_read": sum(st["rows_read"] for st in per_source.values()),
+        "conversations_kept": sum(st["kept"] for st in per_source.values()),
+        "conversations_dropped": sum(dropped_by_reason.values()),
+        "dropped_by_reason": {r: n for r, n in dropped_by_reason.items() if n},
+        **{k: sum(st[k] for st in per_source.values())
+           for k in ("truncated_turns", "truncated_mid_turn", "trailing_user_trimmed", "system_prompt_added")},
+        "train": split_stats["train"],
+        "eval": split_stats["eval"],
+    }
+    for split in ("train", "eval"):
+        x = split_stats[split]
+        log(f"{split}: {x['conversations']} conversations, {x['tokens']} tokens "
+            f"({x['weighted_tokens']:.0f} weighted), {x['blocks']} blocks of {s.block_size} "
+            f"(next-fit would use {x['next_fit_blocks']}), padding {x['padding_pct']:.2f}%, "
+            f"langs {x['token_share_by_lang']}")
+    overlong = dropped_by_reason["overlong"] + counts["truncated_turns"] + counts["truncated_mid_turn"]
+    if counts["conversations_kept"] and overlong > 0.05 * (counts["conversations_kept"] + dropped_by_reason["overlong"]):
+        log(f"WARNING: {overlong} conversations were longer than block_size {s.block_size} "
+            f"(policy {s.overlong}); consider a larger block.")
+    outputs["chat_template"] = "chat_template.jinja"
+    return stage.finish(
+        outputs=outputs,
+        counts=counts,
+        extra={
+            "sources": per_source,
+            "block_size": s.block_size,
+            "vocab_size": encoder.vocab_size,
+            "special_ids": SPECIAL_IDS,
+            "pad_doc_id": PAD_DOC_ID,
+            "chat_template": CHAT_TEMPLATE,
+            "weights": {"assistant_and_eot": 1.0, "final_end_of_text": 1.0, "headers_and_bos": 0.0,
+                        "user_and_system": s.user_weight},
+            "special_token_text_policy": "conversations containing special-token strings are dropped (special_token_text)",
+        },
+    )
 
 
 @dataclass

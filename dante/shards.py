@@ -38,11 +38,11 @@ Example::
 
 from __future__ import annotations
 
-import hashlib
-import json
 import multiprocessing as mp
 import os
+import shutil
 import struct
+import time
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,8 +50,22 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from dante.artifacts import atomic_path, atomic_write_json, file_sha256, read_json
-from dante.errors import StageError, UserError
+from dante import config as C
+from dante.artifacts import (
+    Stage,
+    atomic_path,
+    atomic_write_json,
+    file_sha256,
+    read_json,
+    read_manifest,
+    stable_unit,
+    stage_dir,
+    tokenizer_path,
+)
+from dante.corpus import FORMAT_VERSION as CORPUS_FORMAT
+from dante.corpus import CorpusFile, corpus_files, iter_shard_texts
+from dante.errors import StageError, UserError, problems_message
+from dante.tokenizer import EOS_ID, load_tokenizer
 
 FORMAT_VERSION = 1
 BIN_MAGIC = b"DANTESHD"
@@ -67,80 +81,6 @@ WORK_DIR = ".work"
 
 class ShardError(StageError):
     """A shard file that is missing, truncated or corrupt (the message names the file)."""
-
-
-# ---------------------------------------------------------------------------------------------------
-# Reading stage 1 output (stages 2 and 3)
-# ---------------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class CorpusFile:
-    """One stage-1 document shard, with the source facts every document in it shares."""
-
-    index: int
-    source: str
-    lang: str
-    tier: int
-    path: Path
-
-
-def corpus_files(corpus_dir: Path, corpus_manifest: dict) -> list[CorpusFile]:
-    """Stage-1 shards in a fixed order (source name, then listed order); all problems in one UserError."""
-    sources = (corpus_manifest.get("outputs") or {}).get("sources")
-    if not isinstance(sources, dict) or not sources:
-        raise UserError(
-            f"{corpus_dir}/manifest.json lists no sources under outputs.sources. "
-            f"HINT: rerun `python 1_download_corpus.py --force` with a config that declares sources."
-        )
-    files, missing = [], []
-    for name in sorted(sources):
-        info = sources[name]
-        for rel in info.get("shards", []):
-            p = corpus_dir / rel
-            if not p.is_file():
-                missing.append(str(p))
-            files.append(CorpusFile(len(files), name, str(info.get("lang")), int(info.get("tier", 1)), p))
-    if missing:
-        raise UserError(
-            f"{len(missing)} stage-1 shard(s) listed in {corpus_dir}/manifest.json are missing: "
-            f"{', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}. HINT: rerun `python 1_download_corpus.py --force`."
-        )
-    return files
-
-
-def iter_documents(path: Path) -> Iterator[tuple[int, str]]:
-    """(line number, text) of one stage-1 shard (``dante.corpus.read_shard``), bad input as a UserError
-    naming the file: truncated gzip, bytes that are not UTF-8, a broken record, a lone surrogate."""
-    from dante.corpus import read_shard
-
-    hint = "HINT: rebuild it with `python 1_download_corpus.py --force`."
-    line_no = 0
-    try:
-        for line_no, record in enumerate(read_shard(path), 1):
-            text = record.get("text") if isinstance(record, dict) else None
-            if not isinstance(text, str):
-                raise UserError(f"{path}:{line_no}: record has no string field 'text'. {hint}")
-            try:
-                text.encode("utf-8")
-            except UnicodeEncodeError:
-                raise UserError(f"{path}:{line_no}: text holds an unpaired surrogate (not valid Unicode). {hint}") from None
-            yield line_no, text
-    except UnicodeDecodeError as e:
-        raise UserError(f"{path}: not UTF-8 after line {line_no} ({e.reason}). {hint}") from None
-    except json.JSONDecodeError as e:
-        raise UserError(f"{path}:{line_no + 1}: not a JSON record ({e.msg}). {hint}") from None
-    except (OSError, EOFError, zlib.error) as e:  # gzip.BadGzipFile is an OSError
-        raise UserError(f"{path}: unreadable or truncated gzip ({e}). {hint}") from None
-
-
-def stable_unit(seed: int, *parts: str | int) -> float:
-    """A deterministic number in [0, 1) from the seed and parts (same on every machine and run)."""
-    h = hashlib.blake2b(digest_size=8, key=f"dante-{seed}".encode())
-    for p in parts:
-        h.update(str(p).encode("utf-8", "surrogatepass"))
-        h.update(b"\x00")
-    return int.from_bytes(h.digest(), "little") / 2**64
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -306,9 +246,7 @@ _WORKER_TOKENIZER = {}
 
 def _tokenizer_for(path: str):
     if path not in _WORKER_TOKENIZER:
-        from dante.tokenizer import load_tokenizer  # plain_text: "<|eot|>" in a document stays text
-
-        _WORKER_TOKENIZER[path] = load_tokenizer(path)
+        _WORKER_TOKENIZER[path] = load_tokenizer(path)  # plain_text: "<|eot|>" in a document stays text
     return _WORKER_TOKENIZER[path]
 
 
@@ -341,7 +279,7 @@ def encode_corpus_file(cf: CorpusFile, st: EncodeSettings) -> dict:
             p["bytes"] += len(text.encode("utf-8"))
         batch.clear()
 
-    for _, text in iter_documents(cf.path):
+    for _, text in iter_shard_texts(cf.path):
         split = "val" if stable_unit(st.seed, "split", text) < st.val_fraction else "train"
         batch.append((split, text))
         if len(batch) >= st.batch_docs:
@@ -600,3 +538,72 @@ def check_dtype_fits(vocab_size: int, dtype: str, tokenizer_path: Path) -> None:
 
 def tokenizer_sha16(path: Path) -> bytes:
     return bytes.fromhex(file_sha256(path))[:16]
+
+
+# ---------------------------------------------------------------------------------------------------
+# The stage (3_tokenize_shards.py parses the command line and prints)
+# ---------------------------------------------------------------------------------------------------
+
+
+def tokenize_stage(stage: Stage, cfg: C.ShardsStageConfig, log: Callable[[str], None] = print) -> dict:
+    """Run stage 3 into ``stage.dir``: check the inputs, tokenize (resuming), write the manifest (returned)."""
+    s = cfg.shards
+    corpus = stage.require("01_corpus", CORPUS_FORMAT)
+    tok_manifest = stage.require("02_tokenizer")
+    tok_path = tokenizer_path(cfg.run)
+    tok = load_tokenizer(tok_path)
+    vocab_size = tok.get_vocab_size(with_added_tokens=True)
+    check_dtype_fits(vocab_size, s.dtype, tok_path)
+    stage.add_input("tokenizer", tok_path)
+    files = corpus_files(stage_dir(cfg.run, "01_corpus"), corpus)
+    workers = s.workers or len(os.sched_getaffinity(0))
+    settings = EncodeSettings(str(tok_path), s.dtype, EOS_ID, cfg.run.seed, s.val_fraction, s.batch_docs,
+                              str(stage.dir / WORK_DIR))
+    header = {"dtype": s.dtype, "vocab_size": vocab_size, "eos_id": EOS_ID, "tokenizer_sha16": tokenizer_sha16(tok_path)}
+    log(f"{len(files)} input files, {workers} worker(s), {s.shard_tokens:,} tokens per shard")
+    sha = file_sha256(tok_path)
+    if tok_manifest["outputs"].get("tokenizer_sha256", sha) != sha:
+        raise UserError(f"{tok_path} changed after stage 2 finished (sha256 differs from its manifest). "
+                        f"HINT: rerun `python 2_train_tokenizer.py --force`.")
+    progress = stage.load_progress()
+    if progress.get("tokenizer_sha256", sha) != sha:  # resuming with another tokenizer would mix two encodings
+        raise UserError(f"{stage.dir} holds an unfinished run made with another tokenizer. HINT: add --force to start over.")
+    stage.save_progress({"tokenizer_sha256": sha, "streams": progress.get("streams", {})})  # before any work file
+    start = time.time()
+    streams = tokenize_corpus(
+        files, settings, stage.dir, s.shard_tokens, header, workers, progress.get("streams", {}),
+        lambda state: stage.save_progress({"tokenizer_sha256": sha, "streams": state}), log=log,
+    )
+    seconds = time.time() - start
+    stats = collect_stats(files, stage.dir / WORK_DIR)
+    shutil.rmtree(stage.dir / WORK_DIR)  # after the stats: only shards and the manifest remain
+    shards: dict[str, dict] = {split: {} for split in SPLITS}
+    for st in streams.values():
+        if st["names"]:
+            shards[st["split"]][str(st["tier"])] = st["names"]
+    total = stats["total"]
+    if s.val_fraction > 0 and not total.get("val", {}).get("tokens"):
+        log(f"warning: no document fell in the validation split (val_fraction={s.val_fraction})")
+    n_bytes = sum(v["bytes"] for v in total.values())
+    n_tokens = sum(v["tokens"] for v in total.values())
+    log(f"{n_tokens:,} tokens in {sum(len(v) for sp in shards.values() for v in sp.values())} shards, "
+        f"{seconds:.1f} s ({n_bytes / 1e6 / seconds:.2f} MB/s, {n_tokens / seconds:,.0f} tokens/s this run)")
+    return stage.finish(
+        outputs={"format": "dante-shards", "shard_format_version": FORMAT_VERSION, "dtype": s.dtype,
+                 "vocab_size": vocab_size, "eos_id": EOS_ID, "shard_tokens": s.shard_tokens, "shards": shards},
+        counts=stats,
+        extra={"throughput": {"seconds": round(seconds, 2), "workers": workers, "resumed": stage.resumed}},
+    )
+
+
+def verify_stage(cfg: C.ShardsStageConfig) -> int:
+    """``--verify``: check a finished 03_shards (nothing is reopened or written); returns the shard count,
+    or raises one UserError listing every bad file."""
+    manifest = read_manifest(cfg.run, "03_shards")
+    tok = load_tokenizer(tokenizer_path(cfg.run))
+    problems = verify_shards(stage_dir(cfg.run, "03_shards"), manifest, tok, cfg.shards.verify_samples, cfg.run.seed)
+    n = sum(len(v) for sp in manifest["outputs"]["shards"].values() for v in sp.values())
+    if problems:
+        raise UserError(problems_message(f"{len(problems)} problem(s) in {n} shard(s)", problems)
+                        + "\n  HINT: rerun `python 3_tokenize_shards.py --force` to rebuild them.")
+    return n

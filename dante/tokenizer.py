@@ -45,7 +45,9 @@ from typing import Iterable, Iterator
 
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from dante.errors import UserError
+from dante.artifacts import stable_unit
+from dante.corpus import CorpusFile, iter_shard_texts
+from dante.errors import UserError, problems_message
 
 # ---------------------------------------------------------------------------------------------------
 # Special tokens (contract: docs/DESIGN.md "Special tokens")
@@ -372,20 +374,18 @@ def plan_sample(corpus_sources: dict, language_mix: dict, sample_chars: int) -> 
         plan[lang] = {"target_chars": int(round(sample_chars * share / total_share)), "available_chars": available}
     if problems:
         raise UserError(
-            "cannot draw the tokenizer training sample:\n  - " + "\n  - ".join(problems)
+            problems_message("cannot draw the tokenizer training sample", problems)
             + "\n  HINT: add a source of that language to the corpus config, or set its share to 0 in tokenizer.language_mix."
         )
     return plan
 
 
-def iter_training_sample(files, plan: dict, seed: int, stats: dict) -> Iterator[str]:
+def iter_training_sample(files: list[CorpusFile], plan: dict, seed: int, stats: dict) -> Iterator[str]:
     """Documents (the last one cut at a space) until each language reaches its target; fills ``stats``.
 
-    ``files`` are ``dante.shards.CorpusFile`` s. A document is kept when its seeded hash falls under the
-    keep rate, so the same config always draws the same sample, in any environment.
+    A document is kept when its seeded hash falls under the keep rate, so the same config always draws
+    the same sample, in any environment.
     """
-    from dante.shards import iter_documents, stable_unit
-
     for lang, p in plan.items():
         target = p["target_chars"]
         # 1.25x over the exact rate: a Bernoulli draw at the exact rate falls short about half the time
@@ -396,7 +396,7 @@ def iter_training_sample(files, plan: dict, seed: int, stats: dict) -> Iterator[
         for f in mine:
             if st["chars"] >= target:
                 break
-            for line_no, text in iter_documents(f.path):
+            for line_no, text in iter_shard_texts(f.path):
                 if st["chars"] >= target:
                     break
                 if stable_unit(seed, "sample", f.source, f.path.name, line_no) >= rate:

@@ -14,6 +14,7 @@ import pytest
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
+from dante.artifacts import load_texts
 from dante.config import ModelConfig
 from dante.errors import UserError
 from dante.evaluation import long_context as lc
@@ -28,7 +29,6 @@ from dante.evaluation.generation import (
 from dante.evaluation.perplexity import (
     bits_per_byte,
     encode_texts,
-    load_texts,
     perplexity_of_texts,
     perplexity_of_token_docs,
     token_byte_lengths,

@@ -17,11 +17,10 @@ from test_eval import tiny_model, tiny_tokenizer
 
 from dante import config as C
 from dante import fertility
-from dante.artifacts import Stage, atomic_write_text
+from dante.artifacts import Stage, atomic_write_text, load_texts
 from dante.checkpoint import CheckpointManager, find_checkpoints
+from dante.evaluation.chat import chat_loop
 from dante.evaluation.loading import load_for_eval
-from dante.evaluation.perplexity import load_texts
-from dante.evaluation.stage import chat_loop
 
 torch.set_num_threads(1)
 
@@ -234,7 +233,7 @@ def test_chat_keeps_the_conversation_and_stops_at_eot(tmp_path, run, tok, monkey
     refs, _ = find_checkpoints(run, ["07_sft"])
     loaded = load_for_eval(refs[0], tok, device="cpu")
     seen_prompts = []
-    from dante.evaluation import stage as st
+    from dante.evaluation import chat as st
 
     real_generate = st.generate
 

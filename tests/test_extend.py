@@ -31,13 +31,12 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 torch.set_num_threads(1)
 
 from dante import config as C  # noqa: E402
-from dante.artifacts import Stage, read_json, stage_dir  # noqa: E402
+from dante.artifacts import Stage, load_texts, read_json, stage_dir  # noqa: E402
 from dante.checkpoint import CHECKPOINTS, load_model  # noqa: E402
 from dante.cli import run_stage
 from dante.data import TieredMemmapDataset  # noqa: E402
 from dante.engine import Trainer, init_distributed  # noqa: E402
 from dante.errors import UserError  # noqa: E402
-from dante.evaluation.perplexity import load_texts  # noqa: E402
 from dante.export.hf_format import llama_config_kwargs  # noqa: E402
 from dante.extend import extended_model_config, extension_problems, load_weights_as, long_rows, trained_length  # noqa: E402
 from dante.metrics import read_metrics  # noqa: E402

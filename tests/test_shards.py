@@ -18,8 +18,8 @@ from test_tokenizer import N_RESERVED, ROOT, run_script, sample_docs, write_stag
 from tokenizers import AddedToken, Tokenizer, models
 
 from dante import config as C
-from dante.artifacts import Stage
-from dante.shards import SPLITS, ShardReader, check_dtype_fits, list_shards, stable_unit
+from dante.artifacts import Stage, stable_unit
+from dante.shards import SPLITS, ShardReader, check_dtype_fits, list_shards
 from dante.tokenizer import EOS_ID, SPECIAL_TOKENS, all_special_tokens, load_tokenizer, train_tokenizer
 
 SEED = 1234

@@ -8,6 +8,7 @@
 - ``tasks`` / ``lm_eval_adapter``: benchmark task files, the Dante model as an lm-eval ``LM``, the runner.
 - ``loading``: a checkpoint loaded for evaluation (device, autocast), after ``dante.checkpoint``'s checks.
 - ``stage`` / ``report``: the stage-8 plan, per-checkpoint evaluation, chat, and report.json/md/PNG.
+- ``chat``: the interactive ``--chat`` loop (streamed answers in the chat format of stage 6).
 
 Modules import lm-eval and matplotlib only where used, so stage 5 can use ``long_context`` alone.
 

@@ -30,6 +30,7 @@ from typing import Callable, Iterable, Sequence
 import torch
 import torch.nn.functional as F
 
+from dante.errors import raise_problems
 from dante.evaluation.scoring import autocast_context, model_device
 from dante.model import KVCache
 
@@ -40,6 +41,11 @@ class SamplingParams:
     top_p: float = 1.0
     top_k: int = 0
     repetition_penalty: float = 1.0
+
+    @classmethod
+    def from_config(cls, g) -> "SamplingParams":
+        """The sampling settings of a ``dante.config.GenerationConfig`` (``eval.generation``)."""
+        return cls(temperature=g.temperature, top_p=g.top_p, top_k=g.top_k, repetition_penalty=g.repetition_penalty)
 
     def problems(self) -> list[str]:
         p = []
@@ -139,9 +145,7 @@ def generate(model, prompt_ids: Sequence[int], *, max_new_tokens: int, params: S
     string in the decoded output (text cut before it; needs ``decode``), or when the context is full.
     ``on_token(new_tokens)`` is called after each kept token (streaming output).
     """
-    problems = params.problems()
-    if problems:
-        raise ValueError("invalid sampling settings: " + "; ".join(problems))
+    raise_problems(ValueError, "invalid sampling settings", params.problems())
     if stop_strings and decode is None:
         raise ValueError("stop_strings need a decode function")
     prompt_ids = list(prompt_ids)

@@ -28,14 +28,16 @@ Example (offline, local task)::
 from __future__ import annotations
 
 import logging
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any, Sequence
 
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 
-from dante.errors import UserError
+from dante.errors import UserError, raise_problems
 from dante.evaluation.generation import GREEDY, SamplingParams, generate
+from dante.evaluation.loading import load_for_eval
 from dante.evaluation.perplexity import window_requests
 from dante.evaluation.scoring import ScoreRequest, score_requests
 from dante.evaluation.tasks import is_task_file, read_task_yaml, validate_task_file
@@ -62,8 +64,6 @@ class DanteLM(TemplateLM):
         if tokenizer is None or (model is None and checkpoint is None):
             raise UserError("DanteLM needs model= and tokenizer= objects, or checkpoint= and tokenizer= paths")
         if model is None:
-            from dante.evaluation.loading import load_for_eval  # checkpoint I/O only on this path
-
             loaded = load_for_eval(checkpoint, tokenizer, device=device or "auto", dtype=dtype)
             model, tokenizer, autocast_dtype = loaded.model, loaded.tokenizer, loaded.autocast_dtype
         self.model = model.eval()
@@ -182,8 +182,9 @@ def lm_eval_names(specs: Sequence[str], include_paths: Sequence[str]) -> tuple[l
 
 
 def task_manager(specs: Sequence[str], include_paths: Sequence[str]):
-    """An lm-eval TaskManager over the include folders; lm-eval's ~15k built-in tasks are indexed (15 s)
-    only when a spec is a name, not a file. Raises UserError for a name it does not know."""
+    """An lm-eval TaskManager over the include folders; lm-eval's built-in tasks (thousands, slow to index:
+    docs/PERFORMANCE.md) are indexed only when a spec is a name, not a file. Raises UserError for a name it
+    does not know."""
     from lm_eval.tasks import TaskManager
 
     _, folders = lm_eval_names(specs, include_paths)
@@ -203,9 +204,7 @@ def run_tasks(lm: DanteLM, specs: Sequence[str], include_paths: Sequence[str], *
     """Evaluate ``lm`` on the tasks; returns {"tasks": {name: metrics}, "samples": ... (if asked)}."""
     from lm_eval import simple_evaluate
 
-    problems = check_task_specs(specs, include_paths)
-    if problems:
-        raise UserError("bad benchmark task(s):\n" + "\n".join(f"  - {p}" for p in problems))
+    raise_problems(UserError, "bad benchmark task(s)", check_task_specs(specs, include_paths))
     manager = manager or task_manager(specs, include_paths)
     names, _ = lm_eval_names(specs, include_paths)
     logging.getLogger("lm_eval").setLevel(logging.WARNING)
@@ -229,8 +228,6 @@ def run_tasks(lm: DanteLM, specs: Sequence[str], include_paths: Sequence[str], *
 
 
 def _lm_eval_version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
     try:
         return version("lm_eval")
     except PackageNotFoundError:

@@ -25,15 +25,13 @@ splits their token stream into documents at the special tokens, which are not sc
 
 Example::
 
-    texts = load_texts("data/sample/heldout/it.jsonl.gz")
+    texts = load_texts("data/sample/heldout/it.jsonl.gz")   # dante.artifacts
     result = perplexity_of_texts(model, tokenizer, texts, stride=256, batch_size=8)
     print(result.ppl, result.bpb)
 """
 
 from __future__ import annotations
 
-import gzip
-import json
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -42,6 +40,7 @@ from typing import Iterable, Iterator, Sequence
 import numpy as np
 
 from dante.evaluation.scoring import ScoreRequest, score_requests
+from dante.shards import ShardReader, list_shards
 from dante.tokenizer import byte_symbols
 
 LN2 = math.log(2.0)
@@ -177,36 +176,6 @@ def perplexity_of_texts(model, tokenizer, texts: Sequence[str], *, bos_id: int =
                                     max_tokens=max_tokens, autocast_dtype=autocast_dtype)
 
 
-def read_jsonl(path: str | Path) -> list[dict]:
-    """The objects of a JSON Lines file (optionally .gz); ValueError naming file and line when malformed."""
-    path = Path(path)
-    opener = gzip.open if path.suffix == ".gz" else open
-    rows = []
-    with opener(path, "rt", encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
-            if not isinstance(row, dict):
-                raise ValueError(f"{path}:{lineno}: expected a JSON object per line")
-            rows.append(row)
-    return rows
-
-
-def load_texts(path: str | Path, field: str = "text") -> list[str]:
-    """The non-empty ``field`` strings of a JSON Lines file (optionally .gz), one document per line."""
-    texts = []
-    for i, row in enumerate(read_jsonl(path)):
-        if not isinstance(row.get(field), str):
-            raise ValueError(f"{path}: document {i} has no string field {field!r}")
-        if row[field]:
-            texts.append(row[field])
-    return texts
-
-
 # ---------------------------------------------------------------------------------------------------
 # Stage 3 validation shards
 # ---------------------------------------------------------------------------------------------------
@@ -243,8 +212,6 @@ def split_special(tokens: np.ndarray, special_ids: Sequence[int]) -> list[list[i
 def val_shard_documents(shards_dir: str | Path, n_special: int = 6) -> dict[int, Iterator[list[int]]]:
     """{tier: lazy iterator over the documents of its validation shards} of a stage 3 folder (special ids
     are 0..n_special-1, docs/DESIGN.md). Stage 5 uses it for its long-context sequences too."""
-    from dante.shards import ShardReader, list_shards
-
     def docs(paths: list) -> Iterator[list[int]]:
         yield from iter_shard_documents((ShardReader(p).tokens for p in paths), range(n_special))
 

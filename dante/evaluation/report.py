@@ -20,10 +20,12 @@ Example::
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 from dante import config as C
+from dante import fertility
 from dante.artifacts import atomic_path, atomic_write_json, atomic_write_text, read_json, stage_dir, stage_done
+from dante.metrics import read_metrics
+from dante.report_format import markdown_table
 
 FORMAT_VERSION = 1
 TRAINING_STAGES = ("04_pretrain", "05_extend", "07_sft")
@@ -42,17 +44,6 @@ def _save(fig, path: Path) -> None:
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
     _pyplot().close(fig)
-
-
-def _fmt(x: Any, digits: int = 4) -> str:
-    if isinstance(x, float):
-        return f"{x:.{digits}g}"
-    return "" if x is None else str(x)
-
-
-def markdown_table(header: list[str], rows: list[list[Any]]) -> list[str]:
-    out = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    return out + ["| " + " | ".join(_fmt(c).replace("|", "\\|").replace("\n", " ") for c in r) + " |" for r in rows]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -88,8 +79,6 @@ def summarize(result: dict) -> dict:
 
 def training_curves(run: C.RunConfig) -> list[dict]:
     """Train/val loss records of the training stages present (stages without metrics are left out)."""
-    from dante.metrics import read_metrics
-
     curves = []
     for stage in TRAINING_STAGES:
         d = stage_dir(run, stage)
@@ -153,8 +142,6 @@ def fertility_section(run: C.RunConfig, out_dir: Path) -> tuple[list[str], dict 
     path = stage_dir(run, "02_tokenizer") / "fertility.json"
     if not path.is_file():
         return [f"Not available: {path} does not exist (stage 2 writes it when tokenizer.heldout is set)."], None, {}
-    from dante import fertility
-
     data = read_json(path)
     written = fertility.write_report(data, out_dir)
     table = Path(written["md"]).read_text(encoding="utf-8").splitlines()

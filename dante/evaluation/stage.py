@@ -1,4 +1,4 @@
-"""Stage 8 as a library: plan (every check, no weights), evaluate one checkpoint, chat.
+"""Stage 8 as a library: plan (every check, no weights), evaluate one checkpoint (chat: ``chat.py``).
 
 ``make_plan`` runs every check that needs no weights before anything expensive starts, and reports all
 problems in one error: the config values; that 02_tokenizer is done; which checkpoints exist (absent
@@ -22,27 +22,27 @@ Example::
 from __future__ import annotations
 
 import contextlib
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 from dante import config as C
-from dante.artifacts import stage_dir, stage_done
+from dante.artifacts import load_texts, stage_dir, stage_done
 from dante.artifacts import tokenizer_path as run_tokenizer_path
 from dante.checkpoint import CheckpointRef, find_checkpoints, read_model_config, tokenizer_problems
-from dante.errors import StageError, UserError
+from dante.errors import StageError, UserError, raise_problems
 from dante.evaluation import long_context as lc
 from dante.evaluation.generation import SamplingParams, generate
 from dante.evaluation.loading import LoadedModel
 from dante.evaluation.perplexity import (
     encode_texts,
-    load_texts,
     perplexity_of_token_docs,
     token_byte_lengths,
     val_shard_documents,
 )
+from dante.sft import ChatEncoder
+from dante.shards import list_shards
 from dante.tokenizer import BOS_ID, EOS_ID, SPECIAL_TOKENS, load_tokenizer
 
 
@@ -87,7 +87,7 @@ def config_problems(e: C.EvalConfig) -> list[str]:
     if bad_langs:
         p.append(f"eval.heldout: keys must be among it, en, code; got {bad_langs}")
     g = e.generation
-    p += [f"eval.generation: {x}" for x in _sampling(g).problems()]
+    p += [f"eval.generation: {x}" for x in SamplingParams.from_config(g).problems()]
     if g.max_new_tokens < 0:
         p.append("eval.generation.max_new_tokens must be >= 0 (0 skips generation)")
     unknown = [t for t in g.stop_tokens if t not in SPECIAL_TOKENS]
@@ -95,10 +95,6 @@ def config_problems(e: C.EvalConfig) -> list[str]:
         p.append(f"eval.generation.stop_tokens: {unknown} are not special tokens ({SPECIAL_TOKENS})")
     p += C.long_eval_problems(e.long_eval, "eval.long_eval")
     return p
-
-
-def _sampling(g: C.GenerationConfig) -> SamplingParams:
-    return SamplingParams(temperature=g.temperature, top_p=g.top_p, top_k=g.top_k, repetition_penalty=g.repetition_penalty)
 
 
 def read_heldout(e: C.EvalConfig) -> tuple[dict[str, list[str]], list[str]]:
@@ -139,8 +135,6 @@ def make_plan(cfg: C.EvalStageConfig, with_tasks: bool = True) -> EvalPlan:
     shards_dir = None
     if e.shards:
         if stage_done(cfg.run, "03_shards"):
-            from dante.shards import list_shards
-
             shards_dir = stage_dir(cfg.run, "03_shards")
             if not list_shards(shards_dir, "val"):
                 notes.append(f"validation shards: none in {shards_dir} (shards.val_fraction is 0?)")
@@ -167,6 +161,7 @@ def make_plan(cfg: C.EvalStageConfig, with_tasks: bool = True) -> EvalPlan:
                             f"extend the context with `python 5_extend_context.py` and evaluate 05_extend.")
     manager = None
     if with_tasks and e.tasks:
+        # imported only when tasks are configured: lm-eval is a heavy import (and optional without tasks)
         from dante.evaluation.lm_eval_adapter import check_task_specs, task_manager
 
         task_problems = check_task_specs(e.tasks, e.task_include_paths)
@@ -176,8 +171,7 @@ def make_plan(cfg: C.EvalStageConfig, with_tasks: bool = True) -> EvalPlan:
                 manager = task_manager(e.tasks, e.task_include_paths)
             except UserError as err:
                 problems.append(str(err))
-    if problems:
-        raise UserError("stage 8 cannot start:\n" + "\n".join(f"  - {x}" for x in problems))
+    raise_problems(UserError, "stage 8 cannot start", problems)
     return EvalPlan(refs=refs, notes=notes, tokenizer_path=tokenizer_path, tokenizer=tokenizer, heldout=heldout_tokens,
                     shards_dir=shards_dir, model_cfgs=model_cfgs, task_manager=manager, long_lengths=long_lengths)
 
@@ -191,8 +185,6 @@ def generation_prompts(loaded: LoadedModel, g: C.GenerationConfig) -> list[tuple
     """(shown prompt, token ids, chat?) per prompt: chat-formatted user turns for SFT checkpoints."""
     tok = loaded.tokenizer
     if loaded.ref.is_chat:
-        from dante.sft import ChatEncoder
-
         enc = ChatEncoder(tok)
         return [(p, enc.encode([{"role": "user", "content": p}], add_generation_prompt=True).ids.tolist(), True)
                 for p in g.chat_prompts]
@@ -207,7 +199,7 @@ def run_generation(loaded: LoadedModel, g: C.GenerationConfig, seed: int) -> lis
     samples = []
     for i, (prompt, ids, chat) in enumerate(generation_prompts(loaded, g)):
         ids = ids[-(loaded.model_cfg.max_seq_len - 1):]
-        gen = generate(loaded.model, ids, max_new_tokens=g.max_new_tokens, params=_sampling(g), stop_ids=stop_ids,
+        gen = generate(loaded.model, ids, max_new_tokens=g.max_new_tokens, params=SamplingParams.from_config(g), stop_ids=stop_ids,
                        seed=seed + i, decode=lambda x: tok.decode(x, skip_special_tokens=True),
                        autocast_dtype=loaded.autocast_dtype)
         samples.append({"prompt": prompt, "chat": chat, "text": gen.text, "prompt_tokens": gen.prompt_tokens,
@@ -255,7 +247,7 @@ def evaluate_checkpoint(loaded: LoadedModel, cfg: C.EvalStageConfig, plan: EvalP
                     ppl["shards"][f"tier{tier}"] = {"skipped": str(err)}
     result["perplexity"] = ppl
     if e.tasks:
-        from dante.evaluation.lm_eval_adapter import DanteLM, run_tasks
+        from dante.evaluation.lm_eval_adapter import DanteLM, run_tasks  # heavy, optional: see make_plan
 
         with section("benchmarks", f"benchmarks {', '.join(e.tasks)}"):
             lm = DanteLM(model=model, tokenizer=tok, batch_size=e.batch_size, autocast_dtype=autocast)
@@ -275,83 +267,3 @@ def evaluate_checkpoint(loaded: LoadedModel, cfg: C.EvalStageConfig, plan: EvalP
                 max_sequences=le.max_docs, seed=cfg.run.seed, distractors=le.distractors, batch_size=e.batch_size,
                 bos_id=BOS_ID, eos_id=EOS_ID, autocast_dtype=autocast)
     return result
-
-
-# ---------------------------------------------------------------------------------------------------
-# Chat
-# ---------------------------------------------------------------------------------------------------
-
-
-class TextStreamer:
-    """Writes the decoded answer as tokens arrive; a byte-level token can end inside a UTF-8 character,
-    which decodes to U+FFFD until its next byte arrives, so such a tail is held back."""
-
-    def __init__(self, decode: Callable[[list[int]], str], write: Callable[[str], None]):
-        self.decode, self.write, self.shown = decode, write, ""
-
-    def __call__(self, new_ids: list[int]) -> None:
-        text = self.decode(new_ids)
-        if not text.endswith("\ufffd"):
-            self.write(text[len(self.shown):])
-            self.shown = text
-
-    def finish(self, text: str) -> None:
-        self.write(text[len(self.shown):] + "\n")
-
-
-def chat_loop(loaded: LoadedModel, g: C.GenerationConfig, seed: int, read_line: Callable[[], str | None],
-              write: Callable[[str], None]) -> int:
-    """Interactive conversation: each line is a user turn; the answer streams until <|eot|>.
-
-    ``/reset`` starts a new conversation, ``/exit`` or end of input stops. When the conversation no
-    longer fits the context, the oldest turns are dropped (said once per drop). Returns the turn count.
-    """
-    from dante.sft import ChatEncoder
-    from dante.tokenizer import EOT_ID
-
-    enc, tok = ChatEncoder(loaded.tokenizer), loaded.tokenizer
-    ctx = loaded.model_cfg.max_seq_len
-    if not loaded.ref.is_chat:
-        write(f"(note: {loaded.ref.label} is not an SFT checkpoint; it was not trained on the chat format)\n")
-    messages: list[dict] = []
-    turns = 0
-    while True:
-        line = read_line()
-        if line is None or line.strip() == "/exit":
-            return turns
-        if line.strip() == "/reset":
-            messages = []
-            write("(new conversation)\n")
-            continue
-        if not line.strip():
-            continue
-        messages.append({"role": "user", "content": line.strip()})
-        budget = max(1, min(g.max_new_tokens or ctx, ctx // 2))
-        ids = enc.encode(messages, add_generation_prompt=True).ids.tolist()
-        while len(ids) + budget > ctx and len(messages) > 1:
-            messages = messages[2:] if len(messages) > 2 else messages[1:]
-            write("(oldest turn dropped: the conversation exceeds the context)\n")
-            ids = enc.encode(messages, add_generation_prompt=True).ids.tolist()
-        ids = ids[-(ctx - 1):]
-        decode = lambda x: tok.decode(x, skip_special_tokens=True)  # noqa: E731
-        stream = TextStreamer(decode, write)
-        gen = generate(loaded.model, ids, max_new_tokens=budget, params=_sampling(g), stop_ids={EOT_ID, EOS_ID},
-                       seed=seed + turns, decode=decode, autocast_dtype=loaded.autocast_dtype, on_token=stream)
-        stream.finish(gen.text)
-        messages.append({"role": "assistant", "content": gen.text})
-        turns += 1
-
-
-def stdin_line(prompt: str = "> ") -> Callable[[], str | None]:
-    def read() -> str | None:
-        try:
-            return input(prompt)
-        except EOFError:
-            return None
-
-    return read
-
-
-def stdout_write(text: str) -> None:
-    sys.stdout.write(text)
-    sys.stdout.flush()

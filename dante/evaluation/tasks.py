@@ -32,7 +32,7 @@ from typing import Any, Sequence
 
 import yaml
 
-from dante.evaluation.perplexity import read_jsonl
+from dante.artifacts import read_jsonl
 
 OUTPUT_TYPES = ("multiple_choice", "loglikelihood", "loglikelihood_rolling", "generate_until")
 REQUIRED_KEYS = ("task", "dataset_path", "output_type")

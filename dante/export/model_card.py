@@ -17,6 +17,7 @@ from __future__ import annotations
 from typing import Any
 
 from dante import config as C
+from dante import report_format
 from dante.artifacts import read_json, stage_dir, stage_done
 from dante.export.run_inputs import Source, finished_manifest, training_lineage
 from dante.model import ffn_hidden_dim_of, head_dim_of
@@ -44,9 +45,8 @@ def short_number(n: float) -> str:
 
 
 def markdown_table(header: list[str], rows: list[list[Any]]) -> list[str]:
-    out = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    out += ["| " + " | ".join(_fmt(c) for c in row) + " |" for row in rows]
-    return out
+    """The one Markdown writer (``dante.report_format``) with the card's own number style."""
+    return report_format.markdown_table(header, rows, cell=_fmt)
 
 
 def card_facts(cfg: C.ExportStageConfig, source: Source, tokenizer, n_params: int, verification: dict | None) -> dict:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from dante import checkpoint as ckpt
 from dante import config as C
-from dante.artifacts import read_json, read_manifest, stage_done
+from dante.artifacts import load_texts, read_json, read_manifest, stage_done
 from dante.artifacts import tokenizer_path as run_tokenizer_path
 from dante.checkpoint import (
     CHECKPOINT_STAGES,
@@ -28,7 +28,6 @@ from dante.checkpoint import (
     stage_lineage,
 )
 from dante.errors import UserError
-from dante.evaluation.perplexity import load_texts
 
 
 @dataclass

@@ -11,8 +11,7 @@ tests/test_eval_tasks.py checks. Logic: dante.evaluation.tasks.next_sentence_exa
 import json
 from pathlib import Path
 
-from dante.artifacts import atomic_write_text
-from dante.evaluation.perplexity import load_texts
+from dante.artifacts import atomic_write_text, load_texts
 from dante.evaluation.tasks import next_sentence_examples
 
 ROOT = Path(__file__).resolve().parents[2]
