@@ -59,10 +59,10 @@ from dante.errors import StageError, UserError, problems_message
 from dante.evaluation import long_context as lc
 from dante.evaluation.loading import resolve_autocast
 from dante.evaluation.perplexity import encode_texts, split_special
-from dante.report_format import markdown_table as md_table
 from dante.evaluation.report import plot_positions
 from dante.evaluation.stage import read_heldout  # stage 8's reader and checks of the same {lang: path} mapping
 from dante.model import Transformer
+from dante.report_format import markdown_table as md_table
 from dante.shards import ShardReader, list_shards
 from dante.tokenizer import BOS_ID, EOS_ID, SPECIAL_TOKENS, load_tokenizer
 

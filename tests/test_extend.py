@@ -33,7 +33,7 @@ torch.set_num_threads(1)
 from dante import config as C  # noqa: E402
 from dante.artifacts import Stage, load_texts, read_json, stage_dir  # noqa: E402
 from dante.checkpoint import CHECKPOINTS, load_model  # noqa: E402
-from dante.cli import run_stage
+from dante.cli import run_stage  # noqa: E402
 from dante.data import TieredMemmapDataset  # noqa: E402
 from dante.engine import Trainer, init_distributed  # noqa: E402
 from dante.errors import UserError  # noqa: E402
