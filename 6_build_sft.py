@@ -2,9 +2,9 @@
 
 Reads the sources of ``sft_data.sources`` (hub datasets or local JSONL, four formats), the stage 2
 tokenizer, and writes ``{train,eval}.{tokens,weights,docs,pos}.bin`` (read them with
-``dante.sft.load_packed``), ``chat_template.jinja`` (for the export) and a manifest with the statistics:
+``dante.sft_data.load_packed``), ``chat_template.jinja`` (for the export) and a manifest with the statistics:
 conversations kept and dropped by reason, tokens, weighted tokens, padding, truncations, token shares per
-language and per source. The work is ``dante.sft.build_sft_stage``; this script is its command line.
+language and per source. The work is ``dante.sft_data.build_sft_stage``; this script is its command line.
 
 Resume: each finished source is cached under ``work/`` and recorded in progress.json, so an interrupted
 run redoes only the sources it had not finished (the cache is discarded if the tokenizer changed).
@@ -16,7 +16,7 @@ Example::
 
 from __future__ import annotations
 
-from dante import sft
+from dante import sft_data as sft
 from dante.cli import run_stage
 
 STAGE = "06_sft_data"

@@ -32,7 +32,7 @@ import torch
 from dante.config import ModelConfig
 from dante.engine import LossModule, apply_compile
 from dante.model import Transformer
-from dante.sft import PAD_DOC_ID, load_packed, pack_best_fit, shifted_targets
+from dante.sft_data import PAD_DOC_ID, load_packed, pack_best_fit, shifted_targets
 from dante.sft_train import configure_document_attention
 from dante.tokenizer import PAD_ID
 
@@ -44,7 +44,7 @@ PRESETS = {
 
 
 def synthetic_blocks(n_blocks: int, seq_len: int, median_len: int, vocab: int, seed: int) -> dict[str, np.ndarray]:
-    """Packed blocks of random tokens: conversation lengths ~ log-normal, packed by dante.sft.pack_best_fit."""
+    """Packed blocks of random tokens: conversation lengths ~ log-normal, packed by dante.sft_data.pack_best_fit."""
     rng = np.random.default_rng(seed)
     lengths = np.zeros(0, np.int64)
     while lengths.sum() < 3 * n_blocks * seq_len:  # enough for a realistic packing, then a random sample of it

@@ -19,7 +19,7 @@ Design choices
   SIGKILL at any point leaves either the previous complete checkpoint or the new one, never a half.
 - RNG states are per rank (each rank has its own torch generator), so they live in per-rank files in
   train_state/ rather than in meta.json, which rank 0 alone writes. Dante's training draws no random
-  numbers itself (no dropout; the data sampler is counter-based, see dante/data.py); the states are
+  numbers itself (no dropout; the data sampler is counter-based, see dante/pretrain_data.py); the states are
   kept so that anything random added later resumes exactly too.
 - Consolidated fp32: under ZeRO the fp32 master weights are split across ranks; ``full_state_dict``
   (the backend's) gathers each parameter's fp32 master, so model.safetensors holds the optimizer's

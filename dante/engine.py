@@ -8,7 +8,7 @@ setup, the optimizer and schedule, the step, validation, checkpoints and metrics
                    ``tokens``, ``targets`` (-100 = no loss), optional ``weights`` (float per target; SFT),
                    ``positions`` and ``doc_ids`` (packed documents; passed to the model), and
                    ``state_dict()``/``load_state_dict()`` (checked on resume). Random access by step
-                   makes resume exact with no data-loader state (``dante.data`` for the pretraining one).
+                   makes resume exact with no data-loader state (``dante.pretrain_data`` for the pretraining one).
     val source     optional; ``batches(rank, world_size, max_batches)`` yields the same kind of dicts.
 
 Design choices

@@ -54,7 +54,7 @@ import torch
 from dante import config as C
 from dante.artifacts import atomic_write_json, atomic_write_text, read_json, read_manifest, stage_dir, tokenizer_path
 from dante.checkpoint import META, WEIGHTS, checkpoint_ref, load_weights_into, read_model_config, tokenizer_problems
-from dante.data import DataError, TieredMemmapDataset, ValidationWindows
+from dante.pretrain_data import DataError, TieredMemmapDataset, ValidationWindows
 from dante.errors import StageError, UserError, problems_message
 from dante.evaluation import long_context as lc
 from dante.evaluation.loading import resolve_autocast
@@ -170,7 +170,7 @@ class ExtendPlan:
     tokenizer: Any
     shards_dir: Path
     data: Any
-    """The training windows (dante.data.TieredMemmapDataset) at train.seq_len."""
+    """The training windows (dante.pretrain_data.TieredMemmapDataset) at train.seq_len."""
     val_data: Any
     """Validation windows at train.seq_len, or None when validation is off or the shards are too short."""
     eval_rows: list[list[int]]

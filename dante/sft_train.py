@@ -9,8 +9,8 @@ positions in dante/model.py, the weighted loss in dante/loss.py, its normalizati
 Design choices
 - Epochs by counting, random access by step. A run is a sequence of micro-batches
   g = step * grad_accum + micro_step; g is micro-batch g % per_epoch of epoch g // per_epoch, where
-  per_epoch is the micro-batches per rank in one pass (``dante.sft.num_sft_batches``). Every epoch is a
-  new permutation of the blocks seeded by (run.seed, epoch) (``dante.sft.sft_batches``), so a resumed run
+  per_epoch is the micro-batches per rank in one pass (``dante.sft_data.num_sft_batches``). Every epoch is a
+  new permutation of the blocks seeded by (run.seed, epoch) (``dante.sft_data.sft_batches``), so a resumed run
   asks for step s and gets what the uninterrupted run trained on at s, with no loader state to save.
   The engine asks for micro-batches in order, so one epoch iterator is kept and advanced; any other
   request rebuilds it at the index asked for.
@@ -23,7 +23,7 @@ Design choices
   divided by the total weight of that window, so an answer token counts the same whatever micro-batch
   or rank it lands in (tests/test_sft_train.py checks accumulation 2 == one batch of both). Targets that
   must not count (prompt tokens, conversation ends, padding) hold the pad id with weight 0
-  (``dante.sft.shifted_targets``), never -100 alone.
+  (``dante.sft_data.shifted_targets``), never -100 alone.
 - Attention: document ids go to the model (causal AND same-conversation mask) unless
   ``sft.document_mask`` is off; positions always come from the packed arrays (0 at each conversation).
   ``configure_document_attention`` picks the kernel: "flex" on a GPU with train.compile, because the
@@ -56,7 +56,7 @@ from dante import config as C
 from dante.artifacts import MANIFEST, file_sha256, stage_dir, tokenizer_path
 from dante.checkpoint import META, checkpoint_ref, newest_finished, read_model_config, tokenizer_problems
 from dante.errors import StageError, UserError, raise_problems
-from dante.sft import PackedSFT, load_packed, num_sft_batches, sft_batches
+from dante.sft_data import PackedSFT, load_packed, num_sft_batches, sft_batches
 from dante.tokenizer import load_tokenizer
 
 # ---------------------------------------------------------------------------------------------------
@@ -65,7 +65,7 @@ from dante.tokenizer import load_tokenizer
 
 
 def _to_torch(batch: dict[str, np.ndarray], document_mask: bool) -> dict[str, torch.Tensor]:
-    """numpy micro-batch of dante.sft.sft_batches -> tensors for LossModule (doc_ids dropped when unmasked)."""
+    """numpy micro-batch of dante.sft_data.sft_batches -> tensors for LossModule (doc_ids dropped when unmasked)."""
     return {k: torch.from_numpy(v) for k, v in batch.items() if document_mask or k != "doc_ids"}
 
 

@@ -1,10 +1,10 @@
-"""dante.data: the tiered window sampler (determinism, resume, rank disjointness, proportions) and val windows."""
+"""dante.pretrain_data: the tiered window sampler (determinism, resume, rank disjointness, proportions) and val windows."""
 
 import numpy as np
 import pytest
 import torch
 
-from dante.data import DataError, TieredMemmapDataset, ValidationWindows, row_range
+from dante.pretrain_data import DataError, TieredMemmapDataset, ValidationWindows, row_range
 
 
 def make_tiers(seed=0):

@@ -27,7 +27,7 @@ torch.set_num_threads(1)
 
 from dante import checkpoint as ckpt  # noqa: E402
 from dante.config import ModelConfig, PretrainStageConfig, TrainConfig, to_dict  # noqa: E402
-from dante.data import TieredMemmapDataset, ValidationWindows, row_range  # noqa: E402
+from dante.pretrain_data import TieredMemmapDataset, ValidationWindows, row_range  # noqa: E402
 from dante.engine import Trainer, TrainingDiverged, adamw_param_groups, deepspeed_config, init_distributed, lr_at  # noqa: E402
 from dante.metrics import read_metrics  # noqa: E402
 from dante.model import Transformer  # noqa: E402

@@ -7,7 +7,7 @@ manifest). Models are tiny (dim 64, 2 layers) so each test takes seconds on one 
 
 How the chat test gets a model that says <|eot|> honestly: the tiny model is *trained* (a few dozen AdamW
 steps, plain loop, loss on the assistant turn and its <|eot|> like stage 6's weights) on one repeated
-conversation encoded by dante.sft.ChatEncoder, so it learns the answer and the stop; nothing in the
+conversation encoded by dante.sft_data.ChatEncoder, so it learns the answer and the stop; nothing in the
 weights is set by hand.
 """
 
@@ -30,7 +30,7 @@ from dante.errors import UserError
 from dante.export import hf_format, verify
 from dante.export import stage as stage_module  # the name "stage" is a parameter below
 from dante.model import Transformer
-from dante.sft import ChatEncoder
+from dante.sft_data import ChatEncoder
 from dante.tokenizer import load_tokenizer, train_tokenizer
 
 REPO = Path(__file__).resolve().parent.parent

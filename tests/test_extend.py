@@ -34,7 +34,7 @@ from dante import config as C  # noqa: E402
 from dante.artifacts import Stage, load_texts, read_json, stage_dir  # noqa: E402
 from dante.checkpoint import CHECKPOINTS, load_model  # noqa: E402
 from dante.cli import run_stage  # noqa: E402
-from dante.data import TieredMemmapDataset  # noqa: E402
+from dante.pretrain_data import TieredMemmapDataset  # noqa: E402
 from dante.engine import Trainer, init_distributed  # noqa: E402
 from dante.errors import UserError  # noqa: E402
 from dante.export.hf_format import llama_config_kwargs  # noqa: E402
@@ -326,7 +326,7 @@ def test_other_modes_store_their_scaling(pipeline, mode, expected):
 # it between two checkpoints.
 SLOW_DRIVER = """
 import runpy, sys, time
-from dante.data import TieredMemmapDataset
+from dante.pretrain_data import TieredMemmapDataset
 original = TieredMemmapDataset.batch
 def slow(self, *args):
     time.sleep(0.15)

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from dante import sft
+from dante import sft_data as sft
 from dante.artifacts import read_json
 from dante.cli import run_stage
 from dante.config import (

@@ -27,7 +27,7 @@ import torch
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 torch.set_num_threads(1)
 
-from dante import sft  # noqa: E402
+from dante import sft_data as sft  # noqa: E402
 from dante.artifacts import Stage, read_json, stage_dir  # noqa: E402
 from dante.checkpoint import CheckpointManager, latest_checkpoint, load_model  # noqa: E402
 from dante.cli import run_stage  # noqa: E402

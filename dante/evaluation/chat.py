@@ -1,6 +1,6 @@
 """``8_eval.py --chat``: talk to a checkpoint in the terminal, the answer streaming as it is generated.
 
-Each input line is a user turn, encoded with stage 6's chat format (``dante.sft.ChatEncoder``), and the
+Each input line is a user turn, encoded with stage 6's chat format (``dante.sft_data.ChatEncoder``), and the
 answer is sampled with ``eval.generation``'s settings until <|eot|> or <|end_of_text|>. The loop takes
 its input and output as functions (``read_line``, ``write``), so tests drive it with lists, and the
 script passes ``stdin_line()`` / ``stdout_write``. Nothing is written to the run folder.
@@ -19,7 +19,7 @@ from typing import Callable
 from dante import config as C
 from dante.evaluation.generation import SamplingParams, generate
 from dante.evaluation.loading import LoadedModel
-from dante.sft import ChatEncoder
+from dante.sft_data import ChatEncoder
 from dante.tokenizer import EOS_ID, EOT_ID
 
 

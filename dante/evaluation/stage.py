@@ -41,7 +41,7 @@ from dante.evaluation.perplexity import (
     token_byte_lengths,
     val_shard_documents,
 )
-from dante.sft import ChatEncoder
+from dante.sft_data import ChatEncoder
 from dante.shards import list_shards
 from dante.tokenizer import BOS_ID, EOS_ID, SPECIAL_TOKENS, load_tokenizer
 

@@ -7,7 +7,7 @@ custom code:
 - ``config.json`` (``LlamaForCausalLM``), ``generation_config.json`` (eos = <|eot|> and <|end_of_text|>,
   the sampling defaults of stage 8), ``model.safetensors`` (or shards + ``model.safetensors.index.json``);
 - ``tokenizer.json`` (stage 2's file, byte for byte), ``tokenizer_config.json`` (bos/eos/pad, context
-  length, the chat template of ``dante.sft.CHAT_TEMPLATE`` for an SFT checkpoint), ``special_tokens_map.json``;
+  length, the chat template of ``dante.sft_data.CHAT_TEMPLATE`` for an SFT checkpoint), ``special_tokens_map.json``;
 - ``README.md``, the model card (``dante/export/model_card.py``);
 - ``manifest.json`` last, with the verification results (it is never uploaded).
 
@@ -51,7 +51,7 @@ from dante.export.hf_format import (
 from dante.export.model_card import card_facts, render_model_card, short_number
 from dante.export.run_inputs import Source, generation_defaults, load_heldout, resolve_checkpoint, tokenizer_path
 from dante.export.verify import verify_export
-from dante.sft import CHAT_TEMPLATE
+from dante.sft_data import CHAT_TEMPLATE
 from dante.tokenizer import EOS, EOS_ID, EOT, EOT_ID, load_tokenizer
 
 FORMAT_VERSION = 1

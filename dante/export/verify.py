@@ -7,7 +7,7 @@ compares, each in its own ``_compare_*``:
   model's context (so a YaRN model is compared beyond its original length);
 - greedy continuations (stage 8's KV-cache generator vs ``generate``);
 - tokenizer ids and decoding (``AutoTokenizer`` vs ``dante.tokenizer``);
-- for an SFT model, chat-template ids (``apply_chat_template`` vs ``dante.sft.ChatEncoder``).
+- for an SFT model, chat-template ids (``apply_chat_template`` vs ``dante.sft_data.ChatEncoder``).
 
 For a bf16/fp16 export the native model runs with the exported weights (rounded, then upcast to fp32), so
 the comparison tests the conversion and not the rounding; the rounding's own effect on the logits is
@@ -30,7 +30,7 @@ from typing import Any
 import torch
 
 from dante import config as C
-from dante import sft
+from dante import sft_data as sft
 from dante.artifacts import read_manifest, stage_done
 from dante.errors import StageError, problems_message
 from dante.evaluation.generation import GREEDY, generate
@@ -303,7 +303,7 @@ def _compare_tokenizers(tokenizer, hf_tok, texts: list[str], failures: list[str]
 
 
 def _compare_chat_template(cfg: C.ExportStageConfig, tokenizer, hf_tok, failures: list[str]) -> dict:
-    """apply_chat_template (the exported Jinja) vs dante.sft.ChatEncoder (the training ids), whole
+    """apply_chat_template (the exported Jinja) vs dante.sft_data.ChatEncoder (the training ids), whole
     conversations and generation prompts."""
     encoder = sft.ChatEncoder(tokenizer)
     convs = sft_conversations(cfg, encoder, cfg.export.verify_conversations)
