@@ -6,10 +6,12 @@ Layout (docs/DESIGN.md, "Checkpoints")::
         model.safetensors      consolidated fp32 weights, Meta names, a tied matrix stored once
                                (as tok_embeddings.weight); what stages 5, 7, 8 and 9 load
         model_config.json      the ModelConfig as a dict (rope_scaling included)
-        train_state/           the training backend's state: DeepSpeed ``save_checkpoint`` shards
-                               (optimizer partitions per rank, module), or the torch optimizer; plus
+        train_state/           the training backend's state: DeepSpeed ``save_checkpoint`` shards in
+                               deepspeed/ (optimizer partitions per rank, module), or the torch optimizer;
+                               universal/ once a resume on another rank count converted them; plus
                                rng-rank<r>.pt, the python/numpy/torch(/cuda) RNG states of every rank
-        meta.json              step, tokens seen, loss, sampler state, stage config; written LAST
+        meta.json              step, tokens seen, loss, sampler state, stage config, the batch split
+                               (micro_batch, grad_accum, ranks) and past changes of rank count; written LAST
     <stage>/checkpoints/latest text file naming the newest complete step folder, replaced atomically
 
 Design choices
@@ -25,6 +27,18 @@ Design choices
   weights, not the bf16 copy used in forward.
 - Resuming with a different config is refused, naming the differing keys; keys that do not change
   the computation (how often to log/save/evaluate, how many to keep) may differ.
+- Rank 0 decides what to resume from (``plan_resume``) and broadcasts it: only rank 0 writes ``latest``
+  and meta.json, so ranks reading them for themselves could disagree (node-local folders, a save cut
+  short between two reads) and load a mix; every rank then confirms it sees the chosen folder.
+- Another number of GPUs resumes the same run: the global batch (micro_batch x grad_accum x ranks) is
+  kept by adjusting grad_accum (``resume_grad_accum``; the data order depends on the global batch only,
+  see dante/data.py and dante/sft_train.py), and stated in the log, meta.json and the manifest. A
+  global batch that does not split into whole micro-batches on the new rank count is refused with the
+  rank counts that work. DeepSpeed's per-rank optimizer partitions are re-cut through its universal
+  checkpoint format (dante/engine.py ``to_universal``): on CPU/gloo with torch AdamW under ZeRO-1/2
+  (fp32 and bf16) a 2 -> 1 and a 1 -> 2 resume restore the fp32 masters, exp_avg, exp_avg_sq and step
+  exactly and continue the uninterrupted loss curve bit for bit (tests/test_reshard.py), so no
+  format of our own is needed beside DeepSpeed's.
 
 Example::
 

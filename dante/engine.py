@@ -39,6 +39,13 @@ Design choices
   compiled graph is reused by every block).
 - Launch: ``python 4_pretrain.py`` runs one process (RANK/WORLD_SIZE/MASTER_* default to a single rank
   on a free port); ``deepspeed`` or ``torchrun`` launch many ranks / nodes, one per GPU.
+- Resume (``dante.checkpoint``): rank 0 picks the checkpoint before the backend is built, because a
+  resume on another number of ranks changes grad_accum (the global batch stays the checkpoint's) and
+  makes DeepSpeed load the optimizer state through its universal format (``to_universal``, converted
+  once by rank 0 into the checkpoint's train_state/universal/). Every DeepSpeed checkpoint carries the
+  ``universal_checkpoint_info`` that ``ds_to_universal`` requires.
+- DANTE_DATA_TRACE=<folder> makes every rank record the windows it is served (``TracedBatches``), for
+  tests that compare what runs split or resumed differently trained on; off by default.
 - Failure: a non-finite loss stops the run before the optimizer step, so the weights and the last
   checkpoint stay good, and the error names the step. SIGTERM/SIGINT set a flag checked between steps:
   the engine saves a checkpoint and returns ``stopped_by_signal``; a second SIGINT aborts at once.
