@@ -24,11 +24,11 @@ from dante import config as C
 from dante.artifacts import stage_dir, tokenizer_path
 from dante.checkpoint import check_vocab, training_resume_check
 from dante.cli import run_stage
-from dante.pretrain_data import DataError, TieredMemmapDataset, ValidationWindows
 from dante.engine import Trainer, init_distributed
 from dante.errors import UserError, raise_problems
 from dante.flops import preflight_report
 from dante.model import Transformer, count_parameters
+from dante.pretrain_data import DataError, TieredMemmapDataset, ValidationWindows
 from dante.tokenizer import load_tokenizer
 
 STAGE = "04_pretrain"

@@ -9,7 +9,7 @@ checkpoints (the init model's config, rope_scaling included), metrics.jsonl, Ten
 
 Resume: rerun the same command; the engine continues from the newest complete checkpoint on the same
 loss curve (SIGTERM/SIGINT save one first). Logic: dante/sft_train.py (plan, checks, batch sources),
-dante/engine.py (training), dante/sft.py (the packed format).
+dante/engine.py (training), dante/sft_data.py (the packed format).
 
 Examples:
     python 7_sft.py --config configs/tiny/sft.yaml
@@ -24,7 +24,7 @@ import signal
 
 from dante import config as C
 from dante.artifacts import read_manifest
-from dante.checkpoint import WEIGHTS, load_model, training_resume_check
+from dante.checkpoint import WEIGHTS, load_model, plan_resume, training_resume_check
 from dante.cli import run_stage
 from dante.engine import Trainer, init_distributed
 from dante.flops import preflight_report
@@ -55,15 +55,19 @@ def dry_run(cfg: C.SFTStageConfig, args) -> None:
 
 def main(stage, cfg: C.SFTStageConfig, args) -> None:
     dist = init_distributed(cfg.train.backend)
-    plan = plan_sft(cfg, dist.world_size, stage.require)  # every check before the weights are loaded
+    # resuming on another number of GPUs changes grad_accum, which the SFT order and step count depend on
+    resume = plan_resume(stage.dir, C.to_dict(cfg), cfg.train.micro_batch, cfg.train.grad_accum, dist.rank,
+                         dist.world_size)
+    run = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, grad_accum=resume.grad_accum))
+    plan = plan_sft(run, dist.world_size, stage.require)  # every check before the weights are loaded
     saved = stage.load_progress()
     check_same_init(saved, plan)
     if dist.is_main:
-        for line in plan.describe(cfg):
+        for line in plan.describe(run):
             log(line)
     model, model_cfg, init_meta = load_model(plan.checkpoint)
     attention = configure_document_attention(model, dist.device, cfg.train.compile)
-    t, s = cfg.train, cfg.sft
+    t, s = run.train, cfg.sft
     data = SFTBatches(plan.train, t.micro_batch, t.grad_accum, s.epochs, cfg.run.seed, s.document_mask, plan.data_id)
     val = SFTEvalBatches(plan.eval, t.micro_batch, s.document_mask) if plan.eval.n_blocks else None
     if val is None and dist.is_main:
@@ -71,8 +75,8 @@ def main(stage, cfg: C.SFTStageConfig, args) -> None:
     progress = {"init_checkpoint": init_identity(plan), "init_eval": saved.get("init_eval")}
     trainer = Trainer(model=model, model_cfg=model_cfg, train_cfg=dataclasses.replace(t, max_steps=plan.total_steps),
                       stage_dir=stage.dir, data=data, val_data=val, stage_config=C.to_dict(cfg), dist=dist, desc=STAGE,
-                      on_checkpoint=lambda step, path: stage.save_progress({**progress, "step": step, "checkpoint": str(path)}))
-    if "init_eval" not in saved and trainer.checkpoints.latest() is None:  # the starting point of the eval curve
+                      resume=resume, on_checkpoint=lambda step, path: stage.save_progress({**progress, "step": step, "checkpoint": str(path)}))
+    if "init_eval" not in saved and resume.step_dir is None:  # the starting point of the eval curve
         progress["init_eval"] = trainer.evaluate()  # collective: every rank
         if progress["init_eval"] and dist.is_main:
             log(f"eval loss of the init model: {progress['init_eval']['val_loss']:.4f}")

@@ -7,10 +7,12 @@ Layout (docs/DESIGN.md, "Checkpoints")::
         model.safetensors      consolidated fp32 weights, Meta names, a tied matrix stored once
                                (as tok_embeddings.weight); what stages 5, 7, 8 and 9 load
         model_config.json      the ModelConfig as a dict (rope_scaling included)
-        train_state/           the training backend's state: DeepSpeed ``save_checkpoint`` shards
-                               (optimizer partitions per rank, module), or the torch optimizer; plus
+        train_state/           the training backend's state: DeepSpeed ``save_checkpoint`` shards in
+                               deepspeed/ (optimizer partitions per rank, module), or the torch optimizer;
+                               universal/ once a resume on another rank count converted them; plus
                                rng-rank<r>.pt, the python/numpy/torch(/cuda) RNG states of every rank
-        meta.json              step, tokens seen, loss, sampler state, stage config; written LAST
+        meta.json              step, tokens seen, loss, sampler state, stage config, the batch split
+                               (micro_batch, grad_accum, ranks) and past changes of rank count; written LAST
     <stage>/checkpoints/latest text file naming the newest complete step folder, replaced atomically
 
 Design choices
@@ -26,6 +28,18 @@ Design choices
   weights, not the bf16 copy used in forward.
 - Resuming with a different config is refused, naming the differing keys; keys that do not change
   the computation (how often to log/save/evaluate, how many to keep) may differ.
+- Rank 0 decides what to resume from (``plan_resume``) and broadcasts it: only rank 0 writes ``latest``
+  and meta.json, so ranks reading them for themselves could disagree (node-local folders, a save cut
+  short between two reads) and load a mix; every rank then confirms it sees the chosen folder.
+- Another number of GPUs resumes the same run: the global batch (micro_batch x grad_accum x ranks) is
+  kept by adjusting grad_accum (``resume_grad_accum``; the data order depends on the global batch only,
+  see dante/pretrain_data.py and dante/sft_train.py), and stated in the log, meta.json and the manifest. A
+  global batch that does not split into whole micro-batches on the new rank count is refused with the
+  rank counts that work. DeepSpeed's per-rank optimizer partitions are re-cut through its universal
+  checkpoint format (dante/engine.py ``to_universal``): on CPU/gloo with torch AdamW under ZeRO-1/2
+  (fp32 and bf16) a 2 -> 1 and a 1 -> 2 resume restore the fp32 masters, exp_avg, exp_avg_sq and step
+  exactly and continue the uninterrupted loss curve bit for bit (tests/test_reshard.py), so no
+  format of our own is needed beside DeepSpeed's.
 
 - Identity and lineage (the last section) are read from files, never from names: a checkpoint's stage is
   the stage folder it lies in, and what it was built from is followed through the manifests' recorded
@@ -41,17 +55,19 @@ Example::
 from __future__ import annotations
 
 import json
+import os
 import pickle
 import random
 import re
 import shutil
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, Sequence
 
 import numpy as np
 import torch
+import torch.distributed as torch_dist
 from safetensors.torch import load_file, save_file
 
 from dante import config as C
@@ -86,13 +102,27 @@ _STEP_DIR = re.compile(r"^step-(\d{7,})$")
 RESUMABLE_KEYS = {"run.root"} | {f"train.{k}" for k in (
     "checkpoint_every", "keep_last", "eval_every", "eval_batches", "log_every", "assumed_tokens_per_sec",
     "peak_tflops", "expected_world_size")}
+#: may change only so that micro_batch x grad_accum x ranks stays the checkpoint's (``resume_grad_accum``).
+BATCH_SPLIT_KEY = "train.grad_accum"
 
 
 def training_resume_check(old: dict, new: dict, state: dict) -> str | None:
     """``Stage.open`` hook shared by the training stages (4, 5, 7): an unfinished run may resume under a
-    config that differs only in logging/saving cadence (RESUMABLE_KEYS); anything else changes the
-    training itself, so the reason is returned and the stage refuses."""
+    config that differs only in logging/saving cadence (RESUMABLE_KEYS), or in train.grad_accum when that
+    keeps the global batch of its newest checkpoint on the launcher's number of ranks (WORLD_SIZE, as
+    ``dante.engine.init_distributed`` reads it); anything else changes the training itself, so the reason
+    is returned and the stage refuses."""
     hard = [k for k in diff_configs(old, new) if k not in RESUMABLE_KEYS]
+    if BATCH_SPLIT_KEY in hard:
+        saved = state.get("checkpoint")
+        if saved and is_complete(Path(saved)):
+            train = new.get("train", {})
+            try:
+                resume_grad_accum(read_json(Path(saved) / META), train.get("micro_batch"), train.get("grad_accum"),
+                                  int(os.environ.get("WORLD_SIZE", "1")), Path(saved))
+            except CheckpointError as e:
+                return str(e)
+        hard.remove(BATCH_SPLIT_KEY)  # kept the global batch, or nothing was checkpointed yet
     return None if not hard else f"these keys change the training itself: {', '.join(hard)}"
 
 
@@ -108,7 +138,7 @@ class TrainStateBackend(Protocol):
 
     def barrier(self) -> None: ...
     def save_train_state(self, path: Path) -> None: ...
-    def load_train_state(self, path: Path) -> None: ...
+    def load_train_state(self, path: Path, saved_world_size: int | None = None) -> None: ...
     def full_state_dict(self) -> dict[str, torch.Tensor] | None: ...
 
 
@@ -138,6 +168,17 @@ def latest_checkpoint(root: Path) -> Path | None:
         if is_complete(named) and (not found or named == found[-1]):
             return named
     return found[-1] if found else None
+
+
+def remove_incomplete(root: Path) -> list[str]:
+    """Delete the step folders without meta.json under ``root`` (saves cut short by a crash); their names."""
+    removed = []
+    if root.is_dir():
+        for p in root.iterdir():
+            if _STEP_DIR.match(p.name) and not is_complete(p):
+                shutil.rmtree(p, ignore_errors=True)
+                removed.append(p.name)
+    return sorted(removed)
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
@@ -272,26 +313,23 @@ class CheckpointManager:
 
     def remove_incomplete(self) -> list[str]:
         """Delete step folders without meta.json (a save cut short by a crash); rank 0 only."""
-        removed = []
-        if self.is_main and self.root.is_dir():
-            for p in self.root.iterdir():
-                if _STEP_DIR.match(p.name) and not is_complete(p):
-                    shutil.rmtree(p, ignore_errors=True)
-                    removed.append(p.name)
+        removed = remove_incomplete(self.root) if self.is_main else []
         self.backend.barrier()
         return removed
 
-    def load(self, step_dir: Path, stage_config: dict, world_size: int) -> dict:
-        """Restore the backend state and RNG from ``step_dir`` after checking it belongs to this run."""
-        meta = read_json(step_dir / META)
-        check_resumable(meta, stage_config, step_dir)
-        if meta.get("world_size") != world_size:
-            raise CheckpointError(
-                f"{step_dir} was written by {meta.get('world_size')} rank(s), this run has {world_size}: the "
-                f"optimizer state is split per rank. Relaunch with {meta.get('world_size')} GPUs/processes, or "
-                "start a new run from its weights (they are consolidated in model.safetensors)")
-        self.backend.load_train_state(step_dir / TRAIN_STATE)
+    def load(self, plan: "ResumePlan") -> dict:
+        """Restore the backend state and RNG from the step folder of ``plan`` (``plan_resume`` checked that it
+        belongs to this run and that every rank sees it); returns its meta.
+
+        On another number of ranks than the checkpoint's the backend re-partitions the optimizer state
+        (``saved_world_size``); a rank the checkpoint had no RNG file for keeps the state it started with
+        (per-rank generators cannot be mapped onto another rank count, and training draws no random numbers).
+        """
+        step_dir, meta = plan.step_dir, plan.meta
+        self.backend.load_train_state(step_dir / TRAIN_STATE, saved_world_size=plan.saved_world_size)
         rng_file = step_dir / TRAIN_STATE / f"rng-rank{self.backend.rank}.pt"
+        if not rng_file.is_file() and self.backend.rank >= plan.saved_world_size:
+            return meta
         try:
             restore_rng(torch.load(rng_file, weights_only=False))
         except (OSError, pickle.UnpicklingError, KeyError) as e:
@@ -305,7 +343,8 @@ def check_resumable(meta: dict, stage_config: dict, where: Path) -> None:
     if not isinstance(saved, dict):
         raise CheckpointError(f"{where / META} has no stage config; it was not written by this engine")
     ours = json.loads(json.dumps(stage_config, default=str))  # as saved: JSON turns int dict keys into strings
-    differing = [k for k in diff_configs(saved, ours) if k not in RESUMABLE_KEYS]
+    # train.grad_accum: checked against the global batch by resume_grad_accum instead
+    differing = [k for k in diff_configs(saved, ours) if k not in RESUMABLE_KEYS and k != BATCH_SPLIT_KEY]
     if differing:
         shown = ", ".join(f"{k} ({_lookup(saved, k)!r} -> {_lookup(ours, k)!r})" for k in differing[:10])
         raise CheckpointError(
@@ -517,3 +556,138 @@ def tokenizer_problems(ref: CheckpointRef, model_cfg: C.ModelConfig, tokenizer, 
         p.append("HINT: checkpoint and tokenizer do not belong together: use the checkpoint with the run that "
                  "trained it (same run.name), or retrain from stage 3 with this tokenizer")
     return p
+
+
+# ---------------------------------------------------------------------------------------------------
+# Resuming: which checkpoint (decided by rank 0), and the batch split on this number of ranks
+# ---------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ResumePlan:
+    """What a training run resumes from; identical on every rank (rank 0 decides, ``plan_resume``)."""
+
+    step_dir: Path | None
+    """The complete step folder to load, or None: start at step 0."""
+    meta: dict | None
+    """Its meta.json as rank 0 read it."""
+    grad_accum: int
+    """The accumulation to train with: train.grad_accum, or the one that keeps the checkpoint's global batch."""
+    world_size: int
+    saved_world_size: int | None = None
+    note: str | None = None
+    """The batch adjustment in words (log and manifest), None when nothing changed."""
+    removed: list[str] = field(default_factory=list)
+    """Incomplete step folders rank 0 deleted."""
+
+    @property
+    def resharded(self) -> bool:
+        """Resuming on another number of ranks than the checkpoint was written by."""
+        return self.step_dir is not None and self.saved_world_size != self.world_size
+
+
+def saved_batch(meta: dict) -> tuple[int, int, int]:
+    """(micro_batch, grad_accum, ranks) a checkpoint trained with: its ``batch`` record, or for checkpoints
+    written before it existed, the config's train.* and the world size (grad_accum was never adjusted then)."""
+    batch, train = meta.get("batch") or {}, (meta.get("config") or {}).get("train") or {}
+    return (int(batch.get("micro_batch", train.get("micro_batch", 0))),
+            int(batch.get("grad_accum", train.get("grad_accum", 0))), int(meta.get("world_size") or 0))
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def resume_grad_accum(meta: dict, micro_batch: int, grad_accum: int, world_size: int, where: Path) -> tuple[int, str | None]:
+    """The grad_accum that resumes ``meta``'s run on ``world_size`` ranks with its global batch unchanged.
+
+    The global batch (sequences per optimizer step, micro_batch x grad_accum x ranks) is part of the run:
+    the data order (``dante.pretrain_data``, ``dante.sft_train``) and the LR schedule are functions of it. So a
+    resume on another number of ranks keeps it by changing grad_accum: train.grad_accum as the checkpoint's
+    config had it is adjusted, one the user set that already keeps the batch is taken, anything else is
+    refused, as is a batch that does not split into whole micro-batches on this many ranks.
+    Returns (grad_accum, note for the log, or None when nothing changed); raises CheckpointError.
+    """
+    b0, a0, w0 = saved_batch(meta)
+    g0 = b0 * a0 * w0
+    configured = ((meta.get("config") or {}).get("train") or {}).get("grad_accum", a0)
+    was = f"{g0} sequences per step ({b0} micro-batch x {a0} accumulation x {w0} rank(s))"
+    if micro_batch * grad_accum * world_size == g0:
+        if world_size == w0 and grad_accum == a0:
+            return grad_accum, None
+        return grad_accum, (f"resuming on {world_size} rank(s), the checkpoint's run had {w0}: grad_accum {a0} -> "
+                            f"{grad_accum} keeps the global batch of {was}")
+    if micro_batch != b0 or grad_accum != configured:
+        raise CheckpointError(
+            f"cannot resume from {where} with train.micro_batch={micro_batch} x train.grad_accum={grad_accum} x "
+            f"{world_size} rank(s) = {micro_batch * grad_accum * world_size} sequences per step: the checkpoint's run "
+            f"trained with a global batch of {was}.\n"
+            f"  HINT: keep train.micro_batch={b0}"
+            + (f" and set train.grad_accum={g0 // (b0 * world_size)} (or leave it at {configured}: the engine "
+               f"adjusts it)" if g0 % (b0 * world_size) == 0 else "")
+            + ", or pass --force to start the stage over with the new batch")
+    if g0 % (micro_batch * world_size):
+        fits = [str(w) for w in _divisors(g0 // micro_batch)]
+        raise CheckpointError(
+            f"cannot resume from {where} on {world_size} rank(s): its global batch of {was} does not split into "
+            f"whole micro-batches of {micro_batch} on {world_size} ranks ({g0} / ({micro_batch} x {world_size}) = "
+            f"{g0 / (micro_batch * world_size):g} accumulation steps).\n"
+            f"  HINT: launch {', '.join(fits)} rank(s) to continue this run, or pass --force to start the stage over "
+            "with a new global batch")
+    adjusted = g0 // (micro_batch * world_size)
+    return adjusted, (f"resuming on {world_size} rank(s), the checkpoint's run had {w0}: grad_accum {grad_accum} -> "
+                      f"{adjusted} keeps the global batch of {was}")
+
+
+def from_rank0(obj: Any, world_size: int) -> Any:
+    """``obj`` as rank 0 has it, on every rank (the other ranks' argument is ignored)."""
+    if world_size == 1:
+        return obj
+    box = [obj]
+    torch_dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def plan_resume(stage_dir: str | Path, stage_config: dict, micro_batch: int, grad_accum: int, rank: int,
+                world_size: int) -> ResumePlan:
+    """Rank 0 removes incomplete step folders, picks the newest complete checkpoint, checks its config and
+    the batch split, and broadcasts the decision; every rank then confirms that it sees that folder.
+
+    Why rank 0 alone: only rank 0 writes ``latest`` and meta.json, so with folders that are not shared
+    (node-local disks) other ranks would read another, older or no checkpoint and load a mix. A problem
+    found on rank 0 is broadcast too, so every rank raises the same CheckpointError instead of waiting
+    forever for a peer in the next collective. Collective: every rank calls it, before the backend exists.
+    """
+    root = Path(stage_dir) / CHECKPOINTS
+    decision: dict[str, Any] = {}
+    if rank == 0:
+        try:
+            removed = remove_incomplete(root)
+            latest = latest_checkpoint(root)
+            decision = {"name": None, "grad_accum": grad_accum, "removed": removed}
+            if latest is not None:
+                meta = read_json(latest / META)
+                check_resumable(meta, stage_config, latest)
+                accum, note = resume_grad_accum(meta, micro_batch, grad_accum, world_size, latest)
+                decision.update(name=latest.name, meta=meta, grad_accum=accum, note=note)
+        except (CheckpointError, OSError, ValueError) as e:  # ValueError: an unreadable meta.json
+            decision = {"error": str(e) if isinstance(e, CheckpointError) else f"cannot resume from {root}: {e}"}
+    decision = from_rank0(decision, world_size)
+    if "error" in decision:
+        raise CheckpointError(decision["error"])
+    if decision["name"] is None:
+        return ResumePlan(None, None, grad_accum, world_size, removed=decision["removed"])
+    step_dir = root / decision["name"]
+    seen = [is_complete(step_dir)]
+    if world_size > 1:
+        seen = [None] * world_size
+        torch_dist.all_gather_object(seen, is_complete(step_dir))
+    blind = [r for r, ok in enumerate(seen) if not ok]
+    if blind:
+        raise CheckpointError(
+            f"rank(s) {blind} cannot see {step_dir}, the checkpoint rank 0 resumes from: the checkpoint folder is "
+            "not shared by every rank (node-local disk?).\n"
+            "  HINT: put run.root on storage every node mounts at the same path (NFS, Lustre, ...)")
+    meta = decision["meta"]
+    return ResumePlan(step_dir, meta, decision["grad_accum"], world_size, saved_world_size=int(meta["world_size"]),
+                      note=decision["note"], removed=decision["removed"])

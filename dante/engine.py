@@ -39,6 +39,13 @@ Design choices
   compiled graph is reused by every block).
 - Launch: ``python 4_pretrain.py`` runs one process (RANK/WORLD_SIZE/MASTER_* default to a single rank
   on a free port); ``deepspeed`` or ``torchrun`` launch many ranks / nodes, one per GPU.
+- Resume (``dante.checkpoint``): rank 0 picks the checkpoint before the backend is built, because a
+  resume on another number of ranks changes grad_accum (the global batch stays the checkpoint's) and
+  makes DeepSpeed load the optimizer state through its universal format (``to_universal``, converted
+  once by rank 0 into the checkpoint's train_state/universal/). Every DeepSpeed checkpoint carries the
+  ``universal_checkpoint_info`` that ``ds_to_universal`` requires.
+- DANTE_DATA_TRACE=<folder> makes every rank record the windows it is served (``TracedBatches``), for
+  tests that compare what runs split or resumed differently trained on; off by default.
 - Failure: a non-finite loss stops the run before the optimizer step, so the weights and the last
   checkpoint stay good, and the error names the step. SIGTERM/SIGINT set a flag checked between steps:
   the engine saves a checkpoint and returns ``stopped_by_signal``; a second SIGINT aborts at once.
@@ -54,16 +61,20 @@ Example::
 
 from __future__ import annotations
 
+import argparse
+import contextlib
 import functools
+import hashlib
 import json
 import logging
 import math
 import os
+import shutil
 import signal
 import socket
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Iterator, Protocol
 
@@ -71,7 +82,7 @@ import torch
 import torch.distributed as torch_dist
 from torch import nn
 
-from dante.checkpoint import CheckpointError, CheckpointManager, step_dir_name
+from dante.checkpoint import TRAIN_STATE, CheckpointError, CheckpointManager, ResumePlan, from_rank0, plan_resume
 from dante.config import ModelConfig, TrainConfig
 from dante.errors import UserError
 from dante.flops import Peak, detect_peak, mfu, planned_steps, tokens_per_step, training_flops_per_token
@@ -342,19 +353,69 @@ class _BackendBase:
         return self.module.model
 
 
+DS_TAG = "deepspeed"
+"""train_state/deepspeed/: DeepSpeed's own checkpoint (module states, one optimizer partition file per rank)."""
+UNIVERSAL_TAG = "universal"
+"""train_state/universal/: the same state in DeepSpeed's universal format, made when a resume needs it."""
+
+
+def partitioned_optimizer(train_state: Path) -> bool:
+    """Whether DeepSpeed split the optimizer state of this checkpoint per rank (ZeRO-1/2, or bf16 at ZeRO-0:
+    files ``*optim_states.pt``); fp32 at ZeRO-0 keeps the whole torch optimizer state in the module file."""
+    return any((train_state / DS_TAG).glob("*optim_states.pt"))
+
+
+def to_universal(train_state: Path) -> Path:
+    """Convert train_state/deepspeed into train_state/universal with DeepSpeed's ``ds_to_universal``.
+
+    The universal format stores, per parameter, the full fp32 master, exp_avg, exp_avg_sq and step, so any
+    number of ranks can cut its own partition from it (``load_universal_checkpoint``). Done once per
+    checkpoint: the result is kept beside the shards and reused. Written to a temporary folder and renamed,
+    so a conversion cut short is never mistaken for a finished one. One worker process: the converter
+    forks workers otherwise, and forking a process that holds a CUDA context is unsafe. DeepSpeed's
+    progress output goes to train_state/universal.log instead of the training log.
+    """
+    from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
+
+    out = train_state / UNIVERSAL_TAG
+    if out.is_dir():
+        return out
+    tmp = train_state / f"{UNIVERSAL_TAG}.partial"
+    shutil.rmtree(tmp, ignore_errors=True)
+    args = argparse.Namespace(input_folder=str(train_state / DS_TAG), output_folder=str(tmp), num_extract_workers=1,
+                              num_merge_workers=1, keep_temp_folder=False, strict=True,
+                              inject_missing_state=True)  # checkpoints saved before the info was set
+    with open(train_state / f"{UNIVERSAL_TAG}.log", "w", encoding="utf-8") as log, \
+            contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+        ds_to_universal(args)
+    (train_state / "latest_universal").unlink(missing_ok=True)  # names the temporary folder; loads pass the tag
+    tmp.rename(out)
+    return out
+
+
 class DeepSpeedBackend(_BackendBase):
     name = "deepspeed"
 
-    def __init__(self, module: LossModule, cfg: TrainConfig, dist: DistInfo):
+    def __init__(self, module: LossModule, cfg: TrainConfig, dist: DistInfo, reshard: Path | None = None):
+        """``reshard``: the train_state/ folder of a checkpoint written by another number of ranks that this
+        engine will load; its partitioned optimizer state then goes through DeepSpeed's universal format,
+        which DeepSpeed reads only when the engine is built with ``checkpoint.load_universal`` on."""
         import deepspeed
+        from deepspeed.checkpoint import UNIVERSAL_CHECKPOINT_INFO, UNIVERSAL_CHECKPOINT_VERSION_KEY
+        from deepspeed.checkpoint.constants import UNIVERSAL_CHECKPOINT_VERSION_VALUE
 
         super().__init__(module, dist)
         groups, self.param_summary = adamw_param_groups(module.model, cfg.weight_decay)
         optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
                                       fused=dist.device.type == "cuda")
         module.to(dist.device)
-        self.engine, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer,
-                                                    config=deepspeed_config(cfg, dist.world_size))
+        # save_checkpoint stores this in mp_rank_00_model_states.pt; ds_to_universal refuses a checkpoint
+        # without it. A plain data-parallel model has no tensor-parallel slicing to describe: the version only.
+        setattr(module, UNIVERSAL_CHECKPOINT_INFO, {UNIVERSAL_CHECKPOINT_VERSION_KEY: UNIVERSAL_CHECKPOINT_VERSION_VALUE})
+        self.universal = reshard is not None and partitioned_optimizer(reshard)
+        ds_config = deepspeed_config(cfg, dist.world_size)
+        ds_config["checkpoint"] = {**ds_config.get("checkpoint", {}), "load_universal": self.universal}
+        self.engine, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, config=ds_config)
         self.module = self.engine.module
 
     def forward(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
@@ -377,13 +438,31 @@ class DeepSpeedBackend(_BackendBase):
 
     def save_train_state(self, path: Path) -> None:
         # everything DeepSpeed writes (shards, its recovery scripts) stays inside train_state/
-        self.engine.save_checkpoint(str(path), tag="deepspeed", save_latest=False)
+        self.engine.save_checkpoint(str(path), tag=DS_TAG, save_latest=False)
 
-    def load_train_state(self, path: Path) -> None:
-        loaded, _ = self.engine.load_checkpoint(str(path), tag="deepspeed", load_optimizer_states=True,
+    def load_train_state(self, path: Path, saved_world_size: int | None = None) -> None:
+        """The checkpoint's state; written by another number of ranks, via the universal format (see
+        ``to_universal``) when the optimizer state is partitioned, as is: when it is not (ZeRO-0 in fp32)."""
+        tag = DS_TAG
+        if saved_world_size not in (None, self.world_size) and self.universal:
+            problem = None
+            if self.rank == 0:  # one conversion, on the shared checkpoint folder; the others wait for it
+                try:
+                    to_universal(path)
+                except Exception as e:  # any failure must reach every rank, or they wait forever
+                    problem = f"converting {path / DS_TAG} to DeepSpeed's universal format failed: {type(e).__name__}: {e}"
+            problem = from_rank0(problem, self.world_size)
+            if problem:
+                raise CheckpointError(f"{problem}\n  HINT: resume on {saved_world_size} rank(s), as the checkpoint was "
+                                      "written, or see the log in the checkpoint's train_state/")
+            tag = UNIVERSAL_TAG
+        elif saved_world_size not in (None, self.world_size) and partitioned_optimizer(path):
+            raise CheckpointError(f"{path} was written by {saved_world_size} rank(s) with a partitioned optimizer "
+                                  "state, but this engine was not built to re-partition it (Trainer passes reshard=)")
+        loaded, _ = self.engine.load_checkpoint(str(path), tag=tag, load_optimizer_states=True,
                                                 load_lr_scheduler_states=False, load_module_strict=True)
         if loaded is None:
-            raise CheckpointError(f"DeepSpeed found no state under {path}/deepspeed")
+            raise CheckpointError(f"DeepSpeed found no state under {path / tag}")
 
     def full_state_dict(self) -> dict[str, torch.Tensor] | None:
         from deepspeed.utils import safe_get_full_fp32_param
@@ -400,7 +479,8 @@ class TorchBackend(_BackendBase):
 
     name = "torch"
 
-    def __init__(self, module: LossModule, cfg: TrainConfig, dist: DistInfo):
+    def __init__(self, module: LossModule, cfg: TrainConfig, dist: DistInfo, reshard: Path | None = None):
+        # reshard: never needed, one process writes and reads the whole optimizer state
         super().__init__(module, dist)
         module.to(dist.device)
         groups, self.param_summary = adamw_param_groups(module.model, cfg.weight_decay)
@@ -436,7 +516,7 @@ class TorchBackend(_BackendBase):
         with atomic_path(path / "optimizer.pt") as tmp:
             torch.save(self.optimizer.state_dict(), tmp)
 
-    def load_train_state(self, path: Path) -> None:
+    def load_train_state(self, path: Path, saved_world_size: int | None = None) -> None:
         from dante.checkpoint import WEIGHTS, load_weights_into
 
         load_weights_into(self.model, path.parent / WEIGHTS, self.model.cfg.tie_embeddings)
@@ -478,6 +558,44 @@ class StopFlag:
 
 
 # ---------------------------------------------------------------------------------------------------
+# Data trace (tests and debugging)
+# ---------------------------------------------------------------------------------------------------
+
+TRACE_ENV = "DANTE_DATA_TRACE"
+"""A folder: when set, every rank records the micro-batches it is served (``TracedBatches``)."""
+
+
+class TracedBatches:
+    """A batch source that appends, for every micro-batch it serves, one JSON line to
+    ``<folder>/rank<r>-pid<p>.jsonl``: step, micro_step, rank, world_size and a short sha256 of every row
+    (its tokens and targets). Tests read it to check that runs split over other rank counts or resumed
+    elsewhere train on the same windows. Only with DANTE_DATA_TRACE set: it costs a hash per row."""
+
+    def __init__(self, inner: BatchSource, folder: Path, rank: int):
+        self.inner = inner
+        folder.mkdir(parents=True, exist_ok=True)
+        self._file = open(folder / f"rank{rank}-pid{os.getpid()}.jsonl", "a", encoding="utf-8")
+        self._lock = threading.Lock()  # a prefetching loader may call batch() from another thread
+
+    def batch(self, step: int, micro_step: int, rank: int, world_size: int) -> dict[str, torch.Tensor]:
+        out = self.inner.batch(step, micro_step, rank, world_size)
+        rows = [hashlib.sha256(t.numpy().tobytes() + y.numpy().tobytes()).hexdigest()[:16]
+                for t, y in zip(out["tokens"], out["targets"])]
+        line = json.dumps({"step": step, "micro_step": micro_step, "rank": rank, "world_size": world_size,
+                           "rows": rows})
+        with self._lock:
+            self._file.write(line + "\n")
+            self._file.flush()
+        return out
+
+    def state_dict(self) -> dict:
+        return self.inner.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.inner.load_state_dict(state)
+
+
+# ---------------------------------------------------------------------------------------------------
 # The trainer
 # ---------------------------------------------------------------------------------------------------
 
@@ -500,9 +618,18 @@ class Trainer:
 
     def __init__(self, *, model: Transformer, model_cfg: ModelConfig, train_cfg: TrainConfig, stage_dir: str | Path,
                  data: BatchSource, stage_config: dict, dist: DistInfo, val_data: ValSource | None = None,
-                 desc: str = "train", on_checkpoint: Callable[[int, Path], None] | None = None):
-        self.cfg, self.model_cfg, self.dist, self.desc = train_cfg, model_cfg, dist, desc
+                 desc: str = "train", on_checkpoint: Callable[[int, Path], None] | None = None,
+                 resume: ResumePlan | None = None):
+        """``resume``: what to resume from, when the stage needed it before building its data (stage 7: the
+        SFT order and step count depend on the accumulation); by default decided here (``plan_resume``)."""
         self.stage_dir = Path(stage_dir)
+        self.resume_plan = resume or plan_resume(self.stage_dir, stage_config, train_cfg.micro_batch,
+                                                 train_cfg.grad_accum, dist.rank, dist.world_size)
+        if self.resume_plan.grad_accum != train_cfg.grad_accum:  # the checkpoint's global batch on this many ranks
+            train_cfg = replace(train_cfg, grad_accum=self.resume_plan.grad_accum)
+        self.cfg, self.model_cfg, self.dist, self.desc = train_cfg, model_cfg, dist, desc
+        if os.environ.get(TRACE_ENV):
+            data = TracedBatches(data, Path(os.environ[TRACE_ENV]), dist.rank)
         self.data, self.val_data = data, val_data
         self.stage_config = stage_config
         self.on_checkpoint = on_checkpoint  # rank 0, after each complete checkpoint (e.g. Stage.save_progress)
@@ -511,8 +638,12 @@ class Trainer:
         self.flops_per_token = training_flops_per_token(model_cfg, train_cfg.seq_len)
         self.peak: Peak | None = detect_peak(train_cfg.fp8, train_cfg.peak_tflops)
         self.transforms = self._prepare(model)
-        self.backend = BACKENDS[train_cfg.backend](LossModule(model, train_cfg.loss_chunk_size), train_cfg, dist)
+        reshard = self.resume_plan.step_dir / TRAIN_STATE if self.resume_plan.resharded else None
+        self.backend = BACKENDS[train_cfg.backend](LossModule(model, train_cfg.loss_chunk_size), train_cfg, dist,
+                                                   reshard=reshard)
         self.checkpoints = CheckpointManager(self.stage_dir, train_cfg.keep_last, self.backend)
+        self.saved_step: int | None = None  # step of the checkpoint last written or loaded, the same on every rank
+        self.reshards: list[dict] = []  # every change of rank count of this run, carried from checkpoint to checkpoint
         self.step = 0
         self.tokens_seen = 0
         self.last_loss: float | None = None
@@ -533,27 +664,37 @@ class Trainer:
 
     # -- resume -------------------------------------------------------------------------------------
     def resume(self) -> int:
-        """Load the newest complete checkpoint of this stage, if any; returns the step to continue from."""
-        removed = self.checkpoints.remove_incomplete()
-        latest = self.checkpoints.latest()
-        if latest is None:
+        """Load the checkpoint ``plan_resume`` chose (the same on every rank), if any; returns the step to continue from."""
+        plan = self.resume_plan
+        if plan.step_dir is None:
             return 0
-        meta = self.checkpoints.load(latest, self.stage_config, self.dist.world_size)
+        meta = self.checkpoints.load(plan)
         try:
             self.data.load_state_dict(meta["data"])
         except ValueError as e:
-            raise CheckpointError(f"cannot resume from {latest}: {e}") from None
+            raise CheckpointError(f"cannot resume from {plan.step_dir}: {e}") from None
         self.step, self.tokens_seen = int(meta["step"]), int(meta["tokens_seen"])
         self.last_loss, self.last_val_loss = meta.get("loss"), meta.get("val_loss")
-        if removed and self.dist.is_main:
-            print(f"[{self.desc}] removed incomplete checkpoint folder(s) {removed}", flush=True)
+        self.saved_step = self.step
+        self.reshards = list(meta.get("reshards", []))
+        if plan.resharded:
+            self.reshards.append({"step": self.step, "from_world_size": plan.saved_world_size,
+                                  "to_world_size": self.dist.world_size, "grad_accum": self.cfg.grad_accum,
+                                  "optimizer_state": "universal" if getattr(self.backend, "universal", False) else "as saved"})
+        if plan.removed and self.dist.is_main:
+            print(f"[{self.desc}] removed incomplete checkpoint folder(s) {plan.removed}", flush=True)
         return self.step
 
     def save_checkpoint(self) -> Path:
         meta = {"tokens_seen": self.tokens_seen, "loss": self.last_loss, "val_loss": self.last_val_loss,
                 "data": self.data.state_dict(), "config": self.stage_config, "stage": self.desc,
-                "backend": self.backend.name, "transforms": self.transforms}
+                "backend": self.backend.name, "transforms": self.transforms,
+                "batch": {"micro_batch": self.cfg.micro_batch, "grad_accum": self.cfg.grad_accum,
+                          "world_size": self.dist.world_size,
+                          "global_batch": self.cfg.micro_batch * self.cfg.grad_accum * self.dist.world_size},
+                "reshards": self.reshards}
         path = self.checkpoints.save(self.step, self.model_cfg, meta)
+        self.saved_step = self.step
         if self.on_checkpoint is not None and self.dist.is_main:
             self.on_checkpoint(self.step, path)
         return path
@@ -627,6 +768,8 @@ class Trainer:
         log = MetricsLogger(self.stage_dir, dist.is_main, start, self.total_steps, self.desc)
         if start:
             log.note(f"resumed from checkpoint step {start} ({self.tokens_seen:,} tokens seen)")
+        if start and self.resume_plan.note:
+            log.note(self.resume_plan.note)
         if start >= self.total_steps:
             log.close()
             return self._result(start, None)
@@ -641,8 +784,7 @@ class Trainer:
                     if out is None:  # a rank got SIGTERM/SIGINT: save where we are and leave cleanly
                         stopped = flag.signum or signal.SIGTERM
                         log.note(f"stop signal received: saving a checkpoint at step {self.step}")
-                        latest = self.checkpoints.latest()
-                        if latest is None or latest.name != step_dir_name(self.step):  # not just saved
+                        if self.saved_step != self.step:  # not just saved (or resumed from)
                             self.save_checkpoint()
                         break
                     step_s = time.perf_counter() - t0
@@ -680,7 +822,10 @@ class Trainer:
                                   "world_size": self.dist.world_size, "total_steps": self.total_steps,
                                   "flops_per_token": self.flops_per_token,
                                   "peak": self.peak.label if self.peak else None,
-                                  "optimizer_groups": self.backend.param_summary})
+                                  "optimizer_groups": self.backend.param_summary,
+                                  "batch": {"micro_batch": self.cfg.micro_batch, "grad_accum": self.cfg.grad_accum,
+                                            "global_batch": self.tokens_per_step // self.cfg.seq_len},
+                                  "reshards": self.reshards})
 
 
 __all__ = ["Trainer", "TrainResult", "TrainingDiverged", "DistInfo", "init_distributed", "lr_at", "adamw_param_groups",

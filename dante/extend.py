@@ -54,7 +54,6 @@ import torch
 from dante import config as C
 from dante.artifacts import atomic_write_json, atomic_write_text, read_json, read_manifest, stage_dir, tokenizer_path
 from dante.checkpoint import META, WEIGHTS, checkpoint_ref, load_weights_into, read_model_config, tokenizer_problems
-from dante.pretrain_data import DataError, TieredMemmapDataset, ValidationWindows
 from dante.errors import StageError, UserError, problems_message
 from dante.evaluation import long_context as lc
 from dante.evaluation.loading import resolve_autocast
@@ -62,6 +61,7 @@ from dante.evaluation.perplexity import encode_texts, split_special
 from dante.evaluation.report import plot_positions
 from dante.evaluation.stage import read_heldout  # stage 8's reader and checks of the same {lang: path} mapping
 from dante.model import Transformer
+from dante.pretrain_data import DataError, TieredMemmapDataset, ValidationWindows
 from dante.report_format import markdown_table as md_table
 from dante.shards import ShardReader, list_shards
 from dante.tokenizer import BOS_ID, EOS_ID, SPECIAL_TOKENS, load_tokenizer

@@ -906,6 +906,26 @@ def num_sft_batches(n_blocks: int, micro_batch: int, world_size: int = 1) -> int
     return -(-per_rank // micro_batch)
 
 
+def epoch_order(n_blocks: int, seed: int, epoch: int, shuffle: bool = True) -> np.ndarray:
+    """The block order of one epoch: a permutation seeded by (seed, epoch), or 0..n-1 unshuffled."""
+    return np.random.default_rng([seed, epoch]).permutation(n_blocks) if shuffle else np.arange(n_blocks)
+
+
+def sft_micro_batch(packed: PackedSFT, rows: np.ndarray, micro_batch: int) -> dict[str, np.ndarray]:
+    """One micro-batch of the blocks ``rows`` (at most ``micro_batch``; the rest is padding, weight 0)."""
+    rows = np.sort(rows)  # sorted: sequential memmap reads
+    k, T = len(rows), packed.block_size
+    tokens = np.full((micro_batch, T), packed.pad_id, np.int64)
+    weights = np.zeros((micro_batch, T), np.float32)
+    docs = np.full((micro_batch, T), PAD_DOC_ID, np.int64)
+    pos = np.zeros((micro_batch, T), np.int64)
+    if k:
+        tokens[:k], weights[:k] = packed.tokens[rows], packed.weights[rows]
+        docs[:k], pos[:k] = packed.doc_ids[rows], packed.positions[rows]
+    targets, target_w = shifted_targets(tokens, weights, docs, packed.pad_id)
+    return {"tokens": tokens, "targets": targets, "weights": target_w, "positions": pos, "doc_ids": docs}
+
+
 def sft_batches(
     packed: PackedSFT, micro_batch: int, *, shuffle: bool = True, seed: int = 0, epoch: int = 0,
     rank: int = 0, world_size: int = 1, start: int = 0,
@@ -917,20 +937,6 @@ def sft_batches(
     round-robin; every rank yields the same number of batches (missing rows are all-padding, weight 0).
     ``start`` skips that many batches (resume). The loss is sum(w * ce) / sum(w) over the accumulation window.
     """
-    n = packed.n_blocks
-    order = np.random.default_rng([seed, epoch]).permutation(n) if shuffle else np.arange(n)
-    mine = order[rank::world_size]
-    total = num_sft_batches(n, micro_batch, world_size)
-    T = packed.block_size
-    for b in range(start, total):
-        rows = np.sort(mine[b * micro_batch : (b + 1) * micro_batch])  # sorted: sequential memmap reads
-        k = len(rows)
-        tokens = np.full((micro_batch, T), packed.pad_id, np.int64)
-        weights = np.zeros((micro_batch, T), np.float32)
-        docs = np.full((micro_batch, T), PAD_DOC_ID, np.int64)
-        pos = np.zeros((micro_batch, T), np.int64)
-        if k:
-            tokens[:k], weights[:k] = packed.tokens[rows], packed.weights[rows]
-            docs[:k], pos[:k] = packed.doc_ids[rows], packed.positions[rows]
-        targets, target_w = shifted_targets(tokens, weights, docs, packed.pad_id)
-        yield {"tokens": tokens, "targets": targets, "weights": target_w, "positions": pos, "doc_ids": docs}
+    mine = epoch_order(packed.n_blocks, seed, epoch, shuffle)[rank::world_size]
+    for b in range(start, num_sft_batches(packed.n_blocks, micro_batch, world_size)):
+        yield sft_micro_batch(packed, mine[b * micro_batch : (b + 1) * micro_batch], micro_batch)

@@ -7,14 +7,18 @@ other and the config), then runs ``dante.engine.Trainer`` over ``SFTBatches`` (t
 positions in dante/model.py, the weighted loss in dante/loss.py, its normalization in dante/engine.py.
 
 Design choices
-- Epochs by counting, random access by step. A run is a sequence of micro-batches
-  g = step * grad_accum + micro_step; g is micro-batch g % per_epoch of epoch g // per_epoch, where
-  per_epoch is the micro-batches per rank in one pass (``dante.sft_data.num_sft_batches``). Every epoch is a
-  new permutation of the blocks seeded by (run.seed, epoch) (``dante.sft_data.sft_batches``), so a resumed run
-  asks for step s and gets what the uninterrupted run trained on at s, with no loader state to save.
-  The engine asks for micro-batches in order, so one epoch iterator is kept and advanced; any other
-  request rebuilds it at the index asked for.
-- Steps = ceil(epochs * per_epoch / grad_accum). When that does not divide evenly, the last step is
+- Epochs by counting, random access by step. A run is one stream of micro-batches numbered
+  g = (step * grad_accum + micro_step) * world_size + rank; g is micro-batch g % per_epoch of epoch
+  g // per_epoch, where per_epoch = ceil(blocks / micro_batch) is one pass in micro-batches
+  (``dante.sft_data.num_sft_batches`` of one rank). Every epoch is a new permutation of the blocks seeded by
+  (run.seed, epoch) (``dante.sft_data.epoch_order``), so a resumed run asks for step s and gets what the
+  uninterrupted run trained on at s, with no loader state to save. A step covers the micro-batches
+  g in [s * A * W, (s + 1) * A * W) (A = grad_accum, W = ranks): the same blocks however the global
+  batch A * W is split, so 2 ranks x accumulation A train on what 1 rank x 2A does, and a run can resume
+  on another number of GPUs (the engine adjusts A, ``dante.checkpoint.resume_grad_accum``). Dealing
+  the blocks of an epoch round-robin to ranks instead would pad each epoch to a multiple of
+  micro_batch * W and move the epoch boundaries with W.
+- Steps = ceil(epochs * per_epoch / (grad_accum * W)). When that does not divide evenly, the last step is
   completed with micro-batches whose weights are all 0 (shape-true batches of the next permutation):
   they add nothing to the loss or the gradient, because the engine divides by the weight total of the
   step, and every rank still runs grad_accum forwards, which the collectives need.
@@ -54,9 +58,15 @@ import torch
 
 from dante import config as C
 from dante.artifacts import MANIFEST, file_sha256, stage_dir, tokenizer_path
-from dante.checkpoint import META, checkpoint_ref, newest_finished, read_model_config, tokenizer_problems
+from dante.checkpoint import (
+    META,
+    checkpoint_ref,
+    newest_finished,
+    read_model_config,
+    tokenizer_problems,
+)
 from dante.errors import StageError, UserError, raise_problems
-from dante.sft_data import PackedSFT, load_packed, num_sft_batches, sft_batches
+from dante.sft_data import PackedSFT, epoch_order, load_packed, num_sft_batches, sft_batches, sft_micro_batch
 from dante.tokenizer import load_tokenizer
 
 # ---------------------------------------------------------------------------------------------------
@@ -71,7 +81,7 @@ def _to_torch(batch: dict[str, np.ndarray], document_mask: bool) -> dict[str, to
 
 def epoch_steps(n_blocks: int, micro_batch: int, grad_accum: int, epochs: int, world_size: int) -> int:
     """Optimizer steps that cover ``epochs`` passes over ``n_blocks`` (the last one padded, see above)."""
-    return -(-epochs * num_sft_batches(n_blocks, micro_batch, world_size) // grad_accum)
+    return -(-epochs * num_sft_batches(n_blocks, micro_batch) // (grad_accum * world_size))
 
 
 class SFTBatches:
@@ -83,22 +93,19 @@ class SFTBatches:
             raise UserError("the SFT training split has no blocks; rebuild stage 6 with more conversations")
         self.packed, self.micro_batch, self.grad_accum = packed, micro_batch, grad_accum
         self.epochs, self.seed, self.document_mask, self.data_id = epochs, seed, document_mask, data_id
-        self._cursor: tuple | None = None  # (epoch, rank, world_size, next index, iterator)
+        self._order: tuple[int, np.ndarray] | None = None  # (epoch, its block order): the epoch asked for last
 
-    def locate(self, step: int, micro_step: int, world_size: int) -> tuple[int, int]:
+    def locate(self, step: int, micro_step: int, world_size: int, rank: int = 0) -> tuple[int, int]:
         """(epoch, micro-batch index in that epoch) of a micro-step; epoch == epochs means padding."""
-        per_epoch = num_sft_batches(self.packed.n_blocks, self.micro_batch, world_size)
-        return divmod(step * self.grad_accum + micro_step, per_epoch)
+        per_epoch = num_sft_batches(self.packed.n_blocks, self.micro_batch)
+        return divmod((step * self.grad_accum + micro_step) * world_size + rank, per_epoch)
 
     def batch(self, step: int, micro_step: int, rank: int, world_size: int) -> dict[str, torch.Tensor]:
-        epoch, index = self.locate(step, micro_step, world_size)
-        key = (epoch, rank, world_size)
-        if self._cursor is None or self._cursor[:3] != key or self._cursor[3] != index:
-            it = sft_batches(self.packed, self.micro_batch, seed=self.seed, epoch=epoch, rank=rank,
-                             world_size=world_size, start=index)
-            self._cursor = (*key, index, it)
-        batch = next(self._cursor[4])
-        self._cursor = (*key, index + 1, self._cursor[4])
+        epoch, index = self.locate(step, micro_step, world_size, rank)
+        if self._order is None or self._order[0] != epoch:
+            self._order = (epoch, epoch_order(self.packed.n_blocks, self.seed, epoch))
+        b = self.micro_batch
+        batch = sft_micro_batch(self.packed, self._order[1][index * b:(index + 1) * b], b)
         if epoch >= self.epochs:  # completes the last step only: contributes nothing (see module docstring)
             batch["weights"][:] = 0.0
         return _to_torch(batch, self.document_mask)
@@ -110,8 +117,9 @@ class SFTBatches:
                 "block_size": self.packed.block_size, "document_mask": self.document_mask, "data": self.data_id}
 
     def load_state_dict(self, state: dict) -> None:
+        # grad_accum may differ: the order depends on the global batch, which the engine keeps on resume
         mine = self.state_dict()
-        differing = [k for k in mine if state.get(k) != mine[k]]
+        differing = [k for k in mine if k != "grad_accum" and state.get(k) != mine[k]]
         if differing:
             raise ValueError(f"the SFT data or its order differ from the checkpoint's in {', '.join(differing)} "
                              "(was 06_sft_data rebuilt?); resuming would not continue the same run. Restore it, "
@@ -232,7 +240,7 @@ def plan_sft(cfg: C.SFTStageConfig, world_size: int, require: Callable[[str], di
     weighted = float(m6.get("counts", {}).get("train", {}).get("weighted_tokens", 0.0))
     if train.n_blocks == 0 or weighted <= 0:
         raise UserError(f"{sft_dir}: the training split has no weighted tokens; check stage 6's sources")
-    per_epoch = num_sft_batches(train.n_blocks, t.micro_batch, world_size)
+    per_epoch = num_sft_batches(train.n_blocks, t.micro_batch) / world_size
     planned = epoch_steps(train.n_blocks, t.micro_batch, t.grad_accum, cfg.sft.epochs, world_size)
     if t.max_steps > planned:
         raise UserError(f"train.max_steps={t.max_steps} exceeds the {planned} steps of sft.epochs={cfg.sft.epochs} "

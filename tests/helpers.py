@@ -1,14 +1,17 @@
 """Helpers shared by several test files: stage folders written through the real Stage lifecycle and
-writers (02_tokenizer, 03_shards from lists of texts), and the SFT sample's raw lines."""
+writers (02_tokenizer, 03_shards from lists of texts, or both from the held-out sample for stage 4),
+and the SFT sample's raw lines."""
 
 from __future__ import annotations
 
+import gzip
+import json
 from pathlib import Path
 
 import numpy as np
 
-from dante.artifacts import Stage
-from dante.config import RunConfig, TokenizerStageConfig
+from dante.artifacts import Stage, stage_dir
+from dante.config import RunConfig, ShardsStageConfig, TokenizerStageConfig
 from dante.shards import ShardHeader, shard_name, tokenizer_sha16, write_shard
 from dante.tokenizer import EOS_ID
 
@@ -42,3 +45,23 @@ def write_text_shards(st: Stage, tokenizer, tokenizer_path: Path, streams: dict[
         write_shard(st.dir / shard_name(tier, split, 0), np.array(tokens, dtype=np.uint16), np.array(starts), header)
         names[split][str(tier)] = [shard_name(tier, split, 0)]
     st.finish(outputs={"shards": names, "dtype": "uint16", "eos_id": EOS_ID})
+
+
+def _sample_texts(path: Path) -> list[str]:
+    with gzip.open(path, "rt", encoding="utf-8") as f:
+        return [json.loads(line)["text"] for line in f]
+
+
+def write_pretrain_inputs(run: RunConfig) -> int:
+    """02_tokenizer (a 600-token tokenizer trained here) and 03_shards (tier 1 Italian, tier 2 code, a val
+    split) from data/sample/heldout: what stage 4 needs. Returns the vocabulary size."""
+    from dante.tokenizer import train_tokenizer
+
+    heldout = ROOT / "data" / "sample" / "heldout"
+    it, code = _sample_texts(heldout / "it.jsonl.gz"), _sample_texts(heldout / "code.jsonl.gz")
+    tokenizer = train_tokenizer(it + code, vocab_size=600, n_reserved=8, pinned_chars=[])
+    write_tokenizer_stage(run, tokenizer)
+    st = Stage.open(ShardsStageConfig(run=run), "03_shards")
+    write_text_shards(st, tokenizer, stage_dir(run, "02_tokenizer") / "tokenizer.json",
+                      {(1, "train"): it[:-4], (2, "train"): code[:-1], (1, "val"): it[-4:] + code[-1:]})
+    return tokenizer.get_vocab_size()

@@ -27,10 +27,10 @@ torch.set_num_threads(1)
 
 from dante import checkpoint as ckpt  # noqa: E402
 from dante.config import ModelConfig, PretrainStageConfig, TrainConfig, to_dict  # noqa: E402
-from dante.pretrain_data import TieredMemmapDataset, ValidationWindows, row_range  # noqa: E402
 from dante.engine import Trainer, TrainingDiverged, adamw_param_groups, deepspeed_config, init_distributed, lr_at  # noqa: E402
 from dante.metrics import read_metrics  # noqa: E402
 from dante.model import Transformer  # noqa: E402
+from dante.pretrain_data import TieredMemmapDataset, ValidationWindows, row_range  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 MODEL = dict(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=97, max_seq_len=64, multiple_of=32)
@@ -388,30 +388,14 @@ def test_sigkill_then_sigterm_then_resume_reproduce_the_uninterrupted_curve(tmp_
 # ---------------------------------------------------------------------------------------------------
 
 
-def _texts(path: Path) -> list[str]:
-    import gzip
-
-    with gzip.open(path, "rt", encoding="utf-8") as f:
-        return [json.loads(line)["text"] for line in f]
-
-
 @pytest.fixture(scope="module")
 def shard_run(tmp_path_factory):
     """A run folder with 02_tokenizer (a throwaway tokenizer) and 03_shards written by dante.shards' writer."""
-    from dante.artifacts import Stage, stage_dir
-    from dante.config import RunConfig, ShardsStageConfig
-    from dante.tokenizer import train_tokenizer
-    from tests.helpers import write_text_shards, write_tokenizer_stage
+    from dante.config import RunConfig
+    from tests.helpers import write_pretrain_inputs
 
-    heldout = REPO / "data" / "sample" / "heldout"
-    it, code = _texts(heldout / "it.jsonl.gz"), _texts(heldout / "code.jsonl.gz")
-    tokenizer = train_tokenizer(it + code, vocab_size=600, n_reserved=8, pinned_chars=[])
     run = RunConfig(name="p", root=str(tmp_path_factory.mktemp("runs")), seed=5)
-    write_tokenizer_stage(run, tokenizer)
-    st = Stage.open(ShardsStageConfig(run=run), "03_shards")
-    write_text_shards(st, tokenizer, stage_dir(run, "02_tokenizer") / "tokenizer.json",
-                      {(1, "train"): it[:-4], (2, "train"): code[:-1], (1, "val"): it[-4:] + code[-1:]})
-    return run, tokenizer.get_vocab_size()
+    return run, write_pretrain_inputs(run)
 
 
 def run_pretrain_script(*argv: str) -> int:
