@@ -22,14 +22,15 @@ Design choices (the evidence)
   in the torch build, K/V heads are repeated so the memory-efficient kernel takes the mask.
 - Eager FlexAttention is an unfused reference that materializes every score (PyTorch warns so), so with
   eager blocks ``flex_attention`` itself is compiled ("flex-compiled").
-- The BlockMask is built by ``torch.compile(create_block_mask)`` (what PyTorch's docs recommend: the eager
-  version evaluates the mask function on the full T x T grid). It runs once per forward, outside the
-  compiled blocks, and does not recompile per batch: measured on CPU in torch 2.13, ten calls with new
-  document ids and new mask closures captured one graph.
+- The BlockMask is built by ``torch.compile(create_block_mask)`` (what torch 2.13 itself suggests when its
+  ``_compile=True`` flag is used; eager, it evaluates the mask function on the full T x T grid). It runs
+  once per forward, outside the compiled blocks, and does not recompile per batch: on CPU, ten calls with
+  new document ids and new mask closures gave one graph to a graph-counting backend, and the same block
+  masks as eager.
 - Off CUDA, SDPA with the dense mask: torch 2.13 FlexAttention has no backward on CPU or MPS
-  ("FlexAttention does not support backward on CPU", also under torch.compile, measured), and the
-  dense mask is O(B x T^2) booleans, fine at CPU sizes. ``model.doc_attention = "flex"`` still runs
-  forward-only FlexAttention on CPU (the tests compare it with SDPA).
+  ("FlexAttention does not support backward on CPU", also under torch.compile with the aot_eager
+  backend, measured), and the dense mask is O(B x T^2) booleans, fine at CPU sizes.
+  ``model.doc_attention = "flex"`` still runs forward-only FlexAttention on CPU (tests compare it with SDPA).
 
 Example::
 
