@@ -567,6 +567,13 @@ class TrainResult:
     extra: dict = field(default_factory=dict)
 
 
+def _device_scalars(values: list[float], device: torch.device) -> torch.Tensor:
+    """float64 values on ``device`` without a host sync: a copy from pageable memory would wait for the
+    GPU's queue, one from pinned memory with non_blocking=True does not."""
+    host = torch.tensor(values, dtype=torch.float64, pin_memory=device.type == "cuda")
+    return host.to(device, non_blocking=True)
+
+
 class Trainer:
     """The training loop: one readable ``fit``; checkpoints, metrics and validation are helpers it calls."""
 
@@ -670,7 +677,7 @@ class Trainer:
                 raise UserError(f"step {step + 1}: no target has a loss weight > 0 in the whole batch; check the data")
             scale = 1.0 / total_weight
         else:  # the weight total stays on the device (no sync); checked with the loss below, before the update
-            total_t = b.all_reduce_sum_(torch.tensor([prepared.local_weight], dtype=torch.float64, device=dist.device))
+            total_t = b.all_reduce_sum_(_device_scalars([prepared.local_weight], dist.device))
             scale = (dist.world_size / total_t[0]).float()
         loss_sum = torch.zeros((), dtype=torch.float64, device=dist.device)
         for m, batch in enumerate(prepared.batches):
@@ -681,8 +688,7 @@ class Trainer:
         if dist.world_size == 1:
             global_loss_sum = float(loss_sum)  # the step's one host sync
         else:
-            summed = b.all_reduce_sum_(torch.stack([loss_sum, torch.tensor(float(asked), dtype=torch.float64,
-                                                                            device=dist.device)]))
+            summed = b.all_reduce_sum_(torch.cat([loss_sum.reshape(1), _device_scalars([float(asked)], dist.device)]))
             global_loss_sum, stop, total_weight = torch.cat([summed, total_t]).tolist()  # the step's one host sync
             self._stop_agreed = stop > 0
             if total_weight <= 0:
