@@ -32,7 +32,6 @@ from dante.sft_train import (
     SFTBatches,
     SFTEvalBatches,
     check_same_init,
-    configure_document_attention,
     init_identity,
     plan_sft,
 )
@@ -66,7 +65,6 @@ def main(stage, cfg: C.SFTStageConfig, args) -> None:
         for line in plan.describe(run):
             log(line)
     model, model_cfg, init_meta = load_model(plan.checkpoint)
-    attention = configure_document_attention(model, dist.device, cfg.train.compile)
     t, s = run.train, cfg.sft
     data = SFTBatches(plan.train, t.micro_batch, t.grad_accum, s.epochs, cfg.run.seed, s.document_mask, plan.data_id)
     val = SFTEvalBatches(plan.eval, t.micro_batch, s.document_mask) if plan.eval.n_blocks else None
@@ -105,7 +103,7 @@ def main(stage, cfg: C.SFTStageConfig, args) -> None:
             "init": {"stage": plan.init_stage, "checkpoint": str(plan.checkpoint), "step": init_meta.get("step"),
                      "tokens_seen": init_meta.get("tokens_seen")},
             "model_config": C.to_dict(model_cfg),
-            "attention": {"document_mask": s.document_mask, "kernel": attention if s.document_mask else "causal"},
+            "attention": {"document_mask": s.document_mask, "kernel": trainer.transforms["attention"]["kernel"]},
             "eval": {"init_loss": init_loss, "final_loss": final},
             "final_train_loss": result.final_loss,
             "resumed_from_step": result.resumed_from,

@@ -5,9 +5,9 @@ Both arms run the same packed blocks through the same training forward + backwar
 LossModule: the model, then the chunked loss, then backward; no optimizer step, which costs the same in
 both arms): "masked" passes the document ids, so attention stays inside each conversation, as stage 7
 does; "causal" passes none (plain causal attention across the block, what a packer without masking
-does). The kernel is what stage 7 would use (dante.sft_train.configure_document_attention): on a GPU with
---compile, FlexAttention with a block mask inside per-block torch.compile (as the engine compiles); on CPU,
-SDPA with a dense boolean mask, against SDPA's is_causal path.
+does). The kernel is what stage 7 would use (dante.kernels.choose_attention): on a GPU, FlexAttention with a
+block mask (inside per-block torch.compile with --compile, as the engine compiles, else compiled on its
+own); on CPU, SDPA with a dense boolean mask, against SDPA's is_causal path.
 
 Blocks: a stage 6 folder (--data runs/<name>/06_sft_data) or synthetic conversations with log-normal
 lengths (median --median-len, sigma 1; SFT conversations are roughly log-normal) packed by stage 6's own
@@ -31,9 +31,9 @@ import torch
 
 from dante.config import ModelConfig
 from dante.engine import LossModule, apply_compile
+from dante.kernels import apply_attention_choice, choose_attention
 from dante.model import Transformer
 from dante.sft_data import PAD_DOC_ID, load_packed, pack_best_fit, shifted_targets
-from dante.sft_train import configure_document_attention
 from dante.tokenizer import PAD_ID
 
 PRESETS = {
@@ -125,9 +125,11 @@ def main() -> None:
                          **({"n_layers": args.n_layers} if args.n_layers else {})})
     torch.manual_seed(0)
     model = Transformer(cfg).to(device)
-    kernel = configure_document_attention(model, device, args.compile)
     if args.compile:
         apply_compile(model, "default")
+    choice = choose_attention(device.type, document_mask=True, gqa=cfg.n_heads != cfg.n_kv_heads, compiled=args.compile)
+    apply_attention_choice(model, choice)  # the "causal" arm passes no doc_ids, so SDPA is_causal runs there
+    kernel = choice.kernel
     module = LossModule(model, chunk_size=4096)
     n_blocks = args.micro_batch * (args.steps + args.warmup)
     blocks = stage6_blocks(args.data, n_blocks) if args.data else \

@@ -8,7 +8,9 @@ setup, the optimizer and schedule, the step, validation, checkpoints and metrics
                    ``tokens``, ``targets`` (-100 = no loss), optional ``weights`` (float per target; SFT),
                    ``positions`` and ``doc_ids`` (packed documents; passed to the model), and
                    ``state_dict()``/``load_state_dict()`` (checked on resume). Random access by step
-                   makes resume exact with no data-loader state (``dante.pretrain_data`` for the pretraining one).
+                   makes resume exact with no data-loader state (``dante.pretrain_data`` for the pretraining one),
+                   and lets ``dante.prefetch`` build the next step in a background thread. An optional
+                   ``document_mask`` attribute (True when batches carry ``doc_ids``) feeds the kernel choice.
     val source     optional; ``batches(rank, world_size, max_batches)`` yields the same kind of dicts.
 
 Design choices
@@ -35,8 +37,15 @@ Design choices
   by starting at step 0 in their own stage folder.
 - Model transforms are applied here, never in model.py: torchao float8 (all linears except ``output``,
   the lm_head, whose logits feed the softmax and stay bf16), activation checkpointing (per block,
-  non-reentrant), torch.compile per block (``Module.compile``, which keeps parameter names; one
-  compiled graph is reused by every block).
+  non-reentrant), torch.compile of each block's forward (one graph reused by every block, the
+  checkpoint inside it: ``apply_compile`` says why), and the attention kernel chosen by
+  ``dante.kernels.choose_attention`` (logged, and in the manifest under ``transforms.attention``).
+  Parameter names never change.
+- The GPU does not wait for the host: micro-batches are built ahead in a background thread into
+  pinned memory and copied with ``non_blocking=True``; one host sync per optimizer step (the loss, read
+  before the update so that a non-finite one never reaches the weights); gradient norms are read once
+  per log interval and before each checkpoint; ``torch.cuda.synchronize()`` only at log steps, where
+  the interval's tokens/s is measured.
 - Launch: ``python 4_pretrain.py`` runs one process (RANK/WORLD_SIZE/MASTER_* default to a single rank
   on a free port); ``deepspeed`` or ``torchrun`` launch many ranks / nodes, one per GPU.
 - Resume (``dante.checkpoint``): rank 0 picks the checkpoint before the backend is built, because a
@@ -47,8 +56,11 @@ Design choices
 - DANTE_DATA_TRACE=<folder> makes every rank record the windows it is served (``TracedBatches``), for
   tests that compare what runs split or resumed differently trained on; off by default.
 - Failure: a non-finite loss stops the run before the optimizer step, so the weights and the last
-  checkpoint stay good, and the error names the step. SIGTERM/SIGINT set a flag checked between steps:
-  the engine saves a checkpoint and returns ``stopped_by_signal``; a second SIGINT aborts at once.
+  checkpoint stay good, and the error names the step. A non-finite gradient norm is found at the next
+  log step or checkpoint, whichever comes first, and names its step; no checkpoint is written after it.
+  SIGTERM/SIGINT set a flag checked between steps (with several ranks it travels in the next loss
+  all-reduce, so all ranks stop after the same step): the engine saves a checkpoint and returns
+  ``stopped_by_signal``; a second SIGINT aborts at once.
 
 Example::
 
@@ -63,7 +75,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import functools
 import hashlib
 import json
 import logging
@@ -81,14 +92,17 @@ from typing import Any, Callable, Iterator, Protocol
 import torch
 import torch.distributed as torch_dist
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from dante.checkpoint import TRAIN_STATE, CheckpointError, CheckpointManager, ResumePlan, from_rank0, plan_resume
 from dante.config import ModelConfig, TrainConfig
 from dante.errors import UserError
 from dante.flops import Peak, detect_peak, mfu, planned_steps, tokens_per_step, training_flops_per_token
+from dante.kernels import apply_attention_choice, choose_attention
 from dante.loss import chunked_cross_entropy
 from dante.metrics import MetricsLogger
 from dante.model import Transformer
+from dante.prefetch import StepPrefetcher
 
 IGNORE_INDEX = -100
 
@@ -293,16 +307,50 @@ def apply_fp8(model: nn.Module, device: torch.device) -> int:
 
 
 def apply_activation_checkpointing(model: nn.Module) -> None:
-    """Recompute each block in backward: only block inputs stay alive between forward and backward."""
-    from torch.utils.checkpoint import checkpoint
+    """Recompute each block in backward: only block inputs stay alive between forward and backward.
 
+    Each block's ``forward`` attribute becomes a small function that calls non-reentrant
+    ``torch.utils.checkpoint`` on the original forward; the module tree, and so every parameter name, is
+    unchanged. ``apply_compile`` afterwards compiles that function, which puts the checkpoint inside the
+    compiled graph (see there).
+    """
     for block in _blocks(model):
-        block.forward = functools.partial(checkpoint, block.forward, use_reentrant=False)
+        block.forward = _recomputed(block.forward)
 
 
-def apply_compile(model: nn.Module, mode: str) -> None:
+def _recomputed(forward: Callable) -> Callable:
+    def forward_with_recompute(*args, **kwargs):
+        return checkpoint(forward, *args, use_reentrant=False, **kwargs)
+
+    return forward_with_recompute
+
+
+COMPILE_MODES_VALIDATED = ("default",)
+
+
+def apply_compile(model: nn.Module, mode: str = "default", backend: str | Callable = "inductor") -> None:
+    """torch.compile each block's ``forward`` (one graph, reused by every block; parameter names unchanged).
+
+    Why ``block.forward`` and not ``Module.compile``: ``torch.utils.checkpoint.checkpoint`` is decorated
+    with ``torch._disable_dynamo``, so when the checkpoint is the first frame a compiled module call
+    enters (``Module.compile`` over a checkpointed forward), Dynamo never traces the block and it runs
+    eager: a graph-counting backend captured 0 graphs (torch 2.13). Compiling the function that *calls*
+    checkpoint lets Dynamo turn it into the ``tag_activation_checkpoint`` higher-order op inside the
+    block graph: 1 graph for all blocks, and AOT autograd's partitioner recomputes the block in backward
+    (tests/test_kernels.py counts the graphs, the tensors saved for backward and compares gradients).
+    Only mode "default" is accepted: "reduce-overhead" (CUDA graphs) and "max-autotune" have not been
+    validated on a GPU with this engine (DeepSpeed's gradient hooks and buffers, per-block graphs).
+    """
+    if mode not in COMPILE_MODES_VALIDATED:
+        raise UserError(compile_mode_problem(mode))
     for block in _blocks(model):
-        block.compile(mode=mode)
+        block.forward = torch.compile(block.forward, mode=mode, backend=backend)
+
+
+def compile_mode_problem(mode: str) -> str:
+    return (f"train.compile_mode={mode!r} is refused: only 'default' has been validated with this engine "
+            "(reduce-overhead captures CUDA graphs, max-autotune benchmarks kernels for minutes; neither has run "
+            "on a GPU here yet); set train.compile_mode=default")
 
 
 class LossModule(nn.Module):
@@ -347,6 +395,12 @@ class _BackendBase:
         t = torch.tensor(values, dtype=torch.float64, device=self.dist.device)
         torch_dist.all_reduce(t)
         return t.tolist()
+
+    def all_reduce_sum_(self, t: torch.Tensor) -> torch.Tensor:
+        """In-place sum over ranks of a device tensor; no host sync (NCCL queues it on the stream)."""
+        if self.world_size > 1:
+            torch_dist.all_reduce(t)
+        return t
 
     @property
     def model(self) -> Transformer:
@@ -426,12 +480,13 @@ class DeepSpeedBackend(_BackendBase):
         self.engine.set_gradient_accumulation_boundary(boundary)
         self.engine.backward(loss, scale_wrt_gas=False)
 
-    def step(self, lr: float) -> float:
+    def step(self, lr: float) -> torch.Tensor | float:
+        """The update; returns the gradient norm, a device tensor, read later (Trainer: once per log interval)."""
         for group in self.engine.optimizer.param_groups:
             group["lr"] = lr
         self.engine.step()
         norm = self.engine.get_global_grad_norm()
-        return float(norm) if norm is not None else float("nan")
+        return norm if norm is not None else float("nan")
 
     def train_mode(self, on: bool) -> None:
         self.engine.train(on)
@@ -497,12 +552,18 @@ class TorchBackend(_BackendBase):
     def backward(self, loss: torch.Tensor, boundary: bool) -> None:
         loss.backward()
 
-    def step(self, lr: float) -> float:
+    def step(self, lr: float) -> torch.Tensor | float:
+        """The update, skipped when the gradient norm is not finite; returns that norm (a device tensor on CUDA)."""
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         max_norm = self.grad_clip if self.grad_clip > 0 else float("inf")
-        norm = float(torch.nn.utils.clip_grad_norm_(self.params, max_norm))
-        if math.isfinite(norm):  # like DeepSpeed: never apply a non-finite gradient (the trainer then stops)
+        norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm)
+        if self.dist.device.type == "cuda":
+            # never apply a non-finite gradient, without a host sync: the fused AdamW kernel skips the
+            # update (and the step count) where found_inf is 1, the mechanism torch's GradScaler uses
+            self.optimizer.found_inf = (~torch.isfinite(norm)).float()
+            self.optimizer.step()
+        elif math.isfinite(float(norm)):  # on CPU reading the norm costs nothing: there is no queue to drain
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return norm
@@ -576,6 +637,7 @@ class TracedBatches:
         folder.mkdir(parents=True, exist_ok=True)
         self._file = open(folder / f"rank{rank}-pid{os.getpid()}.jsonl", "a", encoding="utf-8")
         self._lock = threading.Lock()  # a prefetching loader may call batch() from another thread
+        self.document_mask = bool(getattr(inner, "document_mask", False))  # the kernel choice reads it
 
     def batch(self, step: int, micro_step: int, rank: int, world_size: int) -> dict[str, torch.Tensor]:
         out = self.inner.batch(step, micro_step, rank, world_size)
@@ -613,6 +675,13 @@ class TrainResult:
     extra: dict = field(default_factory=dict)
 
 
+def _device_scalars(values: list[float], device: torch.device) -> torch.Tensor:
+    """float64 values on ``device`` without a host sync: a copy from pageable memory would wait for the
+    GPU's queue, one from pinned memory with non_blocking=True does not."""
+    host = torch.tensor(values, dtype=torch.float64, pin_memory=device.type == "cuda")
+    return host.to(device, non_blocking=True)
+
+
 class Trainer:
     """The training loop: one readable ``fit``; checkpoints, metrics and validation are helpers it calls."""
 
@@ -648,9 +717,16 @@ class Trainer:
         self.tokens_seen = 0
         self.last_loss: float | None = None
         self.last_val_loss: float | None = None
+        # the next steps' micro-batches are built in a background thread (dante/prefetch.py)
+        self.prefetcher = StepPrefetcher(data, train_cfg.grad_accum, dist.rank, dist.world_size,
+                                         pin=dist.device.type == "cuda", weight_of=batch_weight, end=self.total_steps)
+        self._pending_norms: list[tuple[int, torch.Tensor | float]] = []  # (step, grad norm) not read yet
+        self._stop_agreed = False  # some rank asked to stop (learnt from the last step's all-reduce)
 
     def _prepare(self, model: Transformer) -> dict:
         cfg, applied = self.cfg, {}
+        if cfg.compile and cfg.compile_mode not in COMPILE_MODES_VALIDATED:  # before any work
+            raise UserError(compile_mode_problem(cfg.compile_mode))
         model.to(self.dist.device)
         if cfg.fp8:
             applied["fp8_linears"] = apply_fp8(model, self.dist.device)
@@ -660,6 +736,11 @@ class Trainer:
         if cfg.compile:
             apply_compile(model, cfg.compile_mode)
             applied["compile"] = cfg.compile_mode
+        # batch sources of packed documents (SFTBatches) say so with a ``document_mask`` attribute
+        choice = choose_attention(self.dist.device.type, document_mask=bool(getattr(self.data, "document_mask", False)),
+                                  gqa=self.model_cfg.n_heads != self.model_cfg.n_kv_heads, compiled=cfg.compile)
+        apply_attention_choice(model, choice)
+        applied["attention"] = choice.to_dict()
         return applied
 
     # -- resume -------------------------------------------------------------------------------------
@@ -700,39 +781,73 @@ class Trainer:
         return path
 
     # -- one optimizer step ---------------------------------------------------------------------------
-    def train_step(self, step: int, stop_requested: bool = False) -> dict | None:
+    def train_step(self, step: int, stop_requested: bool | Callable[[], bool] = False) -> dict | None:
         """Forward/backward over all micro-batches of ``step`` and one optimizer update.
 
-        Returns None (and changes nothing) if any rank asked to stop; raises TrainingDiverged on a
-        non-finite loss (before the update) or gradient norm.
+        Returns None (and changes nothing) when a stop was asked: with one rank, ``stop_requested`` now;
+        with several, a request of any rank carried by the previous step's loss all-reduce (every rank
+        reads the same sum, so all stop at the same step). Raises TrainingDiverged on a non-finite loss,
+        before the update. The gradient norm is returned unread (a device tensor on GPU): ``fit`` reads
+        the norms of a whole log interval at once and before every checkpoint (``_read_grad_norms``).
+
+        Host syncs: one per step, reading the loss (with several ranks, together with the stop flags and
+        the weight total, in one tensor) before the update. That read must precede the update for the
+        non-finite check to keep bad weights out, and it costs one idle gap of the GPU per optimizer step
+        (the host then queues the update and the next step's forwards, a few ms against a Dante-2B step
+        of ~0.5 s per micro-batch, an estimate: not measured on a GPU yet); the micro-steps in between
+        never wait for the host, and their batches were built by the prefetcher while the last step ran.
         """
         cfg, dist, b = self.cfg, self.dist, self.backend
-        batches = [self.data.batch(step, m, dist.rank, dist.world_size) for m in range(cfg.grad_accum)]
-        local_weight = sum(batch_weight(x) for x in batches)
-        total_weight, stop = b.all_reduce_sum([local_weight, float(stop_requested)])
-        if stop > 0:
+        asked = stop_requested() if callable(stop_requested) else stop_requested
+        if self._stop_agreed or (dist.world_size == 1 and asked):
             return None
-        if total_weight <= 0:
-            raise UserError(f"step {step + 1}: no target has a loss weight > 0 in the whole batch; check the data")
-        scale = dist.world_size / total_weight
+        prepared = self.prefetcher.get(step)
+        if dist.world_size == 1:
+            total_weight, total_t = prepared.local_weight, None
+            if total_weight <= 0:
+                raise UserError(f"step {step + 1}: no target has a loss weight > 0 in the whole batch; check the data")
+            scale = 1.0 / total_weight
+        else:  # the weight total stays on the device (no sync); checked with the loss below, before the update
+            total_t = b.all_reduce_sum_(_device_scalars([prepared.local_weight], dist.device))
+            scale = (dist.world_size / total_t[0]).float()
         loss_sum = torch.zeros((), dtype=torch.float64, device=dist.device)
-        for m, batch in enumerate(batches):
-            batch = {k: v.to(dist.device, non_blocking=True) for k, v in batch.items() if v is not None}
+        for m, batch in enumerate(prepared.batches):
+            batch = {k: v.to(dist.device, non_blocking=True) for k, v in batch.items()}  # pinned on GPU: async
             micro_loss_sum, _ = b.forward(batch)
-            b.backward(micro_loss_sum * scale, boundary=m == cfg.grad_accum - 1)
+            b.backward(micro_loss_sum * scale, boundary=m == len(prepared.batches) - 1)
             loss_sum += micro_loss_sum.detach().double()
-        (global_loss_sum,) = b.all_reduce_sum([float(loss_sum)])
+        if dist.world_size == 1:
+            global_loss_sum = float(loss_sum)  # the step's one host sync
+        else:
+            summed = b.all_reduce_sum_(torch.cat([loss_sum.reshape(1), _device_scalars([float(asked)], dist.device)]))
+            global_loss_sum, stop, total_weight = torch.cat([summed, total_t]).tolist()  # the step's one host sync
+            self._stop_agreed = stop > 0
+            if total_weight <= 0:
+                raise UserError(f"step {step + 1}: no target has a loss weight > 0 in the whole batch; check the data")
         loss = global_loss_sum / total_weight
         if not math.isfinite(loss):
             raise TrainingDiverged(self._diverged_message(step + 1, f"loss is {loss}"))
         lr = lr_at(step, cfg, self.total_steps)
         grad_norm = b.step(lr)
-        if not math.isfinite(grad_norm):
-            raise TrainingDiverged(self._diverged_message(step + 1, f"gradient norm is {grad_norm} (the update was "
-                                                          "skipped)"))
-        if dist.device.type == "cuda":
-            torch.cuda.synchronize()  # step times below measure finished work
         return {"loss": loss, "lr": lr, "grad_norm": grad_norm}
+
+    def _read_grad_norms(self, pending: list[tuple[int, Any]]) -> dict[int, float]:
+        """{step: gradient norm} of the steps not read yet, in one host sync; empties ``pending``.
+
+        Raises TrainingDiverged naming the first step whose norm is not finite. The torch backend and
+        DeepSpeed in fp32 skipped that update; DeepSpeed in bf16 applied it. Either way no checkpoint has
+        been written since, because ``fit`` calls this before every checkpoint.
+        """
+        if not pending:
+            return {}
+        values = [v if isinstance(v, torch.Tensor) else torch.tensor(float(v)) for _, v in pending]
+        read = torch.stack([v.detach().double().reshape(()).cpu() for v in values]).tolist()
+        norms = {step: value for (step, _), value in zip(pending, read)}
+        pending.clear()
+        for step, value in norms.items():
+            if not math.isfinite(value):
+                raise TrainingDiverged(self._diverged_message(step, f"gradient norm is {value}"))
+        return norms
 
     def _diverged_message(self, step: int, what: str) -> str:
         latest = self.checkpoints.latest()
@@ -748,13 +863,13 @@ class Trainer:
             return None
         b, dist = self.backend, self.dist
         b.train_mode(False)
-        loss_sum, weight_sum = 0.0, 0.0
+        sums = torch.zeros(2, dtype=torch.float64, device=dist.device)  # (loss sum, weight sum), read once
         for batch in self.val_data.batches(dist.rank, dist.world_size, self.cfg.eval_batches):
             batch = {k: v.to(dist.device) for k, v in batch.items() if v is not None}
             ls, ws = b.forward(batch)
-            loss_sum, weight_sum = loss_sum + float(ls), weight_sum + float(ws)
+            sums += torch.stack([ls.detach().double(), torch.as_tensor(ws, device=dist.device).double()])
         b.train_mode(True)
-        loss_sum, weight_sum = b.all_reduce_sum([loss_sum, weight_sum])
+        loss_sum, weight_sum = b.all_reduce_sum_(sums).tolist()
         if weight_sum <= 0:
             return None
         val_loss = loss_sum / weight_sum
@@ -774,42 +889,56 @@ class Trainer:
             log.close()
             return self._result(start, None)
         self.backend.train_mode(True)
+        log.note(f"attention kernel {self.transforms['attention']['kernel']}: {self.transforms['attention']['reason']}")
         recent_step_s: list[float] = []
         train_seconds, stopped = 0.0, None
+        interval_steps, interval_s = 0, 0.0  # since the last written record: its tokens/s
+        pending_norms: list[tuple[int, Any]] = []  # gradient norms not read yet (read per log interval)
         with StopFlag() as flag:
             try:
                 while self.step < self.total_steps:
                     t0 = time.perf_counter()
-                    out = self.train_step(self.step, stop_requested=flag.signum is not None)
+                    out = self.train_step(self.step, stop_requested=lambda: flag.signum is not None)
                     if out is None:  # a rank got SIGTERM/SIGINT: save where we are and leave cleanly
                         stopped = flag.signum or signal.SIGTERM
                         log.note(f"stop signal received: saving a checkpoint at step {self.step}")
+                        self._read_grad_norms(pending_norms)  # a checkpoint never holds a diverged update
                         if self.saved_step != self.step:  # not just saved (or resumed from)
                             self.save_checkpoint()
                         break
-                    step_s = time.perf_counter() - t0
-                    train_seconds += step_s
                     self.step += 1
                     self.tokens_seen += self.tokens_per_step
                     self.last_loss = out["loss"]
+                    pending_norms.append((self.step, out["grad_norm"]))
+                    last = self.step == self.total_steps
+                    write = self.step % cfg.log_every == 0 or last
+                    save = self.step % cfg.checkpoint_every == 0 or last
+                    if write and dist.device.type == "cuda":
+                        torch.cuda.synchronize()  # the interval's time then covers finished GPU work
+                    step_s = time.perf_counter() - t0
+                    train_seconds += step_s
+                    interval_steps, interval_s = interval_steps + 1, interval_s + step_s
                     recent_step_s = (recent_step_s + [step_s])[-20:]
                     mean_step_s = sum(recent_step_s) / len(recent_step_s)
-                    tok_s = self.tokens_per_step / step_s
+                    norms = self._read_grad_norms(pending_norms) if write or save else {}
+                    tok_s = self.tokens_per_step * interval_steps / interval_s if write else self.tokens_per_step / mean_step_s
                     record = {"kind": "train", "step": self.step, "loss": out["loss"], "lr": out["lr"],
-                              "grad_norm": out["grad_norm"], "tokens": self.tokens_seen, "tokens_per_sec": tok_s,
+                              "grad_norm": norms.get(self.step), "tokens": self.tokens_seen, "tokens_per_sec": tok_s,
                               "mfu": mfu(tok_s, self.flops_per_token, self.peak, dist.world_size),
-                              "step_time_s": step_s, "elapsed_s": train_seconds}
-                    last = self.step == self.total_steps
-                    log.train(record, write=self.step % cfg.log_every == 0 or last,
-                              eta_s=(self.total_steps - self.step) * mean_step_s)
+                              "step_time_s": interval_s / interval_steps if write else step_s,
+                              "elapsed_s": train_seconds}
+                    log.train(record, write=write, eta_s=(self.total_steps - self.step) * mean_step_s)
+                    if write:
+                        interval_steps, interval_s = 0, 0.0
                     if cfg.eval_every and (self.step % cfg.eval_every == 0 or last):
                         val = self.evaluate()
                         if val is not None:
                             self.last_val_loss = val["val_loss"]
                             log.val(val)
-                    if self.step % cfg.checkpoint_every == 0 or last:
+                    if save:
                         self.save_checkpoint()
             finally:
+                self.prefetcher.close()
                 log.close()
         return self._result(start, stopped, train_seconds)
 

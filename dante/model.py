@@ -25,13 +25,14 @@ Design choices
   * plain causal: ``F.scaled_dot_product_attention(is_causal=True, enable_gqa=True)`` (Flash / cuDNN on
     GPU). enable_gqa rather than repeating K/V heads: on CPU (1 thread, B4 H8 Hkv2 T512 D64, fwd+bwd,
     median of 10) 182 ms vs 188 ms with repeat_interleave, and it never copies K/V.
-  * packed documents (``doc_ids_BT``): causal AND same-document mask, via FlexAttention (a BlockMask, which
-    skips fully masked blocks) or via SDPA with an explicit boolean (B, 1, T, T) mask. ``doc_attention``
-    picks: "auto" uses flex only inside torch.compile on a GPU (eager flex is an unfused implementation
-    that materializes every score, per PyTorch's own warning; and torch 2.13 flex has no backward on CPU:
-    "FlexAttention does not support backward on CPU") and the SDPA mask otherwise; "flex"/"sdpa" force one
-    (tests check they agree). Positions restart per document (``positions_from_doc_ids``) unless
-    ``positions_BT`` is given.
+  * packed documents (``doc_ids_BT``): causal AND same-document mask, via SDPA with an explicit boolean
+    (B, 1, T, T) mask (``doc_attention = "sdpa"``, the default) or via FlexAttention with a BlockMask,
+    which skips fully masked blocks (``"flex"``). Which one runs is decided outside, from the device,
+    GQA and compile, by ``dante.kernels.choose_attention``, which also sets the functions used
+    (``block_mask_fn``, per layer ``flex_attention``, possibly compiled ones) and ``repeat_kv`` (K/V heads
+    repeated before a masked SDPA call); these are plain attributes, never config or state: they change
+    speed and memory, never the result (tests check the paths agree). Positions restart per document
+    (``positions_from_doc_ids``) unless ``positions_BT`` is given.
   * KV cache (``KVCache``): prefill then one-token steps for generation (stage 8); keys/values are
     stored after RoPE, one (B, n_kv_heads, max_len, head_dim) buffer per layer.
 
@@ -96,14 +97,17 @@ def document_mask(doc_ids_BT: torch.Tensor) -> torch.Tensor:
     return (causal_TT & same_doc_BTT)[:, None]
 
 
-def document_block_mask(doc_ids_BT: torch.Tensor):
-    """FlexAttention BlockMask for causal AND same-document attention (heads share it)."""
+def document_block_mask(doc_ids_BT: torch.Tensor, block_mask_fn=create_block_mask):
+    """FlexAttention BlockMask for causal AND same-document attention (heads share it).
+
+    block_mask_fn: ``create_block_mask`` or a compiled version of it (dante.kernels).
+    """
 
     def causal_same_doc(b, h, q_idx, kv_idx):
         return (q_idx >= kv_idx) & (doc_ids_BT[b, q_idx] == doc_ids_BT[b, kv_idx])
 
     B, T = doc_ids_BT.shape
-    return create_block_mask(causal_same_doc, B, None, T, T, device=doc_ids_BT.device)
+    return block_mask_fn(causal_same_doc, B, None, T, T, device=doc_ids_BT.device)
 
 
 class KVCache:
@@ -148,11 +152,21 @@ class RMSNorm(nn.Module):
         return self.weight * normed.to(x.dtype)
 
 
-def attend(q_BHTD, k_BHSD, v_BHSD, mask, is_causal: bool) -> torch.Tensor:
-    """Scaled dot-product attention; mask is None, a boolean (B|1, 1, T, S) tensor or a flex BlockMask."""
+def attend(q_BHTD, k_BHSD, v_BHSD, mask, is_causal: bool, repeat_kv: bool = False,
+           flex=flex_attention) -> torch.Tensor:
+    """Scaled dot-product attention; mask is None, a boolean (B|1, 1, T, S) tensor or a flex BlockMask.
+
+    repeat_kv: with a boolean mask, repeat each K/V head for its query heads instead of SDPA's enable_gqa
+    (on CUDA the kernels that take a mask do not take GQA broadcast; see dante/kernels.py).
+    flex: the FlexAttention function for a BlockMask (the eager op, or a compiled one).
+    """
     gqa = q_BHTD.shape[1] != k_BHSD.shape[1]
     if BlockMask is not None and isinstance(mask, BlockMask):
-        return flex_attention(q_BHTD, k_BHSD, v_BHSD, block_mask=mask, enable_gqa=gqa)
+        return flex(q_BHTD, k_BHSD, v_BHSD, block_mask=mask, enable_gqa=gqa)
+    if gqa and repeat_kv and mask is not None:
+        group = q_BHTD.shape[1] // k_BHSD.shape[1]  # kv head j serves query heads j*group .. j*group+group-1
+        k_BHSD, v_BHSD = k_BHSD.repeat_interleave(group, dim=1), v_BHSD.repeat_interleave(group, dim=1)
+        gqa = False
     return F.scaled_dot_product_attention(q_BHTD, k_BHSD, v_BHSD, attn_mask=mask, is_causal=is_causal, enable_gqa=gqa)
 
 
@@ -164,6 +178,9 @@ class Attention(nn.Module):
         self.wk = nn.Linear(cfg.dim, cfg.n_kv_heads * self.head_dim, bias=False)
         self.wv = nn.Linear(cfg.dim, cfg.n_kv_heads * self.head_dim, bias=False)
         self.wo = nn.Linear(cfg.n_heads * self.head_dim, cfg.dim, bias=False)
+        # How a masked call runs (see ``attend``); set by dante.kernels.apply_attention_choice.
+        self.repeat_kv = False
+        self.flex_attention = flex_attention
 
     def forward(self, x_BTD, cos, sin, mask, is_causal: bool, kv_cache: KVCache | None, layer: int):
         B, T, _ = x_BTD.shape
@@ -174,7 +191,7 @@ class Attention(nn.Module):
         q_BHTD, k_BHTD, v_BHTD = xq_BTHD.transpose(1, 2), xk_BTHD.transpose(1, 2), xv_BTHD.transpose(1, 2)
         if kv_cache is not None:
             k_BHTD, v_BHTD = kv_cache.update(layer, k_BHTD, v_BHTD)
-        out_BHTD = attend(q_BHTD, k_BHTD, v_BHTD, mask, is_causal)
+        out_BHTD = attend(q_BHTD, k_BHTD, v_BHTD, mask, is_causal, self.repeat_kv, self.flex_attention)
         return self.wo(out_BHTD.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
 
 
@@ -216,9 +233,10 @@ class Transformer(nn.Module):
         half = head_dim_of(cfg) // 2
         self.register_buffer("rope_cos", torch.empty(cfg.max_seq_len, half), persistent=False)
         self.register_buffer("rope_sin", torch.empty(cfg.max_seq_len, half), persistent=False)
-        # How document-masked attention runs: "auto" (flex under torch.compile on GPU, else the SDPA mask),
-        # "flex" or "sdpa". A plain attribute, not config: it changes speed, never the result.
-        self.doc_attention = "auto"
+        # How document-masked attention runs: "sdpa" (dense boolean mask) or "flex" (BlockMask built by
+        # block_mask_fn). Plain attributes, not config: set by dante.kernels.apply_attention_choice.
+        self.doc_attention = "sdpa"
+        self.block_mask_fn = create_block_mask
         self.init_weights()
 
     def init_rope(self) -> None:
@@ -294,10 +312,12 @@ class Transformer(nn.Module):
     def _attention_mask(self, T: int, start: int, doc_ids_BT, device):
         """(mask, is_causal) shared by all layers of one forward."""
         if doc_ids_BT is not None:
-            use_flex = self.doc_attention == "flex" or (
-                self.doc_attention == "auto" and device.type != "cpu" and torch.compiler.is_compiling())
-            if use_flex and create_block_mask is not None:
-                return document_block_mask(doc_ids_BT), False
+            if self.doc_attention == "flex":
+                if self.block_mask_fn is None:
+                    raise ValueError("doc_attention='flex' but this torch build has no FlexAttention; use 'sdpa'")
+                return document_block_mask(doc_ids_BT, self.block_mask_fn), False
+            if self.doc_attention != "sdpa":
+                raise ValueError(f"doc_attention={self.doc_attention!r}: expected 'sdpa' or 'flex'")
             return document_mask(doc_ids_BT), False
         if start == 0:
             return None, True  # plain causal (also a cache prefill)

@@ -30,11 +30,8 @@ Design choices
   (``dante.sft_data.shifted_targets``), never -100 alone.
 - Attention: document ids go to the model (causal AND same-conversation mask) unless
   ``sft.document_mask`` is off; positions always come from the packed arrays (0 at each conversation).
-  ``configure_document_attention`` picks the kernel: "flex" on a GPU with train.compile, because the
-  engine compiles each block, not the whole forward, and the model's "auto" (flex only while its own
-  forward is being compiled) would fall back to SDPA with a dense (B, 1, T, T) boolean mask, which
-  cannot run the flash kernel. "sdpa" elsewhere: eager flex materializes every score (PyTorch warns so)
-  and torch 2.13 flex has no backward on CPU.
+  ``SFTBatches.document_mask`` tells the engine, whose one kernel choice (``dante.kernels``) picks how
+  the mask runs (FlexAttention on CUDA, SDPA with a dense mask on CPU) and records it.
 - Init checkpoint: ``sft.init_from: auto`` takes 05_extend when it is complete, else 04_pretrain; a
   05_extend folder that exists but never finished is an error, not a silent fall back to the
   short-context model (``dante.checkpoint.newest_finished``, the rule of every "newest checkpoint"). The model config (rope_scaling included) is the checkpoint's and is what every
@@ -141,12 +138,6 @@ class SFTEvalBatches:
         head = PackedSFT(p.tokens[:n], p.weights[:n], p.doc_ids[:n], p.positions[:n], p.pad_id)
         for batch in sft_batches(head, self.micro_batch, shuffle=False, rank=rank, world_size=world_size):
             yield _to_torch(batch, self.document_mask)
-
-
-def configure_document_attention(model, device: torch.device, compiled: bool) -> str:
-    """Set ``model.doc_attention`` for training (why: module docstring) and return the choice."""
-    model.doc_attention = "flex" if device.type == "cuda" and compiled else "sdpa"
-    return model.doc_attention
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -266,4 +257,4 @@ def init_identity(plan: SFTPlan) -> dict:
 
 
 __all__ = ["SFTBatches", "SFTEvalBatches", "SFTPlan", "plan_sft", "INIT_STAGES", "check_same_init",
-           "init_identity", "configure_document_attention", "epoch_steps"]
+           "init_identity", "epoch_steps"]
