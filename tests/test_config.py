@@ -1,4 +1,4 @@
-"""The config system (dante/config.py) and the shared command line (dante/cli.py).
+"""The config system (dante/config/) and the shared command line (dante/cli.py).
 
 One error message listing every problem with file and key; every YAML under configs/ loads into its
 stage's dataclass (generic over PROFILE_FILES, so files added later are covered); typed --set overrides;
@@ -187,6 +187,31 @@ def test_every_field_has_a_default_and_a_doc():
         docs = C.field_docs(cls)
         missing += [f"{cls.__name__}.{f.name}" for f in dataclasses.fields(cls) if not docs.get(f.name)]
     assert not missing, f"fields without a one-line doc: {missing}"
+
+
+def test_stage_table_is_the_one_source_of_stage_names():
+    folders = [s.folder for s in C.STAGE_TABLE]
+    assert folders == [C.CORPUS, C.TOKENIZER, C.SHARDS, C.PRETRAIN, C.EXTEND, C.SFT_DATA, C.SFT, C.EVAL, C.EXPORT]
+    for n, s in enumerate(C.STAGE_TABLE, start=1):
+        assert s.folder.startswith(f"0{n}_") and s.script.startswith(f"{n}_"), s
+        assert (REPO / s.script).is_file(), f"{s.script} named in dante/config/stages.py does not exist"
+        assert C.STAGES[s.folder] == (s.script, s.config) and C.PROFILE_FILES[s.folder] == s.profile_file
+    assert set(C.CHECKPOINT_STAGES) <= set(folders)
+    # every stage config has exactly one cross-field checker, and validate() reaches it
+    assert set(C.STAGE_CHECKS) == {s.config for s in C.STAGE_TABLE}
+
+
+def test_corpus_and_sft_sources_share_one_check(tmp_path):
+    bad = [{"name": "a", "kind": "hf"}, {"name": "a", "kind": "local", "path": "p"}, {"name": "", "path": "q"},
+           {"name": "b", "kind": "local"}]
+    common = ["sources[0].hf_id: required for kind hf", "sources[1].name: duplicate source name 'a'",
+              "sources[2].name: required", "sources[3].path: required for kind local"]
+    for cls, section in ((C.CorpusStageConfig, "corpus"), (C.SFTDataStageConfig, "sft_data")):
+        with pytest.raises(C.ConfigError) as e:
+            C.load_config(cls, write(tmp_path, {section: {"sources": bad}}))
+        for piece in common:
+            assert f"{section}.{piece}" in e.value.problems, (section, piece, e.value.problems)
+    assert issubclass(C.SourceConfig, C.BaseSourceConfig) and issubclass(C.SFTSourceConfig, C.BaseSourceConfig)
 
 
 # ---------------------------------------------------------------------------------------------------
