@@ -6,8 +6,8 @@ inputs before any work and refuses a missing or incompatible one with the script
 
 Lifecycle used by every numbered script::
 
-    stage = Stage.open(cfg, "03_shards", force=args.force)   # no-op exit if already complete
-    corpus = stage.require("01_corpus")                        # input manifest or a clear error
+    stage = Stage.open(cfg, C.SHARDS, force=args.force)   # no-op exit if already complete
+    corpus = stage.require(C.CORPUS)                        # input manifest or a clear error
     ... work, writing files with atomic_write_* / stage.progress ...
     stage.finish(outputs={...}, counts={...})                  # manifest.json, last
 
@@ -268,8 +268,8 @@ def tokenizer_path(run: C.RunConfig) -> Path:
     in its manifest. StageError (naming 2_train_tokenizer.py) when stage 2 has not finished, its manifest
     names no tokenizer, or the file is gone.
     """
-    name = read_manifest(run, "02_tokenizer").get("outputs", {}).get("tokenizer")
-    folder = stage_dir(run, "02_tokenizer")
+    name = read_manifest(run, C.TOKENIZER).get("outputs", {}).get("tokenizer")
+    folder = stage_dir(run, C.TOKENIZER)
     if not isinstance(name, str) or not name:
         raise StageError(f"{folder / MANIFEST} names no tokenizer file (outputs.tokenizer); "
                          f"rerun `python {script_for('02_tokenizer')} --force`.")

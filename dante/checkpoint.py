@@ -365,8 +365,8 @@ def _lookup(d: dict, dotted: str) -> Any:
 # Identity and lineage: which checkpoint, from which stage, trained with which tokenizer
 # ---------------------------------------------------------------------------------------------------
 
-#: the stages that write checkpoints, in pipeline order (the oldest model first)
-CHECKPOINT_STAGES = ("04_pretrain", "05_extend", "07_sft")
+#: the stages that write checkpoints, in pipeline order (the oldest model first): the stage table's
+CHECKPOINT_STAGES = C.CHECKPOINT_STAGES
 
 
 @dataclass
@@ -382,7 +382,7 @@ class CheckpointRef:
 
     @property
     def is_chat(self) -> bool:
-        return self.stage == "07_sft"
+        return self.stage == C.SFT
 
 
 def stage_of(path: Path) -> tuple[str | None, Path | None]:
@@ -508,7 +508,7 @@ def stage_lineage(stage_folder: str | Path) -> list[LineageStep]:
 def recorded_tokenizer_manifest(stage_folder: str | Path) -> str | None:
     """The 02_tokenizer manifest hash a stage was built from (the nearest record in its lineage)."""
     return next((s.manifest_sha256 for s in stage_lineage(stage_folder)[1:]
-                 if s.stage == "02_tokenizer" and s.manifest_sha256), None)
+                 if s.stage == C.TOKENIZER and s.manifest_sha256), None)
 
 
 def check_vocab(tokenizer, model_cfg: C.ModelConfig, tokenizer_path: str | Path | None = None,

@@ -224,11 +224,11 @@ def long_rows(docs: list, length: int, max_rows: int, bos_id: int, eos_id: int) 
 
 def make_plan(cfg: C.ExtendStageConfig) -> ExtendPlan:
     """Check inputs, config and data for stage 5 without loading weights; one UserError lists every problem."""
-    for stage in ("02_tokenizer", "03_shards", "04_pretrain"):
+    for stage in (C.TOKENIZER, C.SHARDS, C.PRETRAIN):
         read_manifest(cfg.run, stage)  # StageError naming the script to run
-    pretrain_dir = stage_dir(cfg.run, "04_pretrain")
+    pretrain_dir = stage_dir(cfg.run, C.PRETRAIN)
     try:
-        ref = checkpoint_ref(pretrain_dir, label="04_pretrain")
+        ref = checkpoint_ref(pretrain_dir, label=C.PRETRAIN)
     except UserError as e:
         raise StageError(f"04_pretrain has no usable checkpoint: {e}") from None
     base_checkpoint = ref.path
@@ -261,7 +261,7 @@ def make_plan(cfg: C.ExtendStageConfig) -> ExtendPlan:
         except UserError as e:
             problems.append(f"long_eval: {e}")
 
-    shards_dir = stage_dir(cfg.run, "03_shards")
+    shards_dir = stage_dir(cfg.run, C.SHARDS)
     data = val_data = None
     try:
         data = TieredMemmapDataset.from_stage_dir(shards_dir, t.tier_weights, t.seq_len, t.micro_batch, cfg.run.seed)

@@ -762,7 +762,7 @@ def build_sft_stage(stage: Stage, cfg: C.SFTDataStageConfig, log: Callable[[str]
     pack both splits, write the chat template and the manifest (returned)."""
     s = cfg.sft_data
     require_readable_sources(s)
-    stage.require("02_tokenizer")
+    stage.require(C.TOKENIZER)
     tok_path = tokenizer_path(cfg.run)
     stage.add_input("tokenizer", tok_path)
     encoder = ChatEncoder(load_tokenizer(tok_path))

@@ -146,7 +146,7 @@ class SFTEvalBatches:
 
 
 #: the stages SFT may start from, in pipeline order (``sft.init_from: auto`` takes the newest finished one)
-INIT_STAGES = ("04_pretrain", "05_extend")
+INIT_STAGES = (C.PRETRAIN, C.EXTEND)
 
 
 @dataclass
@@ -194,7 +194,7 @@ def plan_sft(cfg: C.SFTStageConfig, world_size: int, require: Callable[[str], di
         except StageError as e:
             missing.append(str(e))
             init_stage = None
-    for stage in ("02_tokenizer", "06_sft_data", *([init_stage] if init_stage else [])):
+    for stage in (C.TOKENIZER, C.SFT_DATA, *([init_stage] if init_stage else [])):
         try:
             manifests[stage] = require(stage)
         except StageError as e:
@@ -205,8 +205,8 @@ def plan_sft(cfg: C.SFTStageConfig, world_size: int, require: Callable[[str], di
     tok_path = tokenizer_path(cfg.run)
     tokenizer = load_tokenizer(tok_path)
     vocab = tokenizer.get_vocab_size(with_added_tokens=True)
-    sft_dir = stage_dir(cfg.run, "06_sft_data")
-    m6 = manifests["06_sft_data"]
+    sft_dir = stage_dir(cfg.run, C.SFT_DATA)
+    m6 = manifests[C.SFT_DATA]
 
     t, problems = cfg.train, []
     block = m6.get("block_size")

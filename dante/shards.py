@@ -548,14 +548,14 @@ def tokenizer_sha16(path: Path) -> bytes:
 def tokenize_stage(stage: Stage, cfg: C.ShardsStageConfig, log: Callable[[str], None] = print) -> dict:
     """Run stage 3 into ``stage.dir``: check the inputs, tokenize (resuming), write the manifest (returned)."""
     s = cfg.shards
-    corpus = stage.require("01_corpus", CORPUS_FORMAT)
-    tok_manifest = stage.require("02_tokenizer")
+    corpus = stage.require(C.CORPUS, CORPUS_FORMAT)
+    tok_manifest = stage.require(C.TOKENIZER)
     tok_path = tokenizer_path(cfg.run)
     tok = load_tokenizer(tok_path)
     vocab_size = tok.get_vocab_size(with_added_tokens=True)
     check_dtype_fits(vocab_size, s.dtype, tok_path)
     stage.add_input("tokenizer", tok_path)
-    files = corpus_files(stage_dir(cfg.run, "01_corpus"), corpus)
+    files = corpus_files(stage_dir(cfg.run, C.CORPUS), corpus)
     workers = s.workers or len(os.sched_getaffinity(0))
     settings = EncodeSettings(str(tok_path), s.dtype, EOS_ID, cfg.run.seed, s.val_fraction, s.batch_docs,
                               str(stage.dir / WORK_DIR))
@@ -599,9 +599,9 @@ def tokenize_stage(stage: Stage, cfg: C.ShardsStageConfig, log: Callable[[str], 
 def verify_stage(cfg: C.ShardsStageConfig) -> int:
     """``--verify``: check a finished 03_shards (nothing is reopened or written); returns the shard count,
     or raises one UserError listing every bad file."""
-    manifest = read_manifest(cfg.run, "03_shards")
+    manifest = read_manifest(cfg.run, C.SHARDS)
     tok = load_tokenizer(tokenizer_path(cfg.run))
-    problems = verify_shards(stage_dir(cfg.run, "03_shards"), manifest, tok, cfg.shards.verify_samples, cfg.run.seed)
+    problems = verify_shards(stage_dir(cfg.run, C.SHARDS), manifest, tok, cfg.shards.verify_samples, cfg.run.seed)
     n = sum(len(v) for sp in manifest["outputs"]["shards"].values() for v in sp.values())
     if problems:
         raise UserError(problems_message(f"{len(problems)} problem(s) in {n} shard(s)", problems)

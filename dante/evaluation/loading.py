@@ -8,7 +8,7 @@ autocast dtype of the forward pass.
 
 Example::
 
-    refs, notes = find_checkpoints(run_cfg, ["04_pretrain", "05_extend", "07_sft"])   # dante.checkpoint
+    refs, notes = find_checkpoints(run_cfg, [C.PRETRAIN, C.EXTEND, C.SFT])   # dante.checkpoint
     loaded = load_for_eval(refs[0], tokenizer_path(run_cfg))
 """
 

@@ -28,7 +28,6 @@ from dante.metrics import read_metrics
 from dante.report_format import markdown_table
 
 FORMAT_VERSION = 1
-TRAINING_STAGES = ("04_pretrain", "05_extend", "07_sft")
 
 
 def _pyplot():
@@ -80,7 +79,7 @@ def summarize(result: dict) -> dict:
 def training_curves(run: C.RunConfig) -> list[dict]:
     """Train/val loss records of the training stages present (stages without metrics are left out)."""
     curves = []
-    for stage in TRAINING_STAGES:
+    for stage in C.CHECKPOINT_STAGES:
         d = stage_dir(run, stage)
         train, val = read_metrics(d, "train"), read_metrics(d, "val")
         if train or val:
@@ -139,7 +138,7 @@ def plot_bpb(results: list[dict], path: Path) -> None:
 def fertility_section(run: C.RunConfig, out_dir: Path) -> tuple[list[str], dict | None, dict[str, str]]:
     """Markdown lines, the data and the files of the tokenizer fertility section: stage 2's report
     (02_tokenizer/fertility.json) redrawn here by stage 2's own writer (``dante.fertility.write_report``)."""
-    path = stage_dir(run, "02_tokenizer") / "fertility.json"
+    path = stage_dir(run, C.TOKENIZER) / "fertility.json"
     if not path.is_file():
         return [f"Not available: {path} does not exist (stage 2 writes it when tokenizer.heldout is set)."], None, {}
     data = read_json(path)
@@ -242,7 +241,7 @@ def write_report(out_dir: Path, cfg: C.EvalStageConfig, results: list[dict], not
         written["loss_curves.png"] = str(out_dir / "loss_curves.png")
         md += ["![loss curves](loss_curves.png)", "", "From the metrics.jsonl of " + ", ".join(c["stage"] for c in curves) + "."]
     else:
-        md.append("No metrics.jsonl found for " + ", ".join(TRAINING_STAGES) + ".")
+        md.append("No metrics.jsonl found for " + ", ".join(C.CHECKPOINT_STAGES) + ".")
     md.append("")
     if notes:
         md += ["## Notes", "", *[f"- {n}" for n in notes], ""]

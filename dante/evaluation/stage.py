@@ -134,8 +134,8 @@ def make_plan(cfg: C.EvalStageConfig, with_tasks: bool = True) -> EvalPlan:
     heldout_tokens = {lang: encode_texts(tokenizer, texts) for lang, texts in heldout.items()}
     shards_dir = None
     if e.shards:
-        if stage_done(cfg.run, "03_shards"):
-            shards_dir = stage_dir(cfg.run, "03_shards")
+        if stage_done(cfg.run, C.SHARDS):
+            shards_dir = stage_dir(cfg.run, C.SHARDS)
             if not list_shards(shards_dir, "val"):
                 notes.append(f"validation shards: none in {shards_dir} (shards.val_fraction is 0?)")
                 shards_dir = None

@@ -47,10 +47,10 @@ def _hub_failure(err: Exception, repo_id: str) -> str:
 
 def push_to_hub(cfg: C.ExportStageConfig, repo_id: str, private: bool = False, dry_run: bool = False) -> list[str]:
     """Upload the finished export folder (HF files only, never manifest/progress). Returns printable lines."""
-    folder = stage_dir(cfg.run, "09_export")
+    folder = stage_dir(cfg.run, C.EXPORT)
     if not re.fullmatch(r"[\w.-]+/[\w.-]+", repo_id or ""):
         raise UserError(f"--push-to-hub {repo_id!r}: expected a repository id like your-name/dante-2b")
-    if not stage_done(cfg.run, "09_export"):
+    if not stage_done(cfg.run, C.EXPORT):
         if dry_run:
             return [f"would upload to {repo_id} after the export finishes:"] + plan_lines(cfg)
         raise UserError(f"{folder} holds no finished export; run this script without --push-to-hub first "

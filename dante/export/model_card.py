@@ -65,7 +65,7 @@ def card_facts(cfg: C.ExportStageConfig, source: Source, tokenizer, n_params: in
         "tokenizer": tokenizer_facts(tokenizer),
         "verification": verification,
     }
-    corpus, shards = finished_manifest(cfg, "01_corpus"), finished_manifest(cfg, "03_shards")
+    corpus, shards = finished_manifest(cfg, C.CORPUS), finished_manifest(cfg, C.SHARDS)
     tokens_by_source = (shards or {}).get("counts", {}).get("by_source", {})
     facts["data"] = [
         {"source": name, "lang": src.get("lang"), "tier": src.get("tier"), "origin": src.get("origin"),
@@ -85,13 +85,13 @@ def card_facts(cfg: C.ExportStageConfig, source: Source, tokenizer, n_params: in
             "extend": stage_cfg.get("extend"),
         })
     facts["training"] = training
-    sft_data = finished_manifest(cfg, "06_sft_data") if source.is_chat else None
+    sft_data = finished_manifest(cfg, C.SFT_DATA) if source.is_chat else None
     if sft_data:
         facts["sft_data"] = [{"name": s.get("name"), "format": s.get("format"), "lang": s.get("lang"),
                               "origin": s.get("hf_id") or s.get("path")} for s in sft_data["config"]["sft_data"]["sources"]]
-    report_path = stage_dir(cfg.run, "08_eval") / "report.json"
+    report_path = stage_dir(cfg.run, C.EVAL) / "report.json"
     facts["evaluation"] = None
-    if stage_done(cfg.run, "08_eval") and report_path.is_file():
+    if stage_done(cfg.run, C.EVAL) and report_path.is_file():
         report = read_json(report_path)
         facts["evaluation"] = {
             "summary": report.get("summary", {}),
@@ -155,7 +155,7 @@ def render_model_card(facts: dict, model_name: str, license_id: str, repo_hint: 
                  f"{100 * d['train_tokens'] / total:.1f}%" if total and d["train_tokens"] else ""] for d in data]
         lines += markdown_table(["source", "language", "quality tier", "origin", "documents", "characters",
                          "training tokens", "share"], rows)
-        weights = next((t["train"].get("tier_weights") for t in facts["training"] if t["stage"] == "04_pretrain"), None)
+        weights = next((t["train"].get("tier_weights") for t in facts["training"] if t["stage"] == C.PRETRAIN), None)
         if weights:
             lines += ["", "Pretraining samples the tiers with weights "
                       + ", ".join(f"tier {k}: {_fmt(v)}" for k, v in weights.items()) + "."]
@@ -176,7 +176,7 @@ def render_model_card(facts: dict, model_name: str, license_id: str, repo_hint: 
                          tr.get("lr"), tr.get("warmup_steps"), precision])
         lines += markdown_table(["stage", "steps", "tokens seen", "last loss", "sequence length", "sequences per step",
                          "peak lr", "warmup steps", "precision"], rows)
-        ext = next((t["extend"] for t in facts["training"] if t["stage"] == "05_extend" and t["extend"]), None)
+        ext = next((t["extend"] for t in facts["training"] if t["stage"] == C.EXTEND and t["extend"]), None)
         if ext:
             lines += ["", f"Context extension (stage 5): {ext.get('mode')} to {_fmt(ext.get('new_max_seq_len'))} tokens"
                       + (f", factor {_fmt(ext.get('factor'))}" if ext.get("mode") != "continued" else "") + "."]

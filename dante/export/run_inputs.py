@@ -91,7 +91,7 @@ def training_lineage(cfg: C.ExportStageConfig, source: Source) -> list[tuple[str
 
 def generation_defaults(cfg: C.ExportStageConfig) -> C.GenerationConfig:
     """Stage 8's sampling settings when it ran, else the dataclass defaults (the same reference values)."""
-    manifest = finished_manifest(cfg, "08_eval")
+    manifest = finished_manifest(cfg, C.EVAL)
     if manifest:
         return C.from_dict(C.EvalStageConfig, manifest["config"]).eval.generation
     return C.GenerationConfig()

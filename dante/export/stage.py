@@ -102,7 +102,7 @@ def preflight(cfg: C.ExportStageConfig) -> tuple[Source, Path, Any]:
     """Every check before the work (no weights loaded): config, checkpoint, Llama expressibility of the config
     and of the file's tensors, tokenizer (vocabulary, special ids, lineage). One error listing everything."""
     raise_problems(UserError, "invalid export configuration", config_problems(cfg))
-    read_manifest(cfg.run, "02_tokenizer")
+    read_manifest(cfg.run, C.TOKENIZER)
     if cfg.export.verify:
         resolve_device(cfg.export.verify_device)  # cuda asked for but absent: say so now
     source = resolve_checkpoint(cfg)
@@ -123,7 +123,7 @@ def export_stage(stage: Stage, cfg: C.ExportStageConfig) -> dict:
     _refuse_foreign_files(stage)
     # from here on the folder holds our files: a rerun with this config resumes (redoes) the export
     stage.save_progress({"checkpoint": str(source.path), "writing": True})
-    stage.require("02_tokenizer")
+    stage.require(C.TOKENIZER)
     if source.stage:
         stage.require(source.stage)
     stage.add_input("checkpoint", source.path / ckpt.WEIGHTS)

@@ -16,7 +16,7 @@ classes cost seconds to import, and ``--help`` or a run with ``export.verify: fa
 
 Example::
 
-    results = verify_export(cfg, stage_dir(cfg.run, "09_export"), model, tokenizer, source, texts_by_lang)
+    results = verify_export(cfg, stage_dir(cfg.run, C.EXPORT), model, tokenizer, source, texts_by_lang)
     results["logits"]["max_abs_diff"] <= results["logits"]["bound"]
 """
 
@@ -154,8 +154,8 @@ def _greedy_tie(model, prefix: list[int], a: int, b: int, bound: float) -> float
 def sft_conversations(cfg: C.ExportStageConfig, encoder, limit: int) -> list[list[dict]]:
     """Real conversations from stage 6's local sources (validated like stage 6 does), then the built-in ones."""
     convs: list[list[dict]] = []
-    if stage_done(cfg.run, "06_sft_data"):
-        sft_cfg = C.from_dict(C.SFTDataStageConfig, read_manifest(cfg.run, "06_sft_data")["config"])
+    if stage_done(cfg.run, C.SFT_DATA):
+        sft_cfg = C.from_dict(C.SFTDataStageConfig, read_manifest(cfg.run, C.SFT_DATA)["config"])
         for src in sft_cfg.sft_data.sources:
             if src.kind != "local":
                 continue  # the export never needs the network
