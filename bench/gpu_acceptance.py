@@ -237,9 +237,9 @@ def run_training_case(case: Case, micro_batch: int, args) -> dict:
 
 def synthetic_sft_batches(cfg: C.SFTStageConfig, model_cfg: C.ModelConfig):
     """Stage 7's batch source over synthetic conversations packed by stage 6's packer."""
-    from dante.sft_data import PackedSFT
     from sft_throughput import synthetic_blocks  # bench/sft_throughput.py: log-normal lengths, best-fit packing
 
+    from dante.sft_packing import PackedSFT
     from dante.sft_train import SFTBatches
     from dante.tokenizer import PAD_ID
 

@@ -33,7 +33,7 @@ from dante.config import ModelConfig
 from dante.engine import LossModule, apply_compile
 from dante.kernels import apply_attention_choice, choose_attention
 from dante.model import Transformer
-from dante.sft_data import PAD_DOC_ID, load_packed, pack_best_fit, shifted_targets
+from dante.sft_packing import PAD_DOC_ID, load_packed, pack_best_fit, shifted_targets
 from dante.tokenizer import PAD_ID
 
 PRESETS = {

@@ -12,17 +12,7 @@ Flow (``build_sft_stage`` drives it, one source at a time, then packs everything
       -> write_packed        06_sft_data/{train,eval}.{tokens,weights,docs,pos}.bin
     load_packed / sft_batches: what stage 7 reads.
 
-Chat format (special-token ids 0..5 are fixed by docs/DESIGN.md). A conversation of messages m_1..m_n is::
-
-    <|begin_of_text|>
-    <|start_header_id|>{role}<|end_header_id|>\\n\\n{content}<|eot|>     once per message, role in system/user/assistant
-    <|end_of_text|>                                                    once, after the last message
-
-``content`` is stripped of surrounding whitespace (Jinja ``trim`` does the same). With
-``add_generation_prompt`` the conversation ends with ``<|start_header_id|>assistant<|end_header_id|>\\n\\n``
-instead of ``<|end_of_text|>``: that is the prompt a model completes. ``CHAT_TEMPLATE`` is this format as a
-Jinja string for the Hugging Face export (stage 9); a test checks that ``apply_chat_template`` gives the
-very ids of ``ChatEncoder``.
+The chat format itself (ids, weight classes, the Jinja template) lives in ``dante.chat_format``.
 
 Design choices
 - Special tokens are placed structurally; role names and content are encoded with the tokenizer's
@@ -69,10 +59,8 @@ import json
 import math
 import re
 import shutil
-import struct
 import time
 from collections import Counter
-from contextlib import ExitStack
 from dataclasses import dataclass, field
 from glob import glob
 from pathlib import Path
@@ -82,41 +70,21 @@ import numpy as np
 
 from dante import config as C
 from dante.artifacts import Stage, atomic_path, atomic_write_text, file_sha256, stable_unit, tokenizer_path
+from dante.chat_format import CHAT_TEMPLATE, HEADER_SEPARATOR, SPECIAL_IDS, ChatEncoder, EncodedConversation
 from dante.errors import UserError, problems_message, raise_problems
-from dante.tokenizer import BOS, END_HEADER, EOS, EOT, PAD, SPECIAL_TOKENS, START_HEADER, load_tokenizer
-
-FORMAT_VERSION = 1
-
-#: special-token string -> id, fixed by docs/DESIGN.md for every Dante tokenizer
-SPECIAL_IDS = {text: i for i, text in enumerate(SPECIAL_TOKENS)}
-HEADER_SEPARATOR = "\n\n"
-
-ROLES = ("system", "user", "assistant")
-PAD_DOC_ID = -1
-
-# Weight classes (1 byte a token until the weights are written).
-CLS_NONE, CLS_ASSISTANT, CLS_PROMPT = 0, 1, 2
-
-
-def class_weights(user_weight: float) -> np.ndarray:
-    """Lookup table weight class -> loss weight."""
-    return np.array([0.0, 1.0, user_weight], dtype=np.float32)
-
-
-# The same format as a Jinja chat template (transformers' apply_chat_template, stage 9 export).
-# Literal special strings rather than bos_token/eos_token variables: the format must not depend on how an
-# exported tokenizer_config names its bos/eos. Filters bind tighter than "+": only the content is trimmed.
-CHAT_TEMPLATE = (
-    "{{- '<|begin_of_text|>' -}}"
-    "{%- for message in messages -%}"
-    "{{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' + message['content'] | trim + '<|eot|>' -}}"
-    "{%- endfor -%}"
-    "{%- if add_generation_prompt -%}"
-    "{{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' -}}"
-    "{%- else -%}"
-    "{{- '<|end_of_text|>' -}}"
-    "{%- endif -%}"
+from dante.sft_packing import (
+    CLS_ASSISTANT,
+    CLS_PROMPT,
+    PAD_DOC_ID,
+    next_fit_blocks,
+    pack_best_fit,
+    write_packed,
 )
+from dante.sft_packing import FORMAT_VERSION as PACKED_FORMAT_VERSION
+from dante.tokenizer import EOS, load_tokenizer
+
+#: stage 6's manifest format is that of its packed block files (``dante.sft_packing``)
+FORMAT_VERSION = PACKED_FORMAT_VERSION
 
 # -- drops --------------------------------------------------------------------------------------------
 DROP_REASONS = (
@@ -264,78 +232,7 @@ def check_conversation(
     return messages, notes
 
 
-# -- encoding -----------------------------------------------------------------------------------------
-@dataclass
-class EncodedConversation:
-    ids: np.ndarray  # (L,) int32
-    classes: np.ndarray  # (L,) uint8, CLS_*
-    turn_ends: list[int]  # token index just after each message's <|eot|>
-    roles: list[str]
-
-
-class ChatEncoder:
-    """Token ids and weight classes of conversations in the Dante chat format (see module docstring)."""
-
-    def __init__(self, tokenizer: Any):
-        problems = []
-        for text, want in SPECIAL_IDS.items():
-            got = tokenizer.token_to_id(text)
-            if got != want:
-                problems.append(f"{text} has id {got}, expected {want}")
-        if problems:
-            raise UserError(problems_message("the tokenizer does not follow docs/DESIGN.md's special tokens", problems)
-                            + "\n  HINT: retrain it with `python 2_train_tokenizer.py --force`.")
-        self.vocab_size = tokenizer.get_vocab_size()
-        # A private copy that treats special-token text as plain text (the original stays untouched).
-        self._text_tok = type(tokenizer).from_str(tokenizer.to_str())
-        self._text_tok.encode_special_tokens = True
-        added = [t.content for t in tokenizer.get_added_tokens_decoder().values()]
-        self.special_strings = sorted(set(added) | set(SPECIAL_IDS), key=len, reverse=True)
-        self.special_re = re.compile("|".join(re.escape(s) for s in self.special_strings))
-        self._role_ids = {r: np.array(self._text_tok.encode(r, add_special_tokens=False).ids, np.int32) for r in ROLES}
-
-    def encode_many(self, conversations: list[list[dict]], add_generation_prompt: bool = False) -> list[EncodedConversation]:
-        """Encode several conversations with one batched tokenizer call (the tokenizer is the cost)."""
-        segments = [HEADER_SEPARATOR + m["content"].strip() for conv in conversations for m in conv]
-        encodings = self._text_tok.encode_batch(segments, add_special_tokens=False) if segments else []
-        out, k = [], 0
-        for conv in conversations:
-            ids_parts, cls_parts, turn_ends, n = [np.array([SPECIAL_IDS[BOS]], np.int32)], [np.zeros(1, np.uint8)], [], 1
-            for m in conv:
-                enc = encodings[k]
-                k += 1
-                role = m["role"]
-                role_ids = self._role_ids[role]
-                content_ids = np.array(enc.ids, np.int32)
-                cls = CLS_ASSISTANT if role == "assistant" else CLS_PROMPT
-                # tokens that end inside the "\n\n" separator belong to the header (weight 0)
-                content_cls = np.full(len(content_ids), cls, np.uint8)
-                for j, (_, end) in enumerate(enc.offsets):
-                    if end > len(HEADER_SEPARATOR):
-                        break
-                    content_cls[j] = CLS_NONE
-                header = np.concatenate([[SPECIAL_IDS[START_HEADER]], role_ids, [SPECIAL_IDS[END_HEADER]]]).astype(np.int32)
-                ids_parts += [header, content_ids, np.array([SPECIAL_IDS[EOT]], np.int32)]
-                cls_parts += [np.zeros(len(header), np.uint8), content_cls, np.array([cls], np.uint8)]
-                n += len(header) + len(content_ids) + 1
-                turn_ends.append(n)
-            if add_generation_prompt:
-                sep = np.array(self._text_tok.encode(HEADER_SEPARATOR, add_special_tokens=False).ids, np.int32)
-                tail = np.concatenate([[SPECIAL_IDS[START_HEADER]], self._role_ids["assistant"], [SPECIAL_IDS[END_HEADER]], sep])
-                ids_parts.append(tail.astype(np.int32))
-                cls_parts.append(np.zeros(len(tail), np.uint8))
-            else:
-                # the final <|end_of_text|> takes the class of the last turn (assistant for kept data)
-                last_cls = CLS_ASSISTANT if conv and conv[-1]["role"] == "assistant" else CLS_PROMPT
-                ids_parts.append(np.array([SPECIAL_IDS[EOS]], np.int32))
-                cls_parts.append(np.array([last_cls], np.uint8))
-            out.append(EncodedConversation(np.concatenate(ids_parts), np.concatenate(cls_parts), turn_ends, [m["role"] for m in conv]))
-        return out
-
-    def encode(self, messages: list[dict], add_generation_prompt: bool = False) -> EncodedConversation:
-        return self.encode_many([messages], add_generation_prompt)[0]
-
-
+# -- over-long conversations ----------------------------------------------------------------------
 def fit_to_block(enc: EncodedConversation, block_size: int, policy: str) -> tuple[np.ndarray, np.ndarray, str]:
     """Apply the over-long policy. Returns (ids, classes, status), status in ok/truncated_turns/truncated_mid_turn.
 
@@ -536,148 +433,6 @@ def encode_source(src: Any, rows: Iterable[Any], encoder: ChatEncoder, cfg: Any,
     )
 
 
-# -- packing ------------------------------------------------------------------------------------------
-class _CapacityTree:
-    """Counts of open blocks per remaining capacity 0..n-1; finds the smallest capacity >= x in O(log n)."""
-
-    def __init__(self, n: int):
-        self.size = 1 << max(1, (n - 1).bit_length())
-        self.tree = [0] * (2 * self.size)
-
-    def add(self, cap: int, delta: int) -> None:
-        i = cap + self.size
-        while i:
-            self.tree[i] += delta
-            i >>= 1
-
-    def smallest_at_least(self, x: int) -> int:
-        """Smallest capacity >= x with an open block, or -1."""
-        tree, i = self.tree, x + self.size
-        if tree[i]:
-            return x
-        while i > 1:  # climb until a right sibling holds something
-            if not i & 1 and tree[i + 1]:
-                i += 1
-                while i < self.size:  # descend to its leftmost non-empty leaf
-                    i = 2 * i if tree[2 * i] else 2 * i + 1
-                return i - self.size
-            i >>= 1
-        return -1
-
-
-def pack_best_fit(lengths: np.ndarray | list[int], block_size: int) -> list[list[int]]:
-    """Best-fit decreasing: items longest first, each into the open block it fills most tightly.
-
-    Returns blocks as lists of item indices (in placement order). Deterministic: ties in length keep input
-    order; among equally tight blocks the most recently touched wins. O(n log n + n log block_size).
-    """
-    lengths = np.asarray(lengths, np.int64)
-    if len(lengths) and (lengths.max() > block_size or lengths.min() <= 0):
-        raise ValueError(f"item lengths must be in 1..{block_size}, got {lengths.min()}..{lengths.max()}")
-    order = np.argsort(-lengths, kind="stable")
-    tree = _CapacityTree(block_size + 1)
-    by_cap: list[list[int]] = [[] for _ in range(block_size + 1)]
-    blocks: list[list[int]] = []
-    for item in order.tolist():
-        n = int(lengths[item])
-        cap = tree.smallest_at_least(n)
-        if cap < 0:
-            b, cap = len(blocks), block_size
-            blocks.append([])
-        else:
-            b = by_cap[cap].pop()
-            tree.add(cap, -1)
-        blocks[b].append(item)
-        left = cap - n
-        if left > 0:
-            by_cap[left].append(b)
-            tree.add(left, 1)
-    return blocks
-
-
-def next_fit_blocks(lengths: Iterable[int], block_size: int) -> int:
-    """Blocks used by the naive packer (fill in arrival order, open a new block when the next one does not fit)."""
-    blocks, room = 0, 0
-    for n in lengths:
-        if n > room:
-            blocks, room = blocks + 1, block_size
-        room -= n
-    return blocks
-
-
-# -- binary files -------------------------------------------------------------------------------------
-MAGIC = b"DANTESFT"
-HEADER_BYTES = 64
-_HEADER = struct.Struct("<8sIIIIQQ")  # magic, version, kind, dtype code, pad id, n_blocks, block_size
-ARRAY_KINDS = {"tokens": 1, "weights": 2, "docs": 3, "pos": 4}
-DTYPE_CODES = {1: np.dtype("<u2"), 2: np.dtype("<u4"), 3: np.dtype("<i4"), 4: np.dtype("<f4")}
-_CODE_OF = {v: k for k, v in DTYPE_CODES.items()}
-
-
-def packed_dtypes(vocab_size: int, block_size: int) -> dict[str, np.dtype]:
-    return {
-        "tokens": np.dtype("<u2") if vocab_size <= 1 << 16 else np.dtype("<u4"),
-        "weights": np.dtype("<f4"),
-        "docs": np.dtype("<i4"),
-        "pos": np.dtype("<u2") if block_size <= 1 << 16 else np.dtype("<i4"),
-    }
-
-
-def packed_path(directory: str | Path, split: str, kind: str) -> Path:
-    return Path(directory) / f"{split}.{kind}.bin"
-
-
-def _header(kind: str, dtype: np.dtype, pad_id: int, n_blocks: int, block_size: int) -> bytes:
-    head = _HEADER.pack(MAGIC, FORMAT_VERSION, ARRAY_KINDS[kind], _CODE_OF[dtype], pad_id, n_blocks, block_size)
-    return head + b"\0" * (HEADER_BYTES - len(head))
-
-
-def write_packed(
-    directory: str | Path, split: str, sources: list[EncodedSource], items_N3: np.ndarray, blocks: list[list[int]],
-    block_size: int, vocab_size: int, user_weight: float, chunk_blocks: int = 1024,
-) -> dict:
-    """Write the four arrays of one split atomically, streaming ``chunk_blocks`` rows at a time.
-
-    ``items_N3`` rows are (source index, start, end) slices of the sources' flat arrays; ``blocks`` lists
-    item indices per block, in the order the rows are written.
-    """
-    dtypes = packed_dtypes(vocab_size, block_size)
-    lut = class_weights(user_weight)
-    pad_id = SPECIAL_IDS[PAD]
-    files = {}
-    with ExitStack() as stack:
-        for kind in ARRAY_KINDS:
-            tmp = stack.enter_context(atomic_path(packed_path(directory, split, kind)))
-            f = stack.enter_context(open(tmp, "wb"))
-            f.write(_header(kind, dtypes[kind], pad_id, len(blocks), block_size))
-            files[kind] = f
-        for lo in range(0, len(blocks), chunk_blocks):
-            chunk = blocks[lo : lo + chunk_blocks]
-            tokens_BT = np.full((len(chunk), block_size), pad_id, dtypes["tokens"])
-            weights_BT = np.zeros((len(chunk), block_size), np.float32)
-            docs_BT = np.full((len(chunk), block_size), PAD_DOC_ID, np.int32)
-            pos_BT = np.zeros((len(chunk), block_size), dtypes["pos"])
-            for r, block in enumerate(chunk):
-                at = 0
-                for doc, i in enumerate(block):
-                    s_idx, start, end = (int(v) for v in items_N3[i])
-                    src, n = sources[s_idx], end - start
-                    tokens_BT[r, at : at + n] = src.tokens[start:end]
-                    weights_BT[r, at : at + n] = lut[src.classes[start:end]]
-                    docs_BT[r, at : at + n] = doc
-                    pos_BT[r, at : at + n] = np.arange(n)
-                    at += n
-            for kind, arr in (("tokens", tokens_BT), ("weights", weights_BT), ("docs", docs_BT), ("pos", pos_BT)):
-                files[kind].write(np.ascontiguousarray(arr, dtypes[kind]).tobytes())
-        for f in files.values():
-            f.flush()
-    return {
-        kind: {"path": packed_path(directory, split, kind).name, "dtype": str(dtypes[kind]),
-               "shape": [len(blocks), block_size], "header_bytes": HEADER_BYTES}
-        for kind in ARRAY_KINDS
-    }
-
-
 def _per_conversation_sum(mask: np.ndarray, offsets: np.ndarray) -> np.ndarray:
     cs = np.concatenate([[0], np.cumsum(mask, dtype=np.int64)])
     return cs[offsets[1:]] - cs[offsets[:-1]]
@@ -830,113 +585,3 @@ def build_sft_stage(stage: Stage, cfg: C.SFTDataStageConfig, log: Callable[[str]
             "special_token_text_policy": "conversations containing special-token strings are dropped (special_token_text)",
         },
     )
-
-
-@dataclass
-class PackedSFT:
-    """One split of stage 6's output, memory-mapped read-only: every array is (n_blocks, block_size)."""
-
-    tokens: np.ndarray
-    weights: np.ndarray
-    doc_ids: np.ndarray
-    positions: np.ndarray
-    pad_id: int
-
-    @property
-    def n_blocks(self) -> int:
-        return self.tokens.shape[0]
-
-    @property
-    def block_size(self) -> int:
-        return self.tokens.shape[1]
-
-
-def _open_array(path: Path, kind: str) -> tuple[np.ndarray, int]:
-    if not path.is_file():
-        raise UserError(f"{path} is missing.\n  HINT: run `python 6_build_sft.py --config configs/<profile>/sft_data.yaml`.")
-    with open(path, "rb") as f:
-        raw = f.read(HEADER_BYTES)
-    if len(raw) < HEADER_BYTES:
-        raise UserError(f"{path}: truncated header; rebuild with `python 6_build_sft.py --force`.")
-    magic, version, kind_code, dtype_code, pad_id, n_blocks, block_size = _HEADER.unpack(raw[: _HEADER.size])
-    if magic != MAGIC or kind_code != ARRAY_KINDS[kind] or dtype_code not in DTYPE_CODES:
-        raise UserError(f"{path}: not a Dante SFT {kind} file (bad magic/kind/dtype).")
-    if version != FORMAT_VERSION:
-        raise UserError(f"{path}: format version {version}, this code reads {FORMAT_VERSION}; rebuild with `python 6_build_sft.py --force`.")
-    dtype = DTYPE_CODES[dtype_code]
-    expected = HEADER_BYTES + n_blocks * block_size * dtype.itemsize
-    if path.stat().st_size != expected:
-        raise UserError(f"{path}: {path.stat().st_size} bytes, header says {expected}; the file is damaged, rebuild stage 6.")
-    if n_blocks == 0:
-        return np.zeros((0, block_size), dtype), pad_id
-    return np.memmap(path, dtype=dtype, mode="r", offset=HEADER_BYTES, shape=(n_blocks, block_size)), pad_id
-
-
-def load_packed(directory: str | Path, split: str) -> PackedSFT:
-    """Memory-map ``{split}.{tokens,weights,docs,pos}.bin`` from a 06_sft_data folder (split: train or eval)."""
-    arrays, pads = {}, set()
-    for kind in ARRAY_KINDS:
-        arrays[kind], pad = _open_array(packed_path(directory, split, kind), kind)
-        pads.add(pad)
-    shapes = {a.shape for a in arrays.values()}
-    if len(shapes) != 1 or len(pads) != 1:
-        raise UserError(f"{directory}: the {split} arrays disagree in shape {shapes} or pad id {pads}; rebuild stage 6.")
-    return PackedSFT(arrays["tokens"], arrays["weights"], arrays["docs"], arrays["pos"], pads.pop())
-
-
-# -- batches for stage 7 ------------------------------------------------------------------------------
-def shifted_targets(tokens_BT: np.ndarray, weights_BT: np.ndarray, docs_BT: np.ndarray, pad_id: int):
-    """(targets, target weights): position t predicts token t+1 of the same conversation.
-
-    The last token of a conversation must not predict the first of the next one: such targets (and the
-    block's last column, which has no next token) get weight 0 and the pad id as a harmless index.
-    """
-    B, T = tokens_BT.shape
-    targets_BT = np.full((B, T), pad_id, np.int64)
-    target_w_BT = np.zeros((B, T), np.float32)
-    same_doc = (docs_BT[:, 1:] == docs_BT[:, :-1]) & (docs_BT[:, 1:] != PAD_DOC_ID)
-    targets_BT[:, :-1] = np.where(same_doc, tokens_BT[:, 1:], pad_id)
-    target_w_BT[:, :-1] = np.where(same_doc, weights_BT[:, 1:], 0.0)
-    return targets_BT, target_w_BT
-
-
-def num_sft_batches(n_blocks: int, micro_batch: int, world_size: int = 1) -> int:
-    """Micro-batches per epoch on each rank (the last one is completed with padding rows)."""
-    per_rank = -(-n_blocks // world_size)
-    return -(-per_rank // micro_batch)
-
-
-def epoch_order(n_blocks: int, seed: int, epoch: int, shuffle: bool = True) -> np.ndarray:
-    """The block order of one epoch: a permutation seeded by (seed, epoch), or 0..n-1 unshuffled."""
-    return np.random.default_rng([seed, epoch]).permutation(n_blocks) if shuffle else np.arange(n_blocks)
-
-
-def sft_micro_batch(packed: PackedSFT, rows: np.ndarray, micro_batch: int) -> dict[str, np.ndarray]:
-    """One micro-batch of the blocks ``rows`` (at most ``micro_batch``; the rest is padding, weight 0)."""
-    rows = np.sort(rows)  # sorted: sequential memmap reads
-    k, T = len(rows), packed.block_size
-    tokens = np.full((micro_batch, T), packed.pad_id, np.int64)
-    weights = np.zeros((micro_batch, T), np.float32)
-    docs = np.full((micro_batch, T), PAD_DOC_ID, np.int64)
-    pos = np.zeros((micro_batch, T), np.int64)
-    if k:
-        tokens[:k], weights[:k] = packed.tokens[rows], packed.weights[rows]
-        docs[:k], pos[:k] = packed.doc_ids[rows], packed.positions[rows]
-    targets, target_w = shifted_targets(tokens, weights, docs, packed.pad_id)
-    return {"tokens": tokens, "targets": targets, "weights": target_w, "positions": pos, "doc_ids": docs}
-
-
-def sft_batches(
-    packed: PackedSFT, micro_batch: int, *, shuffle: bool = True, seed: int = 0, epoch: int = 0,
-    rank: int = 0, world_size: int = 1, start: int = 0,
-) -> Iterator[dict[str, np.ndarray]]:
-    """Micro-batches of one epoch as numpy arrays (torch.from_numpy is zero-copy):
-
-    tokens (B, T) int64, targets (B, T) int64, weights (B, T) float32 (weight of each target),
-    positions (B, T) int64, doc_ids (B, T) int64. Blocks are permuted per (seed, epoch), dealt to ranks
-    round-robin; every rank yields the same number of batches (missing rows are all-padding, weight 0).
-    ``start`` skips that many batches (resume). The loss is sum(w * ce) / sum(w) over the accumulation window.
-    """
-    mine = epoch_order(packed.n_blocks, seed, epoch, shuffle)[rank::world_size]
-    for b in range(start, num_sft_batches(packed.n_blocks, micro_batch, world_size)):
-        yield sft_micro_batch(packed, mine[b * micro_batch : (b + 1) * micro_batch], micro_batch)

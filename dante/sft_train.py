@@ -63,7 +63,7 @@ from dante.checkpoint import (
     tokenizer_problems,
 )
 from dante.errors import StageError, UserError, raise_problems
-from dante.sft_data import PackedSFT, epoch_order, load_packed, num_sft_batches, sft_batches, sft_micro_batch
+from dante.sft_packing import PackedSFT, epoch_order, load_packed, num_sft_batches, sft_batches, sft_micro_batch
 from dante.tokenizer import load_tokenizer
 
 # ---------------------------------------------------------------------------------------------------

@@ -26,11 +26,11 @@ from dante import checkpoint as ckpt
 from dante import config as C
 from dante import export
 from dante.artifacts import Stage, atomic_write_json, read_json, stage_dir
+from dante.chat_format import ChatEncoder
 from dante.errors import UserError
 from dante.export import hf_format, verify
 from dante.export import stage as stage_module  # the name "stage" is a parameter below
 from dante.model import Transformer
-from dante.sft_data import ChatEncoder
 from dante.tokenizer import load_tokenizer, train_tokenizer
 
 REPO = Path(__file__).resolve().parent.parent

@@ -29,7 +29,7 @@ from dante import checkpoint as ckpt  # noqa: E402
 from dante.config import RunConfig  # noqa: E402
 from dante.metrics import read_metrics  # noqa: E402
 from dante.pretrain_data import TieredMemmapDataset  # noqa: E402
-from dante.sft_data import PackedSFT  # noqa: E402
+from dante.sft_packing import PackedSFT  # noqa: E402
 from dante.sft_train import SFTBatches, epoch_steps  # noqa: E402
 from tests.helpers import write_pretrain_inputs  # noqa: E402
 

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from dante import chat_format, sft_packing
 from dante import sft_data as sft
 from dante.artifacts import read_json
 from dante.cli import run_stage
@@ -58,7 +59,7 @@ def tokenizer():
 
 @pytest.fixture(scope="module")
 def encoder(tokenizer):
-    return sft.ChatEncoder(tokenizer)
+    return chat_format.ChatEncoder(tokenizer)
 
 
 def make_source(**kw) -> SFTSourceConfig:
@@ -186,7 +187,7 @@ def test_unknown_format_and_bad_sources_are_config_errors(tmp_path):
 # -- chat template -------------------------------------------------------------------------------------
 def test_python_encoder_equals_apply_chat_template(tokenizer, encoder):
     hf = to_transformers(tokenizer)
-    hf.chat_template = sft.CHAT_TEMPLATE
+    hf.chat_template = chat_format.CHAT_TEMPLATE
     for conv in CONVERSATIONS:
         kept, _ = sft.check_conversation(conv, encoder.special_re)
         ours = encoder.encode(kept).ids.tolist()
@@ -211,7 +212,7 @@ def test_special_token_text_is_plain_text_in_our_encoder_but_not_in_jinja(tokeni
     assert enc.ids[special_positions].tolist() == [0, 2, 3, 4, 2, 3, 4, 1]
     assert "<|eot|>" in tokenizer.decode(enc.ids.tolist(), skip_special_tokens=True)
     hf = to_transformers(tokenizer)
-    hf.chat_template = sft.CHAT_TEMPLATE
+    hf.chat_template = chat_format.CHAT_TEMPLATE
     theirs = hf.apply_chat_template(conv, tokenize=True, return_dict=False)
     assert theirs.count(EOT_ID) == 3  # transformers turns the typed "<|eot|>" into the control token
     assert theirs != enc.ids.tolist()
@@ -224,7 +225,7 @@ def test_special_token_text_is_plain_text_in_our_encoder_but_not_in_jinja(tokeni
 def test_only_assistant_tokens_and_their_eot_have_weight(tokenizer, encoder):
     conv, _ = sft.check_conversation(CONVERSATIONS[0], encoder.special_re)
     enc = encoder.encode(conv)
-    w = sft.class_weights(0.0)[enc.classes]
+    w = sft_packing.class_weights(0.0)[enc.classes]
     ids = enc.ids
     assert w[0] == 0 and ids[0] == 0  # <|begin_of_text|>
     assert ids[-1] == 1 and w[-1] == 1  # final <|end_of_text|>: weighted (see module docstring)
@@ -234,9 +235,9 @@ def test_only_assistant_tokens_and_their_eot_have_weight(tokenizer, encoder):
     answers = [m["content"] for m in conv if m["role"] == "assistant"]
     assert tokenizer.decode(weighted, skip_special_tokens=False) == "".join(a + "<|eot|>" for a in answers) + "<|end_of_text|>"
     # the user/system eot tokens carry user_weight, the assistant ones 1
-    eot_weights = sft.class_weights(0.25)[enc.classes][ids == EOT_ID].tolist()
+    eot_weights = sft_packing.class_weights(0.25)[enc.classes][ids == EOT_ID].tolist()
     assert eot_weights == [0.25, 0.25, 1.0, 0.25, 1.0]
-    w_user = sft.class_weights(0.25)[enc.classes]
+    w_user = sft_packing.class_weights(0.25)[enc.classes]
     prompt_text = tokenizer.decode(ids[w_user == 0.25].tolist(), skip_special_tokens=False)
     assert prompt_text == "".join(m["content"] + "<|eot|>" for m in conv if m["role"] != "assistant")
 
@@ -272,14 +273,14 @@ def test_best_fit_decreasing_beats_greedy_on_lognormal_lengths():
     rng = np.random.default_rng(0)
     block = 4096
     lengths = np.clip(rng.lognormal(mean=6.2, sigma=0.9, size=3000).astype(int), 8, block)  # median ~500 tokens
-    blocks = sft.pack_best_fit(lengths, block)
+    blocks = sft_packing.pack_best_fit(lengths, block)
     placed = sorted(i for b in blocks for i in b)
     assert placed == list(range(len(lengths)))  # every conversation exactly once
     fills = [int(lengths[b].sum()) for b in blocks]
     assert max(fills) <= block
     assert sorted(fills) == best_fit_reference(lengths.tolist(), block)  # same as the plain loop
     ff = first_fit_blocks(lengths.tolist(), block)
-    nf = sft.next_fit_blocks(lengths.tolist(), block)
+    nf = sft_packing.next_fit_blocks(lengths.tolist(), block)
     assert len(blocks) <= ff <= nf
     padding = 1 - lengths.sum() / (len(blocks) * block)
     lower_bound = int(np.ceil(lengths.sum() / block))
@@ -287,11 +288,11 @@ def test_best_fit_decreasing_beats_greedy_on_lognormal_lengths():
 
 
 def test_pack_best_fit_edge_cases():
-    assert sft.pack_best_fit([], 16) == []
-    assert sft.pack_best_fit([16, 16], 16) == [[0], [1]]
-    assert sorted(map(sorted, sft.pack_best_fit([10, 6, 6, 4], 16))) == [[0, 1], [2, 3]]
+    assert sft_packing.pack_best_fit([], 16) == []
+    assert sft_packing.pack_best_fit([16, 16], 16) == [[0], [1]]
+    assert sorted(map(sorted, sft_packing.pack_best_fit([10, 6, 6, 4], 16))) == [[0, 1], [2, 3]]
     with pytest.raises(ValueError):
-        sft.pack_best_fit([17], 16)
+        sft_packing.pack_best_fit([17], 16)
 
 
 def encoded_source(encoder, convs, name="s", lang="it", copies=None) -> sft.EncodedSource:
@@ -307,9 +308,9 @@ def test_written_blocks_have_restarting_positions_and_doc_ids(tmp_path, encoder)
     es = encoded_source(encoder, convs)
     block = 256
     items = np.stack([np.zeros(len(es), np.int64), es.offsets[:-1], es.offsets[1:]], axis=1)
-    blocks = sft.pack_best_fit(es.lengths(), block)
-    sft.write_packed(tmp_path, "train", [es], items, blocks, block, encoder.vocab_size, user_weight=0.5, chunk_blocks=2)
-    p = sft.load_packed(tmp_path, "train")
+    blocks = sft_packing.pack_best_fit(es.lengths(), block)
+    sft_packing.write_packed(tmp_path, "train", [es], items, blocks, block, encoder.vocab_size, user_weight=0.5, chunk_blocks=2)
+    p = sft_packing.load_packed(tmp_path, "train")
     assert p.tokens.shape == (len(blocks), block) and p.pad_id == 5
     for r, b in enumerate(blocks):
         at = 0
@@ -319,41 +320,41 @@ def test_written_blocks_have_restarting_positions_and_doc_ids(tmp_path, encoder)
             assert p.tokens[r, at : at + n].tolist() == es.tokens[s:e].tolist()
             assert p.doc_ids[r, at : at + n].tolist() == [doc] * n
             assert p.positions[r, at : at + n].tolist() == list(range(n))
-            assert np.array_equal(p.weights[r, at : at + n], sft.class_weights(0.5)[es.classes[s:e]])
+            assert np.array_equal(p.weights[r, at : at + n], sft_packing.class_weights(0.5)[es.classes[s:e]])
             at += n
-        assert np.all(p.tokens[r, at:] == 5) and np.all(p.doc_ids[r, at:] == sft.PAD_DOC_ID)
+        assert np.all(p.tokens[r, at:] == 5) and np.all(p.doc_ids[r, at:] == sft_packing.PAD_DOC_ID)
         assert np.all(p.weights[r, at:] == 0) and np.all(p.positions[r, at:] == 0)
     assert set(np.unique(p.weights)) == {0.0, 0.5, 1.0}
     # a damaged file is refused with a clear message
     path = tmp_path / "train.docs.bin"
     path.write_bytes(path.read_bytes()[:-4])
     with pytest.raises(UserError, match="damaged"):
-        sft.load_packed(tmp_path, "train")
+        sft_packing.load_packed(tmp_path, "train")
 
 
 def test_batches_never_predict_across_conversations(tmp_path, encoder):
     es = encoded_source(encoder, CONVERSATIONS * 3)
     # every stored weight 1 (even <|begin_of_text|>): only the document logic can zero a boundary target
-    es.classes = np.full_like(es.classes, sft.CLS_ASSISTANT)
+    es.classes = np.full_like(es.classes, sft_packing.CLS_ASSISTANT)
     block = 200
     items = np.stack([np.zeros(len(es), np.int64), es.offsets[:-1], es.offsets[1:]], axis=1)
-    blocks = sft.pack_best_fit(es.lengths(), block)
-    sft.write_packed(tmp_path, "train", [es], items, blocks, block, encoder.vocab_size, user_weight=0.0)
-    p = sft.load_packed(tmp_path, "train")
+    blocks = sft_packing.pack_best_fit(es.lengths(), block)
+    sft_packing.write_packed(tmp_path, "train", [es], items, blocks, block, encoder.vocab_size, user_weight=0.0)
+    p = sft_packing.load_packed(tmp_path, "train")
     seen = []
     for rank in range(2):
-        batches = list(sft.sft_batches(p, micro_batch=2, seed=3, epoch=1, rank=rank, world_size=2))
-        assert len(batches) == sft.num_sft_batches(p.n_blocks, 2, 2)
+        batches = list(sft_packing.sft_batches(p, micro_batch=2, seed=3, epoch=1, rank=rank, world_size=2))
+        assert len(batches) == sft_packing.num_sft_batches(p.n_blocks, 2, 2)
         for b in batches:
             tok, tgt, w, docs, pos = b["tokens"], b["targets"], b["weights"], b["doc_ids"], b["positions"]
             assert tok.shape == tgt.shape == w.shape == docs.shape == pos.shape == (2, block)
             for r in range(2):
-                if np.all(docs[r] == sft.PAD_DOC_ID):
+                if np.all(docs[r] == sft_packing.PAD_DOC_ID):
                     assert not w[r].any()  # filler row
                     continue
                 seen.append(tok[r].tobytes())
                 for t in range(block - 1):
-                    if docs[r, t] != docs[r, t + 1] or docs[r, t] == sft.PAD_DOC_ID:
+                    if docs[r, t] != docs[r, t + 1] or docs[r, t] == sft_packing.PAD_DOC_ID:
                         assert w[r, t] == 0 and tgt[r, t] == p.pad_id  # a conversation's last token predicts nothing
                     else:
                         assert tgt[r, t] == tok[r, t + 1]
@@ -361,7 +362,7 @@ def test_batches_never_predict_across_conversations(tmp_path, encoder):
                 assert w[r, -1] == 0
     assert sorted(seen) == sorted(p.tokens[i].astype(np.int64).tobytes() for i in range(p.n_blocks))  # each block once
     # total target weight = total stored weight minus the first token of each conversation
-    total = sum(b["weights"].sum() for rank in range(2) for b in sft.sft_batches(p, 2, rank=rank, world_size=2))
+    total = sum(b["weights"].sum() for rank in range(2) for b in sft_packing.sft_batches(p, 2, rank=rank, world_size=2))
     assert total == pytest.approx(float(p.weights.sum()) - 3 * len(CONVERSATIONS))
 
 
@@ -379,9 +380,9 @@ def test_overlong_policies(encoder):
     first = encoder.encode(conv[:3])
     assert status == "truncated_turns" and ids.tolist() == first.ids.tolist() and cls.tolist() == first.classes.tolist()
     # not even the first answer fits: cut mid-answer if an assistant token survives, else drop
-    first_answer_start = int(np.flatnonzero(first.classes == sft.CLS_ASSISTANT)[0])
+    first_answer_start = int(np.flatnonzero(first.classes == sft_packing.CLS_ASSISTANT)[0])
     ids, cls, status = sft.fit_to_block(enc, first_answer_start + 2, "truncate")
-    assert status == "truncated_mid_turn" and len(ids) == first_answer_start + 2 and (cls == sft.CLS_ASSISTANT).sum() == 2
+    assert status == "truncated_mid_turn" and len(ids) == first_answer_start + 2 and (cls == sft_packing.CLS_ASSISTANT).sum() == 2
     with pytest.raises(sft.DroppedRow, match="overlong"):
         sft.fit_to_block(enc, first_answer_start, "truncate")
 
@@ -446,15 +447,15 @@ def test_stage6_end_to_end_writes_arrays_and_manifest(run_with_tokenizer, tmp_pa
     assert set(c["train"]["token_share_by_lang"]) == {"it", "en", "code"}
     assert sum(c["train"]["token_share_by_source"].values()) == pytest.approx(1.0, abs=1e-5)
     for split in ("train", "eval"):
-        p = sft.load_packed(d, split)
+        p = sft_packing.load_packed(d, split)
         x = c[split]
         assert p.tokens.shape == (x["blocks"], 512) == tuple(m["outputs"][split]["tokens"]["shape"])
-        assert int((p.doc_ids != sft.PAD_DOC_ID).sum()) == x["tokens"]
+        assert int((p.doc_ids != sft_packing.PAD_DOC_ID).sum()) == x["tokens"]
         assert float(p.weights.sum()) == pytest.approx(x["weighted_tokens"])
-        assert x["padding_pct"] == pytest.approx(100 * (p.doc_ids == sft.PAD_DOC_ID).mean(), abs=1e-3)
+        assert x["padding_pct"] == pytest.approx(100 * (p.doc_ids == sft_packing.PAD_DOC_ID).mean(), abs=1e-3)
         assert x["blocks"] <= x["next_fit_blocks"]
         assert int((p.tokens == 0).sum()) == x["conversations"]  # one <|begin_of_text|> per conversation
-    assert (d / "chat_template.jinja").read_text() == sft.CHAT_TEMPLATE == m["chat_template"]
+    assert (d / "chat_template.jinja").read_text() == chat_format.CHAT_TEMPLATE == m["chat_template"]
     assert not (d / "work").exists() and not (d / "progress.json").exists()
     # a second run is a no-op
     code, out = stage6(run_with_tokenizer, tmp_path, capsys, SAMPLE_SOURCES,
@@ -512,4 +513,4 @@ def test_profiles_load():
         cfg = load_config(SFTDataStageConfig, ROOT / "configs" / profile / "sft_data.yaml")
         assert {s.lang for s in cfg.sft_data.sources} >= {"it", "en"}
         assert not sft.check_sources([s for s in cfg.sft_data.sources if s.kind == "local"], cfg.sft_data.block_size)
-    assert SPECIAL_TOKENS[sft.SPECIAL_IDS[sft.EOT]] == "<|eot|>" and json.dumps(sft.SPECIAL_IDS)
+    assert SPECIAL_TOKENS[chat_format.SPECIAL_IDS[chat_format.EOT]] == "<|eot|>" and json.dumps(chat_format.SPECIAL_IDS)

@@ -27,6 +27,10 @@ import torch
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 torch.set_num_threads(1)
 
+from dante import (
+    chat_format,  # noqa: E402
+    sft_packing,  # noqa: E402
+)
 from dante import sft_data as sft  # noqa: E402
 from dante.artifacts import Stage, read_json, stage_dir  # noqa: E402
 from dante.checkpoint import CheckpointManager, latest_checkpoint, load_model  # noqa: E402
@@ -160,8 +164,8 @@ def sft_run(pipeline) -> dict:
     return {"run": pipeline, "dir": stage_dir(pipeline, "07_sft"), "seconds": time.time() - t0}
 
 
-def packed_train(run: RunConfig) -> sft.PackedSFT:
-    return sft.load_packed(stage_dir(run, "06_sft_data"), "train")
+def packed_train(run: RunConfig) -> sft_packing.PackedSFT:
+    return sft_packing.load_packed(stage_dir(run, "06_sft_data"), "train")
 
 
 def random_model(vocab: int, seed: int = 3) -> Transformer:
@@ -249,7 +253,7 @@ def test_packed_conversation_loss_and_logits_equal_the_conversation_alone(pipeli
     assert checked >= 3
 
 
-def packed_weights_of(packed: sft.PackedSFT, tokens_T: torch.Tensor) -> np.ndarray:
+def packed_weights_of(packed: sft_packing.PackedSFT, tokens_T: torch.Tensor) -> np.ndarray:
     """The stage 6 weights of the conversation whose tokens are ``tokens_T`` (found in the packed arrays)."""
     needle = tokens_T.numpy()
     for row in range(packed.n_blocks):
@@ -293,7 +297,7 @@ def test_accumulated_weighted_loss_equals_one_batch_of_both(pipeline, tokenizer,
     packed = packed_train(pipeline)
     blocks = np.sort(np.random.default_rng([11, 0]).permutation(packed.n_blocks)[:2])  # sft_batches' epoch-0 order
     tokens = torch.from_numpy(np.asarray(packed.tokens[blocks], np.int64))
-    targets, w = sft.shifted_targets(tokens.numpy(), np.asarray(packed.weights[blocks]), np.asarray(packed.doc_ids[blocks]),
+    targets, w = sft_packing.shifted_targets(tokens.numpy(), np.asarray(packed.weights[blocks]), np.asarray(packed.doc_ids[blocks]),
                                      packed.pad_id)
     targets, w = torch.from_numpy(targets), torch.from_numpy(w)
     model = random_model(vocab)
@@ -391,10 +395,10 @@ def test_sft_model_answers_in_chat_format_and_stops_at_eot(pipeline, tokenizer):
     run = copy_stages(pipeline, "g", ("02_tokenizer", "05_extend"))
     build_sft_data(run, [s for s in SOURCES if s[0] == "en-pr"])
     assert run_script("7_sft.py", "07_sft", ["--config", str(sft_config_file(run, CHAT_EPOCHS, CHAT_TRAIN))]) == 0
-    encoder = sft.ChatEncoder(tokenizer)
+    encoder = chat_format.ChatEncoder(tokenizer)
     prompts = [sft.normalize_row(json.loads(line), "prompt_response")[:1]
                for line in (SAMPLE / "en_prompt_response.jsonl").read_text(encoding="utf-8").splitlines()]
-    special_ids = set(range(len(sft.SPECIAL_IDS) + 8))  # named specials + the 8 reserved ids of this tokenizer
+    special_ids = set(range(len(chat_format.SPECIAL_IDS) + 8))  # named specials + the 8 reserved ids of this tokenizer
 
     def answers(stage: str, prompts: list):
         model, _, _ = load_model(stage_dir(run, stage))

@@ -17,9 +17,9 @@ import sys
 from typing import Callable
 
 from dante import config as C
+from dante.chat_format import ChatEncoder
 from dante.evaluation.generation import SamplingParams, generate
 from dante.evaluation.loading import LoadedModel
-from dante.sft_data import ChatEncoder
 from dante.tokenizer import EOS_ID, EOT_ID
 
 

@@ -30,6 +30,7 @@ from typing import Any, Callable
 from dante import config as C
 from dante.artifacts import load_texts, stage_dir, stage_done
 from dante.artifacts import tokenizer_path as run_tokenizer_path
+from dante.chat_format import ChatEncoder
 from dante.checkpoint import CheckpointRef, find_checkpoints, read_model_config, tokenizer_problems
 from dante.errors import StageError, UserError, raise_problems
 from dante.evaluation import long_context as lc
@@ -41,7 +42,6 @@ from dante.evaluation.perplexity import (
     token_byte_lengths,
     val_shard_documents,
 )
-from dante.sft_data import ChatEncoder
 from dante.shards import list_shards
 from dante.tokenizer import BOS_ID, EOS_ID, SPECIAL_TOKENS, load_tokenizer
 

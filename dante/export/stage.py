@@ -36,6 +36,7 @@ from typing import Any
 from dante import checkpoint as ckpt
 from dante import config as C
 from dante.artifacts import PROGRESS, Stage, atomic_write_json, atomic_write_text, read_manifest, stage_dir
+from dante.chat_format import CHAT_TEMPLATE
 from dante.checkpoint import tokenizer_problems
 from dante.errors import UserError, problems_message, raise_problems
 from dante.evaluation.loading import resolve_device
@@ -51,7 +52,6 @@ from dante.export.hf_format import (
 from dante.export.model_card import card_facts, render_model_card, short_number
 from dante.export.run_inputs import Source, generation_defaults, load_heldout, resolve_checkpoint, tokenizer_path
 from dante.export.verify import verify_export
-from dante.sft_data import CHAT_TEMPLATE
 from dante.tokenizer import EOS, EOS_ID, EOT, EOT_ID, load_tokenizer
 
 FORMAT_VERSION = 1

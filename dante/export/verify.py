@@ -29,6 +29,7 @@ from typing import Any
 
 import torch
 
+from dante import chat_format
 from dante import config as C
 from dante import sft_data as sft
 from dante.artifacts import read_manifest, stage_done
@@ -210,7 +211,7 @@ def verify_export(cfg: C.ExportStageConfig, out_dir: Path, native_model, tokeniz
         results["logits"] = _compare_logits(native_model, hf_model, windows, m, failures)
         prompts = [w[:PROMPT_TOKENS] for w in windows]
         if source.is_chat:
-            prompts.append(sft.ChatEncoder(tokenizer).encode(BUILTIN_CONVERSATIONS[0][:2], add_generation_prompt=True).ids.tolist())
+            prompts.append(chat_format.ChatEncoder(tokenizer).encode(BUILTIN_CONVERSATIONS[0][:2], add_generation_prompt=True).ids.tolist())
         bound = LOGIT_RTOL * max(1.0, results["logits"]["max_abs_logit"])
         results["greedy"] = _compare_greedy(native_model, hf_model, prompts, e.verify_tokens, bound, failures)
         texts = [t for lang in sorted(texts_by_lang) for t in texts_by_lang[lang]]
@@ -305,7 +306,7 @@ def _compare_tokenizers(tokenizer, hf_tok, texts: list[str], failures: list[str]
 def _compare_chat_template(cfg: C.ExportStageConfig, tokenizer, hf_tok, failures: list[str]) -> dict:
     """apply_chat_template (the exported Jinja) vs dante.sft_data.ChatEncoder (the training ids), whole
     conversations and generation prompts."""
-    encoder = sft.ChatEncoder(tokenizer)
+    encoder = chat_format.ChatEncoder(tokenizer)
     convs = sft_conversations(cfg, encoder, cfg.export.verify_conversations)
     stats = {"conversations": len(convs), "identical": 0}
     for conv in convs:
