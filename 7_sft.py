@@ -26,7 +26,7 @@ from dante import config as C
 from dante.artifacts import read_manifest
 from dante.checkpoint import load_model, training_resume_check
 from dante.cli import run_stage
-from dante.engine import Trainer, init_distributed, preflight_report
+from dante.engine import Trainer, init_distributed, preflight_report, start_ranks
 from dante.sft_train import (
     SFTBatches,
     SFTEvalBatches,
@@ -53,7 +53,7 @@ def dry_run(cfg: C.SFTStageConfig, args) -> None:
 
 
 def main(stage, cfg: C.SFTStageConfig, args) -> None:
-    dist = init_distributed(cfg.train.backend)
+    dist = init_distributed(cfg.train.backend, cfg.train.expected_world_size)
     plan = plan_sft(cfg, dist.world_size, stage.require)  # every check before the weights are loaded
     saved = stage.load_progress()
     check_same_init(saved, plan)
@@ -112,4 +112,5 @@ def main(stage, cfg: C.SFTStageConfig, args) -> None:
 
 
 if __name__ == "__main__":
-    raise SystemExit(run_stage(STAGE, __doc__.splitlines()[0], main, dry_run=dry_run, resume_check=training_resume_check))
+    raise SystemExit(run_stage(STAGE, __doc__.splitlines()[0], main, dry_run=dry_run, resume_check=training_resume_check,
+                               setup=start_ranks))
