@@ -21,7 +21,9 @@ Design choices
   weighted accumulation == one batch). Per-micro-batch means would overweight tokens of sparsely
   weighted micro-batches (SFT) and short ones.
 - Backends: ``deepspeed`` (ZeRO stage 0-2: optimizer states, and with 2 gradients, partitioned over
-  ranks; bf16 weights with fp32 masters in the optimizer) and ``torch`` (one process, fp32 weights with
+  ranks; bf16 weights with fp32 masters in the optimizer; gradients accumulated and reduced in fp32 by the
+  built-in config, and the dtypes actually in use read back from the live engine into the log and the
+  manifest; ZeRO-1 by default: one gradient all-reduce per optimizer step, bench/zero_comm.py) and ``torch`` (one process, fp32 weights with
   bf16 autocast, torch AdamW; needs no DeepSpeed: the fallback where it is missing). DeepSpeed on CPU
   (``DS_ACCELERATOR=cpu``) runs with gloo; bf16 works there too, but the tiny CPU profile trains in fp32
   because this machine's CPUs have no bf16 matmul units (bf16 is emulated, i.e. slower) and because
@@ -38,7 +40,10 @@ Design choices
   non-reentrant), torch.compile per block (``Module.compile``, which keeps parameter names; one
   compiled graph is reused by every block).
 - Launch: ``python 4_pretrain.py`` runs one process (RANK/WORLD_SIZE/MASTER_* default to a single rank
-  on a free port); ``deepspeed`` or ``torchrun`` launch many ranks / nodes, one per GPU.
+  on a free port); ``deepspeed`` or ``torchrun`` launch many ranks / nodes, one per GPU (device
+  ``LOCAL_RANK % visible GPUs``). The stages start their ranks (``start_ranks``) before opening their
+  folder, so a world size other than train.expected_world_size or FP8 without fp8 units is refused
+  before anything is written.
 - Failure: a non-finite loss stops the run before the optimizer step, so the weights and the last
   checkpoint stay good, and the error names the step. SIGTERM/SIGINT set a flag checked between steps:
   the engine saves a checkpoint and returns ``stopped_by_signal``; a second SIGINT aborts at once.
