@@ -1,12 +1,13 @@
 """Stage 4: pretrain the Dante transformer on the stage 3 token shards.
 
 Reads ``03_shards/`` (tiered train/val shards) and ``02_tokenizer/`` (its vocabulary must match
-``model.vocab_size``), trains with the engine of ``dante/engine.py`` (DeepSpeed ZeRO-2, AdamW, cosine
+``model.vocab_size``), trains with the engine of ``dante/engine.py`` (DeepSpeed ZeRO-1, AdamW, cosine
 schedule, optional torch.compile / FP8 / activation checkpointing), and writes ``04_pretrain/``:
 ``checkpoints/step-NNNNNNN/`` (docs/DESIGN.md), ``metrics.jsonl``, ``tensorboard/`` and, last,
 ``manifest.json``. A killed run resumes from its newest checkpoint with the same loss curve; SIGTERM or
 Ctrl-C saves a checkpoint first and exits with 128 + the signal number. ``--dry-run`` prints the plan:
-parameters, FLOPs per token, steps, per-GPU memory under ZeRO-2 and the ETA.
+parameters, FLOPs per token, steps, per-GPU memory under ZeRO-1 and ZeRO-2 and the ETA. Launched by
+``deepspeed`` or ``torchrun``, the ranks must number train.expected_world_size.
 
 Example::
 
@@ -24,7 +25,7 @@ from dante import config as C
 from dante.artifacts import stage_dir, tokenizer_path
 from dante.checkpoint import check_vocab, training_resume_check
 from dante.cli import run_stage
-from dante.engine import Trainer, init_distributed
+from dante.engine import Trainer, init_distributed, start_ranks
 from dante.errors import UserError, raise_problems
 from dante.flops import preflight_report
 from dante.model import Transformer, count_parameters
@@ -56,7 +57,7 @@ def load_inputs(stage, cfg):
 
 
 def main(stage, cfg, args) -> None:
-    dist = init_distributed(cfg.train.backend)
+    dist = init_distributed(cfg.train.backend, cfg.train.expected_world_size)
     data, val = load_inputs(stage, cfg)
     torch.manual_seed(cfg.run.seed)  # every rank builds the same initial weights
     model = Transformer(cfg.model)
@@ -64,10 +65,6 @@ def main(stage, cfg, args) -> None:
     if dist.is_main:
         print(f"[{STAGE}] {n_params:,} parameters; data: {data.summary()['tiers']}; {len(val)} validation windows",
               flush=True)
-        if dist.world_size != cfg.train.expected_world_size:
-            print(f"[{STAGE}] note: planned for train.expected_world_size={cfg.train.expected_world_size} ranks, "
-                  f"running on {dist.world_size}: tokens per step, steps to the budget and ETA change accordingly",
-                  flush=True)
     trainer = Trainer(model=model, model_cfg=cfg.model, train_cfg=cfg.train, stage_dir=stage.dir, data=data,
                       val_data=val, stage_config=C.to_dict(cfg), dist=dist, desc=STAGE,
                       on_checkpoint=lambda step, path: stage.save_progress({"step": step, "checkpoint": str(path)}))
@@ -98,4 +95,5 @@ def dry_run(cfg, args) -> None:
 
 
 if __name__ == "__main__":
-    raise SystemExit(run_stage(STAGE, __doc__.split("\n\n")[0], main, dry_run=dry_run, resume_check=training_resume_check))
+    raise SystemExit(run_stage(STAGE, __doc__.split("\n\n")[0], main, dry_run=dry_run, resume_check=training_resume_check,
+                               setup=start_ranks))

@@ -25,7 +25,7 @@ import torch
 from dante import config as C
 from dante.checkpoint import WEIGHTS, load_model, training_resume_check
 from dante.cli import run_stage
-from dante.engine import Trainer, init_distributed
+from dante.engine import Trainer, init_distributed, start_ranks
 from dante.errors import StageError
 from dante.extend import before_variants, evaluate, load_weights_as, make_plan, write_report
 from dante.flops import preflight_report
@@ -43,7 +43,7 @@ def main(stage, cfg: C.ExtendStageConfig, args) -> None:
     for name in ("02_tokenizer", "03_shards", "04_pretrain"):
         stage.require(name)
     stage.add_input("base_checkpoint", plan.base_checkpoint / WEIGHTS)
-    dist = init_distributed(cfg.train.backend)
+    dist = init_distributed(cfg.train.backend, cfg.train.expected_world_size)
     if dist.is_main:
         for line in plan.describe():
             log(line)
@@ -96,7 +96,8 @@ def main(stage, cfg: C.ExtendStageConfig, args) -> None:
     stage.finish(outputs={"checkpoint": result.checkpoint, **written},
                  counts={"steps": result.steps, "tokens_seen": result.tokens_seen, "new_length": plan.new_len},
                  extra={"summary": {e["key"]: {**e["summary"], "passkey_rank_accuracy":
-                                               e["long_context"]["passkey"]["rank_accuracy"]} for e in evaluations}})
+                                               e["long_context"]["passkey"]["rank_accuracy"]} for e in evaluations},
+                        "engine": result.extra})
     log(f"done: {stage.dir / 'long_context.md'}")
 
 
@@ -108,4 +109,5 @@ def dry_run(cfg: C.ExtendStageConfig, args) -> None:
 
 
 if __name__ == "__main__":
-    raise SystemExit(run_stage(STAGE, DESCRIPTION, main, dry_run=dry_run, resume_check=training_resume_check))
+    raise SystemExit(run_stage(STAGE, DESCRIPTION, main, dry_run=dry_run, resume_check=training_resume_check,
+                               setup=start_ranks))

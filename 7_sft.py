@@ -26,7 +26,7 @@ from dante import config as C
 from dante.artifacts import read_manifest
 from dante.checkpoint import WEIGHTS, load_model, plan_resume, training_resume_check
 from dante.cli import run_stage
-from dante.engine import Trainer, init_distributed
+from dante.engine import Trainer, init_distributed, start_ranks
 from dante.flops import preflight_report
 from dante.sft_train import (
     SFTBatches,
@@ -53,7 +53,7 @@ def dry_run(cfg: C.SFTStageConfig, args) -> None:
 
 
 def main(stage, cfg: C.SFTStageConfig, args) -> None:
-    dist = init_distributed(cfg.train.backend)
+    dist = init_distributed(cfg.train.backend, cfg.train.expected_world_size)
     # resuming on another number of GPUs changes grad_accum, which the SFT order and step count depend on
     resume = plan_resume(stage.dir, C.to_dict(cfg), cfg.train.micro_batch, cfg.train.grad_accum, dist.rank,
                          dist.world_size)
@@ -115,4 +115,5 @@ def main(stage, cfg: C.SFTStageConfig, args) -> None:
 
 
 if __name__ == "__main__":
-    raise SystemExit(run_stage(STAGE, __doc__.splitlines()[0], main, dry_run=dry_run, resume_check=training_resume_check))
+    raise SystemExit(run_stage(STAGE, __doc__.splitlines()[0], main, dry_run=dry_run, resume_check=training_resume_check,
+                               setup=start_ranks))

@@ -11,7 +11,12 @@ TORCH_SPEC ?= torch==2.13.0
 STAGES := 1_download_corpus:corpus 2_train_tokenizer:tokenizer 3_tokenize_shards:shards \
           4_pretrain:pretrain 5_extend_context:extend 6_build_sft:sft_data 7_sft:sft 8_eval:eval 9_export_hf:export
 
+# DeepSpeed picks its accelerator when imported and, on a machine without a GPU, must be told "cpu". Where
+# nvidia-smi exists (a CUDA machine) nothing is forced, so DeepSpeed finds CUDA itself; an explicit
+# DS_ACCELERATOR in the environment or on the command line always wins.
+ifeq ($(shell command -v nvidia-smi 2>/dev/null),)
 export DS_ACCELERATOR ?= cpu
+endif
 
 .PHONY: install demo test lint sample clean-runs
 

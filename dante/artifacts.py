@@ -27,6 +27,7 @@ import hashlib
 import json
 import os
 import platform
+import secrets
 import shutil
 import subprocess
 import sys
@@ -36,7 +37,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from dante import config as C
-from dante.errors import StageError
+from dante.errors import StageError, bullet_list
 
 MANIFEST = "manifest.json"
 PROGRESS = "progress.json"
@@ -222,6 +223,56 @@ def is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
+def _process_group() -> Any:
+    """``torch.distributed`` when a process group of several ranks is up, else None.
+
+    Looked up in sys.modules, never imported: stages 1-3 do not use torch (importing it costs seconds),
+    and a process group can only exist where a training stage has already imported and started it.
+    """
+    td = sys.modules.get("torch.distributed")
+    if td is None or not td.is_available() or not td.is_initialized() or td.get_world_size() < 2:
+        return None
+    return td
+
+
+def check_shared_folder(folder: Path, token: str, group: Any) -> None:
+    """Refuse a stage folder that is not one folder seen by every rank (collective: all ranks call it).
+
+    Every rank reads and writes the same checkpoints (DeepSpeed saves each rank's optimizer shard into the
+    step folder, rank 0 writes the weights, ``latest`` and the manifest, and all ranks read them on
+    resume), so node-local disks that merely share a path would split one checkpoint over several
+    machines and make ranks resume from different steps. Rank 0 has just created ``folder``; each other
+    rank writes ``.rank-<r>-<token>`` into it (the token is fresh per run, so a stale marker proves
+    nothing), then rank 0 looks for all of them and tells every rank the verdict.
+    """
+    rank = group.get_rank()
+    marker = folder / f".rank-{rank}-{token}"
+    sees_folder = folder.is_dir()
+    if rank != 0 and sees_folder:
+        marker.write_text(platform.node() + "\n", encoding="utf-8")
+    ranks: list[Any] = [None] * group.get_world_size()
+    group.all_gather_object(ranks, (rank, platform.node(), sees_folder))  # also the barrier after the writes
+    verdict: list[Any] = [None]
+    if rank == 0:
+        problems = []
+        for r, host, seen in ranks[1:]:
+            if not seen:
+                problems.append(f"rank {r} (host {host}) does not see the folder at all")
+            elif not (folder / f".rank-{r}-{token}").exists():
+                problems.append(f"rank {r} (host {host}) wrote a marker into its {folder} that rank 0 cannot see")
+        verdict = [problems]
+    group.broadcast_object_list(verdict, src=0)
+    if rank != 0 and sees_folder:
+        marker.unlink(missing_ok=True)
+    if verdict[0]:
+        raise StageError(
+            f"the stage folder {folder.absolute()} is not shared by all ranks (rank 0 is on host {ranks[0][1]}):\n"
+            + bullet_list(verdict[0])
+            + "\n  Every rank reads and writes the same checkpoints, so run.root must be one folder on storage that "
+            "every node mounts at the same path (NFS, Lustre, a cloud file system), not a node-local disk.\n"
+            "  HINT: --set run.root=/path/on/shared/storage (copy the earlier stages there), then relaunch.")
+
+
 def run_dir(run: C.RunConfig) -> Path:
     return Path(run.root) / run.name
 
@@ -306,7 +357,41 @@ class Stage:
         A stage whose work splits into independent parts may pass ``resume_check(old_config, new_config,
         saved_state)``: it returns None when the saved work is still valid under the new config (e.g. only
         a failed corpus source was corrected), or the reason why not.
+
+        Several ranks (a process group is up: the training stages start it before opening): rank 0 alone
+        inspects, resets (--force) and prepares the folder while the others wait, then broadcasts the
+        outcome, so every rank resumes, refuses or finds the stage done together, and a reset never races
+        with another rank reading the folder. Then ``check_shared_folder`` proves every rank sees it.
         """
+        group = _process_group()
+        if group is None:
+            return cls._open_here(cfg, name, format_version, force, resume_check)
+        outcome: list[Any] = [None]
+        stage, failure = None, None
+        if group.get_rank() == 0:
+            try:
+                stage = cls._open_here(cfg, name, format_version, force, resume_check)
+                outcome = [("ok", stage.resumed, secrets.token_hex(8))]
+            except Exception as e:  # every rank must hear of it, or the others wait in the broadcast forever
+                failure = e
+                kind = "done" if isinstance(e, StageAlreadyDone) else "error"
+                outcome = [(kind, str(e) if isinstance(e, (StageAlreadyDone, StageError)) else
+                            f"rank 0 could not open the stage folder: {type(e).__name__}: {e}", None)]
+        group.broadcast_object_list(outcome, src=0)
+        kind, value, token = outcome[0]
+        if failure is not None:
+            raise failure
+        if kind == "done":
+            raise StageAlreadyDone(value)
+        if kind == "error":
+            raise StageError(value)
+        d = stage_dir(cfg.run, name)
+        check_shared_folder(d, token, group)
+        return stage or cls(name=name, dir=d, cfg=cfg, format_version=format_version, resumed=value)
+
+    @classmethod
+    def _open_here(cls, cfg: Any, name: str, format_version: int, force: bool,
+                   resume_check: Callable[[dict, dict, dict], str | None] | None) -> "Stage":
         d = stage_dir(cfg.run, name)
         manifest = d / MANIFEST
         cfg_dict = C.to_dict(cfg)

@@ -17,7 +17,7 @@ import sys
 from typing import Any, Callable
 
 from dante import config as C
-from dante.artifacts import Stage, StageAlreadyDone, check_writable, run_dir
+from dante.artifacts import Stage, StageAlreadyDone, check_writable, is_main_process, run_dir
 from dante.errors import ConfigError, StageError, UserError
 
 
@@ -90,11 +90,14 @@ def run_stage(
     extra_args: Callable[[argparse.ArgumentParser], None] | None = None,
     dry_run: Callable[[Any, argparse.Namespace], None] | None = None,
     resume_check: Callable[[dict, dict, dict], str | None] | None = None,
+    setup: Callable[[Any], Any] | None = None,
     argv: list[str] | None = None,
 ) -> int:
     """Parse args, validate, open the stage, call ``main(stage, cfg, args)``; map errors to exit codes.
 
-    ``main`` does the work and calls ``stage.finish(...)`` itself (writing the manifest last).
+    ``main`` does the work and calls ``stage.finish(...)`` itself (writing the manifest last). ``setup(cfg)``
+    runs before the stage folder is opened: the training stages start their ranks there, so that a wrong
+    world size is refused before anything is written and rank 0 alone opens (or --force resets) the folder.
     """
     ap = build_parser(stage, description)
     if extra_args:
@@ -112,6 +115,8 @@ def run_stage(
             else:
                 dry_run(cfg, args)
             return 0
+        if setup is not None:
+            setup(cfg)
         problems = check_writable(run_dir(cfg.run))
         if problems:
             raise UserError("\n".join(problems))
@@ -121,7 +126,8 @@ def run_stage(
         main(st, cfg, args)
         return 0
     except StageAlreadyDone as e:
-        print(f"[{stage}] {e}")
+        if is_main_process():  # every rank of a launch finds it done; one line is enough
+            print(f"[{stage}] {e}")
         return 0
     except (ConfigError, StageError, UserError) as e:
         return _report(stage, e)

@@ -23,7 +23,9 @@ Design choices
   weighted accumulation == one batch). Per-micro-batch means would overweight tokens of sparsely
   weighted micro-batches (SFT) and short ones.
 - Backends: ``deepspeed`` (ZeRO stage 0-2: optimizer states, and with 2 gradients, partitioned over
-  ranks; bf16 weights with fp32 masters in the optimizer) and ``torch`` (one process, fp32 weights with
+  ranks; bf16 weights with fp32 masters in the optimizer; gradients accumulated and reduced in fp32 by the
+  built-in config, and the dtypes actually in use read back from the live engine into the log and the
+  manifest; ZeRO-1 by default: one gradient all-reduce per optimizer step, bench/zero_comm.py) and ``torch`` (one process, fp32 weights with
   bf16 autocast, torch AdamW; needs no DeepSpeed: the fallback where it is missing). DeepSpeed on CPU
   (``DS_ACCELERATOR=cpu``) runs with gloo; bf16 works there too, but the tiny CPU profile trains in fp32
   because this machine's CPUs have no bf16 matmul units (bf16 is emulated, i.e. slower) and because
@@ -47,7 +49,10 @@ Design choices
   per log interval and before each checkpoint; ``torch.cuda.synchronize()`` only at log steps, where
   the interval's tokens/s is measured.
 - Launch: ``python 4_pretrain.py`` runs one process (RANK/WORLD_SIZE/MASTER_* default to a single rank
-  on a free port); ``deepspeed`` or ``torchrun`` launch many ranks / nodes, one per GPU.
+  on a free port); ``deepspeed`` or ``torchrun`` launch many ranks / nodes, one per GPU (device
+  ``LOCAL_RANK % visible GPUs``). The stages start their ranks (``start_ranks``) before opening their
+  folder, so a world size other than train.expected_world_size or FP8 without fp8 units is refused
+  before anything is written.
 - Resume (``dante.checkpoint``): rank 0 picks the checkpoint before the backend is built, because a
   resume on another number of ranks changes grad_accum (the global batch stays the checkpoint's) and
   makes DeepSpeed load the optimizer state through its universal format (``to_universal``, converted
@@ -83,6 +88,7 @@ import os
 import shutil
 import signal
 import socket
+import sys
 import threading
 import time
 from dataclasses import dataclass, field, replace
@@ -97,7 +103,7 @@ from torch.utils.checkpoint import checkpoint
 from dante.checkpoint import TRAIN_STATE, CheckpointError, CheckpointManager, ResumePlan, from_rank0, plan_resume
 from dante.config import ModelConfig, TrainConfig
 from dante.errors import UserError
-from dante.flops import Peak, detect_peak, mfu, planned_steps, tokens_per_step, training_flops_per_token
+from dante.flops import mfu_fields, planned_steps, tokens_per_step, training_flops_per_token, training_peaks
 from dante.kernels import apply_attention_choice, choose_attention
 from dante.loss import chunked_cross_entropy
 from dante.metrics import MetricsLogger
@@ -144,22 +150,50 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def init_distributed(backend: str = "deepspeed") -> DistInfo:
+def rank_device(local_rank: int, cuda_devices: int) -> torch.device:
+    """This rank's device: GPU ``local_rank % cuda_devices``, or the CPU when no GPU is visible.
+
+    The modulo matters when a scheduler gives every process one GPU (CUDA_VISIBLE_DEVICES=<its GPU>,
+    as SLURM's --gpus-per-task and Kubernetes device plugins do): LOCAL_RANK is still 0..7 on the node,
+    but each process sees a single device 0, and ``set_device(LOCAL_RANK)`` would fail on every rank but 0.
+    """
+    if cuda_devices <= 0:
+        return torch.device("cpu")
+    return torch.device("cuda", local_rank % cuda_devices)
+
+
+def world_size_problem(world_size: int, expected: int) -> str | None:
+    """Why a launch of ``world_size`` ranks does not match ``train.expected_world_size`` (None if it does).
+
+    The world size sets the tokens per optimizer step (micro_batch x seq_len x grad_accum x ranks), hence
+    the steps to the token budget and the schedule: running another size silently trains another recipe.
+    """
+    if world_size == expected:
+        return None
+    return (f"the launcher started {world_size} rank(s) but train.expected_world_size={expected}: the global batch "
+            f"and the number of steps depend on it. Launch {expected} process(es), or plan for this launch with "
+            f"--set train.expected_world_size={world_size} (and adjust train.grad_accum to keep the global batch)")
+
+
+def init_distributed(backend: str = "deepspeed", expected_world_size: int | None = None) -> DistInfo:
     """Join (or, for a plain ``python`` launch, create) the process group; pick this rank's device.
 
     Launchers (deepspeed, torchrun) set RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT; without
-    them this is a single rank on a free local port, so two single-process runs never collide.
+    them this is a single rank on a free local port, so two single-process runs never collide. With
+    ``expected_world_size`` (the training stages pass train.expected_world_size) another world size is
+    refused before any rank joins the group: every rank sees the same WORLD_SIZE, so all of them stop.
+    Calling it again returns the same ranks (the stages call it before opening their folder and in main).
     """
     if "RANK" not in os.environ and "WORLD_SIZE" not in os.environ:
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
     rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if torch.cuda.is_available():
-        torch.cuda.set_device(local_rank)
-        device = torch.device("cuda", local_rank)
-    else:
-        device = torch.device("cpu")
+    if expected_world_size is not None and (problem := world_size_problem(world_size, expected_world_size)):
+        raise UserError(problem)
+    device = rank_device(local_rank, torch.cuda.device_count() if torch.cuda.is_available() else 0)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
     if backend == "torch":
         if world_size > 1:
             raise UserError(f"train.backend=torch runs one process, but the launcher started {world_size}; "
@@ -183,6 +217,17 @@ def init_distributed(backend: str = "deepspeed") -> DistInfo:
             deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
         deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")
     return DistInfo(rank, world_size, local_rank, device)
+
+
+def start_ranks(stage_cfg: Any) -> DistInfo:
+    """``run_stage``'s setup hook for the training stages 4, 5 and 7: the ranks of this launch. What the
+    launch itself rules out is refused here, before the stage folder is opened or any work is recorded
+    (stage 5 records its "before" evaluation long before the engine would apply FP8): a world size other
+    than train.expected_world_size, and train.fp8 on a device without fp8 tensor cores."""
+    dist = init_distributed(stage_cfg.train.backend, stage_cfg.train.expected_world_size)
+    if stage_cfg.train.fp8 and (problem := device_fp8_problem(dist.device)):
+        raise UserError(problem)
+    return dist
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -222,15 +267,23 @@ def adamw_param_groups(model: nn.Module, weight_decay: float) -> tuple[list[dict
 # ---------------------------------------------------------------------------------------------------
 
 _DS_DEFAULT = {
-    "zero_optimization": {"stage": 2, "overlap_comm": True, "contiguous_gradients": True, "reduce_scatter": True,
+    "zero_optimization": {"stage": 1, "overlap_comm": True, "contiguous_gradients": True, "reduce_scatter": True,
                           "reduce_bucket_size": 200_000_000, "allgather_bucket_size": 200_000_000},
+    # bf16 weights and activations, but gradients summed over micro-steps and over ranks in fp32, as Megatron
+    # and torchtitan do. Without these two keys DeepSpeed 0.19 uses the model dtype for both
+    # (DeepSpeedEngine.get_data_types and .communication_data_type): 16 micro-steps summed in bf16 (8-bit
+    # mantissa) lose ~0.4% of the gradient, measured in tests/test_precision.py. With bf16, ZeRO-1 then runs
+    # DeepSpeed's BF16_Optimizer (an fp32 gradient buffer filled by per-parameter hooks, one all-reduce per
+    # optimizer step); ZeRO-2 adds each micro-step's reduced partition into an fp32 buffer.
+    "data_types": {"grad_accum_dtype": "fp32"},
+    "communication_data_type": "fp32",
     "steps_per_print": 1 << 30,  # the engine logs; DeepSpeed's own step prints would interleave
     "wall_clock_breakdown": False,
 }
 
 
 def deepspeed_config(cfg: TrainConfig, world_size: int) -> dict:
-    """The DeepSpeed config: train.deepspeed_config (JSON or YAML) or the built-in ZeRO-2 one, with the batch,
+    """The DeepSpeed config: train.deepspeed_config (JSON or YAML) or the built-in one, with the batch,
     clipping and precision keys filled from train.* ("auto" or absent) and refused when they disagree."""
     import yaml
 
@@ -238,7 +291,7 @@ def deepspeed_config(cfg: TrainConfig, world_size: int) -> dict:
         path = Path(cfg.deepspeed_config)
         if not path.is_file():
             raise UserError(f"train.deepspeed_config={cfg.deepspeed_config!r}: file not found "
-                            "(give a path relative to the working directory, or '' for the built-in ZeRO-2)")
+                            "(give a path relative to the working directory, or '' for the built-in config)")
         try:
             ds = yaml.safe_load(path.read_text(encoding="utf-8"))  # YAML is a superset of JSON
         except yaml.YAMLError as e:
@@ -270,11 +323,69 @@ def deepspeed_config(cfg: TrainConfig, world_size: int) -> dict:
     stage = ds.setdefault("zero_optimization", {}).setdefault("stage", cfg.zero_stage)
     if stage != cfg.zero_stage:
         problems.append(f"zero_optimization.stage={stage} disagrees with train.zero_stage={cfg.zero_stage}")
+    if cfg.precision == "bf16" and stage == 0 and not cfg.deepspeed_config:
+        # DeepSpeed 0.19 has no fp32-accumulation path without ZeRO (_do_optimizer_sanity_check raises
+        # NotImplementedError for bf16 + fp32 accumulation at stage 0); ZeRO-1 communicates as rarely.
+        problems.append("train.zero_stage=0 with train.precision=bf16: DeepSpeed can only accumulate and reduce "
+                        "gradients in bf16 without ZeRO; use train.zero_stage=1 (the same single all-reduce per "
+                        "optimizer step, with fp32 accumulation)")
     ds["zero_allow_untested_optimizer"] = True  # torch AdamW under ZeRO: supported, DeepSpeed just asks
     if problems:
         where = cfg.deepspeed_config or "built-in config"
         raise UserError(f"DeepSpeed config {where}:\n" + "\n".join(f"  - {p}" for p in problems))
     return ds
+
+
+def deepspeed_precision_warnings(ds: dict, cfg: TrainConfig) -> list[str]:
+    """What a DeepSpeed config (as ``deepspeed_config`` returns it) leaves in bf16 that should be fp32.
+
+    Accumulation: DeepSpeed uses the model dtype unless ``data_types.grad_accum_dtype`` says otherwise, so a
+    bf16 run without that key sums micro-step gradients in bf16. Reduction: without
+    ``communication_data_type`` the all-reduce / reduce-scatter runs in bf16 (half the traffic, 8-bit
+    mantissa); an explicit value, bf16 included, is a choice and gets no warning.
+    """
+    if cfg.precision != "bf16":
+        return []
+    where = cfg.deepspeed_config or "the built-in DeepSpeed config"
+    out = []
+    accum = str((ds.get("data_types") or {}).get("grad_accum_dtype", "bf16")).lower()
+    if accum not in ("fp32", "float32", "float", "torch.float32"):
+        out.append(f"{where}: gradients are accumulated over micro-steps in bf16 (data_types.grad_accum_dtype is "
+                   f"{accum!r}); set \"data_types\": {{\"grad_accum_dtype\": \"fp32\"}}")
+    if ds.get("communication_data_type") is None:
+        out.append(f"{where}: gradients are reduced across ranks in bf16 (no communication_data_type); set "
+                   "\"communication_data_type\": \"fp32\" (or \"bf16\" to choose the halved traffic explicitly)")
+    return out
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, str(dtype))
+
+
+def deepspeed_precision(engine) -> dict[str, str]:
+    """The dtypes a live DeepSpeed engine uses, read from its optimizer wrapper's buffers and attributes.
+
+    compute: the module's parameters (forward and backward run in it); master: the partition the optimizer
+    updates; accumulation: where micro-step gradients are summed; reduction: the dtype of the cross-rank
+    all-reduce / reduce-scatter. The wrapper is BF16_Optimizer (ZeRO-1 + bf16 + fp32 accumulation) or
+    DeepSpeedZeroOptimizer (ZeRO-1/2 otherwise); a bare torch optimizer (ZeRO-0, fp32) keeps all in fp32.
+    """
+    opt = engine.optimizer
+    compute = next(engine.module.parameters()).dtype
+    if hasattr(opt, "fp32_groups_gradients_flat"):  # BF16_Optimizer
+        accumulation = opt.fp32_groups_gradients_flat[0].dtype
+        master = opt.fp32_groups_flat_partition[0].dtype
+        reduction = engine.communication_data_type  # DeepSpeedEngine.allreduce_bucket casts to it
+    elif hasattr(opt, "single_partition_of_fp32_groups"):  # DeepSpeedZeroOptimizer, stage 1 or 2
+        accumulation = opt.gradient_accumulation_dtype
+        master = opt.single_partition_of_fp32_groups[0].dtype
+        reduction = opt.communication_data_type
+    else:
+        accumulation = master = compute
+        reduction = engine.communication_data_type
+    return {"compute": _dtype_name(compute), "master_weights": _dtype_name(master),
+            "grad_accumulation": _dtype_name(accumulation), "grad_reduction": _dtype_name(reduction),
+            "optimizer_wrapper": type(opt).__name__, "zero_stage": int(engine.zero_optimization_stage())}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -286,11 +397,26 @@ def _blocks(model: nn.Module) -> list[nn.Module]:
     return list(model.layers)
 
 
+def fp8_problem(device_type: str, capability: tuple[int, int] | None) -> str | None:
+    """Why train.fp8 cannot run on a device (None if it can): torchao's float8 GEMMs need fp8 tensor cores,
+    i.e. compute capability >= 8.9 (Ada, Hopper, Blackwell); A100 (8.0) and CPUs have none."""
+    if device_type == "cuda" and capability is not None and tuple(capability) >= (8, 9):
+        return None
+    found = f"compute capability {capability[0]}.{capability[1]}" if device_type == "cuda" and capability else \
+        f"a {device_type} device"
+    return (f"train.fp8 needs an NVIDIA GPU with fp8 tensor cores (compute capability >= 8.9: Ada, Hopper, "
+            f"Blackwell), this rank has {found}; set train.fp8=false here")
+
+
+def device_fp8_problem(device: torch.device) -> str | None:
+    capability = torch.cuda.get_device_capability(device) if device.type == "cuda" else None
+    return fp8_problem(device.type, capability)
+
+
 def apply_fp8(model: nn.Module, device: torch.device) -> int:
     """torchao float8 training for every linear except ``output``; returns how many were converted."""
-    if device.type != "cuda" or torch.cuda.get_device_capability(device) < (8, 9):
-        raise UserError("train.fp8 needs an NVIDIA GPU with fp8 tensor cores (compute capability >= 8.9: "
-                        "Ada, Hopper, Blackwell); set train.fp8=false here")
+    if problem := device_fp8_problem(device):
+        raise UserError(problem)
     try:
         from torchao.float8 import convert_to_float8_training
     except ImportError:
@@ -471,6 +597,10 @@ class DeepSpeedBackend(_BackendBase):
         ds_config["checkpoint"] = {**ds_config.get("checkpoint", {}), "load_universal": self.universal}
         self.engine, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, config=ds_config)
         self.module = self.engine.module
+        self.precision = deepspeed_precision(self.engine)
+        if dist.is_main:
+            for warning in deepspeed_precision_warnings(ds_config, cfg):
+                print(f"WARNING: {warning}", file=sys.stderr, flush=True)
 
     def forward(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         return self.engine(**batch)
@@ -544,6 +674,10 @@ class TorchBackend(_BackendBase):
         self.params = [p for g in groups for p in g["params"]]
         self.grad_clip = cfg.grad_clip
         self.autocast = cfg.precision == "bf16"
+        # autocast runs the matmuls in bf16, but parameters, their .grad (accumulated by autograd) and
+        # AdamW stay fp32; one process, so nothing is reduced
+        self.precision = {"compute": cfg.precision, "master_weights": "fp32", "grad_accumulation": "fp32",
+                          "grad_reduction": "none (one process)", "optimizer_wrapper": "none"}
 
     def forward(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         with torch.autocast(self.dist.device.type, dtype=torch.bfloat16, enabled=self.autocast):
@@ -705,11 +839,16 @@ class Trainer:
         self.total_steps = planned_steps(train_cfg, dist.world_size)
         self.tokens_per_step = tokens_per_step(train_cfg, dist.world_size)
         self.flops_per_token = training_flops_per_token(model_cfg, train_cfg.seq_len)
-        self.peak: Peak | None = detect_peak(train_cfg.fp8, train_cfg.peak_tflops)
+        self.peaks = training_peaks(train_cfg.fp8, train_cfg.peak_tflops)  # MFU vs bf16, and vs fp8 with train.fp8
         self.transforms = self._prepare(model)
         reshard = self.resume_plan.step_dir / TRAIN_STATE if self.resume_plan.resharded else None
         self.backend = BACKENDS[train_cfg.backend](LossModule(model, train_cfg.loss_chunk_size), train_cfg, dist,
                                                    reshard=reshard)
+        if dist.is_main:
+            p = self.backend.precision
+            print(f"[{desc}] precision: compute {p['compute']}, master weights {p['master_weights']}, gradient "
+                  f"accumulation {p['grad_accumulation']}, gradient reduction {p['grad_reduction']} "
+                  f"({train_cfg.backend}, optimizer wrapper {p['optimizer_wrapper']})", flush=True)
         self.checkpoints = CheckpointManager(self.stage_dir, train_cfg.keep_last, self.backend)
         self.saved_step: int | None = None  # step of the checkpoint last written or loaded, the same on every rank
         self.reshards: list[dict] = []  # every change of rank count of this run, carried from checkpoint to checkpoint
@@ -924,7 +1063,7 @@ class Trainer:
                     tok_s = self.tokens_per_step * interval_steps / interval_s if write else self.tokens_per_step / mean_step_s
                     record = {"kind": "train", "step": self.step, "loss": out["loss"], "lr": out["lr"],
                               "grad_norm": norms.get(self.step), "tokens": self.tokens_seen, "tokens_per_sec": tok_s,
-                              "mfu": mfu(tok_s, self.flops_per_token, self.peak, dist.world_size),
+                              **mfu_fields(tok_s, self.flops_per_token, self.peaks, dist.world_size),
                               "step_time_s": interval_s / interval_steps if write else step_s,
                               "elapsed_s": train_seconds}
                     log.train(record, write=write, eta_s=(self.total_steps - self.step) * mean_step_s)
@@ -950,13 +1089,15 @@ class Trainer:
                            extra={"transforms": self.transforms, "backend": self.backend.name,
                                   "world_size": self.dist.world_size, "total_steps": self.total_steps,
                                   "flops_per_token": self.flops_per_token,
-                                  "peak": self.peak.label if self.peak else None,
+                                  "peak": {k: p.label if p else None for k, p in self.peaks.items()},
+                                  "precision": self.backend.precision,
                                   "optimizer_groups": self.backend.param_summary,
                                   "batch": {"micro_batch": self.cfg.micro_batch, "grad_accum": self.cfg.grad_accum,
                                             "global_batch": self.tokens_per_step // self.cfg.seq_len},
                                   "reshards": self.reshards})
 
 
-__all__ = ["Trainer", "TrainResult", "TrainingDiverged", "DistInfo", "init_distributed", "lr_at", "adamw_param_groups",
+__all__ = ["Trainer", "TrainResult", "TrainingDiverged", "DistInfo", "init_distributed", "start_ranks", "rank_device",
+           "world_size_problem", "fp8_problem", "deepspeed_precision", "deepspeed_precision_warnings", "lr_at", "adamw_param_groups",
            "planned_steps", "tokens_per_step", "deepspeed_config", "LossModule", "batch_weight",
            "DeepSpeedBackend", "TorchBackend"]

@@ -153,6 +153,31 @@ def mfu(tokens_per_sec: float, flops_per_token: float, peak: Peak | None, n_gpus
     return tokens_per_sec * flops_per_token / (n_gpus * peak.tflops * 1e12)
 
 
+def training_peaks(fp8: bool, override_tflops: float = 0.0, device_name: str | None = None) -> dict[str, Peak | None]:
+    """The peaks a training run reports MFU against, keyed by the metrics.jsonl field.
+
+    ``mfu`` is always against the dense bf16 peak, so runs with and without FP8 compare on one scale (an
+    FP8 run that only matches bf16 throughput shows the same MFU, not half of it); with ``fp8`` also
+    ``mfu_fp8``, against the dense fp8 peak: how much of the fp8 units the run uses. ``train.peak_tflops``
+    overrides the bf16 peak only (fp8 stays from the table). ``device_name`` defaults to the current CUDA
+    device (no peak on CPU).
+    """
+    if device_name is None and torch.cuda.is_available():
+        device_name = torch.cuda.get_device_name()
+    bf16 = Peak("train.peak_tflops", override_tflops, "config") if override_tflops > 0 else \
+        peak_for_device(device_name, fp8=False) if device_name else None
+    peaks = {"mfu": bf16}
+    if fp8:
+        peaks["mfu_fp8"] = peak_for_device(device_name, fp8=True) if device_name else None
+    return peaks
+
+
+def mfu_fields(tokens_per_sec: float, flops_per_token: float, peaks: dict[str, Peak | None],
+               n_gpus: int = 1) -> dict[str, float | None]:
+    """``{"mfu": ..., ["mfu_fp8": ...]}`` for one step, from ``training_peaks``."""
+    return {key: mfu(tokens_per_sec, flops_per_token, peak, n_gpus) for key, peak in peaks.items()}
+
+
 # ---------------------------------------------------------------------------------------------------
 # Memory per GPU (the --dry-run estimate)
 # ---------------------------------------------------------------------------------------------------
@@ -179,15 +204,23 @@ def activation_bytes_per_token_layer(cfg: ModelConfig, act_bytes: int, compiled:
     return 2 * (4 * d + 2 * a * d) + attention + 4 * a * F
 
 
-def estimate_memory(model_cfg: ModelConfig, cfg, world_size: int) -> dict:
-    """Per-GPU memory in bytes, by part, for a TrainConfig ``cfg`` on ``world_size`` ranks.
+def estimate_memory(model_cfg: ModelConfig, cfg, world_size: int, zero_stage: int | None = None) -> dict:
+    """Per-GPU memory in bytes, by part, for a TrainConfig ``cfg`` on ``world_size`` ranks (``zero_stage``
+    overrides train.zero_stage, so that --dry-run can show ZeRO-1 and ZeRO-2 side by side).
 
-    Model states (N parameters, W ranks):
-      deepspeed bf16   weights 2N (bf16, full on every rank); ZeRO-2 gradients 2N/W (bf16, this rank's
-                       partition; 2N with ZeRO 0/1) + 2 reduce buckets; fp32 masters 4N/W, Adam moments
-                       8N/W and the fp32 gradient partition 4N/W during the update (ZeRO >= 1; x W at 0)
-      deepspeed fp32   weights 4N; gradients 4N/W (ZeRO-2); fp32 partition copy 4N/W; Adam 8N/W
-      torch            weights 4N, gradients 4N, Adam 8N (fp32), bf16 autocast weight copies 2N
+    Model states (N parameters, W ranks), for the built-in DeepSpeed config (fp32 gradient accumulation and
+    reduction, dante.engine._DS_DEFAULT):
+      deepspeed bf16 ZeRO-1  DeepSpeed's BF16_Optimizer: weights 2N (bf16, full); an fp32 gradient buffer
+                             4N (full: it is all-reduced once per optimizer step), each bf16 .grad freed by a
+                             hook as soon as it is added; the all-reduce flattens up to 5e8 fp32 elements
+                             (DeepSpeed's MEMORY_OPT_ALLREDUCE_SIZE); fp32 masters 4N/W, Adam moments 8N/W
+      deepspeed bf16 ZeRO-2  weights 2N; bf16 .grad until it is copied into the reduce bucket, a bucket of
+                             2e8 bf16 elements + its fp32 copy for the reduction; the reduced fp32 partition
+                             4N/W (accumulated over micro-steps), fp32 masters 4N/W, Adam 8N/W
+      deepspeed bf16 ZeRO-0  refused by the engine (DeepSpeed has no fp32 accumulation without ZeRO)
+      deepspeed fp32         weights 4N; gradients 4N (4N/W with ZeRO-2) + 2 reduce buckets; fp32 partition
+                             copy 4N/W (ZeRO >= 1); Adam 8N/W
+      torch                  weights 4N, gradients 4N, Adam 8N (fp32), bf16 autocast weight copies 2N
     Activations: ``activation_bytes_per_token_layer`` x tokens per micro-batch x layers; with activation
     checkpointing only each block's input (aD per token) stays, plus one block recomputed in backward.
     Backward transient: about two blocks' activations (their gradients). Loss (dante/loss.py): the
@@ -198,19 +231,25 @@ def estimate_memory(model_cfg: ModelConfig, cfg, world_size: int) -> dict:
     with torch.device("meta"):
         n = sum(p.numel() for p in Transformer(model_cfg).parameters())
     W = world_size
+    stage = cfg.zero_stage if zero_stage is None else zero_stage
     bf16 = cfg.precision == "bf16"
     a = 2 if bf16 else 4
     parts: dict[str, float] = {}
     if cfg.backend == "deepspeed":
-        shard = W if cfg.zero_stage >= 1 else 1
-        grad_shard = W if cfg.zero_stage >= 2 else 1
-        bucket = 2 * 200_000_000 * a if W > 1 else 0
+        shard = W if stage >= 1 else 1
         if bf16:
             parts["weights (bf16, full copy)"] = 2 * n
-            parts[f"gradients (bf16, 1/{grad_shard}) + reduce buckets"] = 2 * n / grad_shard + bucket
+            if stage >= 2:
+                parts["bf16 gradients in flight: reduce bucket + its fp32 copy"] = (2 + 4) * min(n, 200_000_000)
+                parts[f"fp32 gradient partition, accumulated (1/{W})"] = 4 * n / W
+            else:
+                parts["fp32 gradient buffer, accumulated (full)"] = 4 * n
+                if W > 1:
+                    parts["all-reduce flat copy (fp32, <= 5e8 elements)"] = 4 * min(n, 500_000_000)
             parts[f"fp32 master weights (1/{shard})"] = 4 * n / shard
-            parts[f"fp32 gradient partition at the update (1/{shard})"] = 4 * n / shard
         else:
+            grad_shard = W if stage >= 2 else 1
+            bucket = 2 * 200_000_000 * a if W > 1 else 0
             parts["weights (fp32, full copy)"] = 4 * n
             parts[f"gradients (fp32, 1/{grad_shard}) + reduce buckets"] = 4 * n / grad_shard + bucket
             parts[f"fp32 partition copy (1/{shard})"] = 4 * n / shard
@@ -281,6 +320,11 @@ def preflight_report(model_cfg: ModelConfig, train_cfg: TrainConfig, world_size:
     for key, value in mem["parts"].items():
         lines.append(f"             {key:<58} {value / 2**30:7.2f} GiB")
     lines.append(f"           = {'total':<58} {mem['total'] / 2**30:7.2f} GiB")
+    if train_cfg.backend == "deepspeed":
+        by_stage = {z: estimate_memory(model_cfg, train_cfg, world, zero_stage=z)["total"] / 2**30 for z in (1, 2)}
+        lines.append(f"ZeRO       on {world} GPU(s): ZeRO-1 {by_stage[1]:.2f} GiB (gradients reduced once per optimizer "
+                     f"step), ZeRO-2 {by_stage[2]:.2f} GiB (reduced on each of the {train_cfg.grad_accum} micro-steps); "
+                     f"train.zero_stage={train_cfg.zero_stage}")
     by_world = []
     for w in sorted({1, 2, 8, world}):
         m = estimate_memory(model_cfg, train_cfg, w)

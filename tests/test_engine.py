@@ -34,8 +34,10 @@ from dante.pretrain_data import TieredMemmapDataset, ValidationWindows, row_rang
 
 REPO = Path(__file__).resolve().parent.parent
 MODEL = dict(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=97, max_seq_len=64, multiple_of=32)
+# zero_stage 2: these tests exercise the partitioned-gradient path (the default is ZeRO-1, covered by
+# tests/test_launchers.py and tests/test_precision.py)
 TRAIN = dict(seq_len=24, micro_batch=2, grad_accum=2, max_steps=6, warmup_steps=2, lr=3e-3, min_lr=3e-4,
-             precision="fp32", checkpoint_every=3, keep_last=2, eval_every=3, eval_batches=2, log_every=1)
+             precision="fp32", checkpoint_every=3, keep_last=2, eval_every=3, eval_batches=2, log_every=1, zero_stage=2)
 
 
 def corpus_tiers() -> dict[int, list[np.ndarray]]:

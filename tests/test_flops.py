@@ -6,7 +6,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from dante.config import ModelConfig
-from dante.flops import flops_breakdown, mfu, peak_for_device, training_flops_per_token
+from dante.flops import flops_breakdown, mfu, mfu_fields, peak_for_device, training_flops_per_token, training_peaks
 from dante.loss import chunked_cross_entropy
 from dante.model import Transformer
 
@@ -65,3 +65,24 @@ def test_mfu_arithmetic():
     peak = peak_for_device("NVIDIA H100 80GB HBM3", fp8=False)
     assert mfu(1000.0, 1e12, peak) == pytest.approx(1000 * 1e12 / 989.4e12)
     assert mfu(1000.0, 1e12, None) is None
+
+
+def test_training_reports_mfu_against_bf16_always_and_fp8_too_with_fp8():
+    """An FP8 run's ``mfu`` is on the bf16 scale (comparable with bf16 runs); ``mfu_fp8`` says how much of
+    the fp8 units it uses. Both from the dense table; train.peak_tflops replaces only the bf16 peak."""
+    h100 = "NVIDIA H100 80GB HBM3"
+    bf16_only = training_peaks(fp8=False, device_name=h100)
+    assert list(bf16_only) == ["mfu"] and bf16_only["mfu"].tflops == 989.4
+    both = training_peaks(fp8=True, device_name=h100)
+    assert both["mfu"].tflops == 989.4 and both["mfu_fp8"].tflops == 1978.9
+    tok_s, fpt = 45_000.0, 13.45e9  # the FP8 goal for Dante-2B at seq 2048 (2 GPUs)
+    fields = mfu_fields(tok_s * 2, fpt, both, n_gpus=2)
+    assert fields["mfu"] == pytest.approx(45_000 * 13.45e9 / 989.4e12)
+    assert fields["mfu_fp8"] == pytest.approx(fields["mfu"] / 2, rel=1e-3)  # the fp8 dense peak is 2x bf16
+    a100 = training_peaks(fp8=True, device_name="NVIDIA A100-SXM4-80GB")  # no fp8 units: n/a, not a wrong number
+    assert a100["mfu"].tflops == 312.0 and a100["mfu_fp8"] is None
+    assert mfu_fields(1000.0, 1e12, a100) == {"mfu": pytest.approx(1000 * 1e12 / 312e12), "mfu_fp8": None}
+    override = training_peaks(fp8=True, override_tflops=500.0, device_name=h100)
+    assert override["mfu"].tflops == 500.0 and override["mfu"].source == "config" and override["mfu_fp8"].tflops == 1978.9
+    if not torch.cuda.is_available():  # CPU: no peak, MFU n/a in both fields
+        assert training_peaks(fp8=True) == {"mfu": None, "mfu_fp8": None}

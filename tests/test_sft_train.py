@@ -27,10 +27,7 @@ import torch
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 torch.set_num_threads(1)
 
-from dante import (
-    chat_format,  # noqa: E402
-    sft_packing,  # noqa: E402
-)
+from dante import chat_format, sft_packing  # noqa: E402
 from dante import sft_data as sft  # noqa: E402
 from dante.artifacts import Stage, read_json, stage_dir  # noqa: E402
 from dante.checkpoint import CheckpointManager, latest_checkpoint, load_model  # noqa: E402
@@ -67,7 +64,7 @@ SOURCES = [  # (name, file, format, lang, weight): every sample file, as in conf
     ("bad", "malformed.jsonl", "messages", "it", 1.0),
 ]
 # The stage 7 run of the end-to-end tests: 3 epochs of the whole sample (51 blocks -> 13 micro-batches
-# per epoch -> 39 in all, so the 20th step is completed by one zero-weight micro-batch), on DeepSpeed ZeRO-2
+# per epoch -> 39 in all, so the 20th step is completed by one zero-weight micro-batch), on DeepSpeed ZeRO-1
 # (gloo, one process) as the profiles; the other runs use the torch backend, which starts faster.
 SFT_TRAIN = dict(seq_len=BLOCK, micro_batch=4, grad_accum=2, lr=3e-3, min_lr=3e-4, warmup_steps=5, weight_decay=0.0,
                  precision="fp32", backend="deepspeed", checkpoint_every=4, keep_last=2, eval_every=8, eval_batches=4,
@@ -483,5 +480,5 @@ def test_profiles_load_and_match_their_stage6_blocks():
         assert validate(cfg) == [] and cfg.train.seq_len == data.sft_data.block_size, profile
         assert cfg.sft.document_mask and cfg.train.max_steps == 0 and cfg.run.name == data.run.name
     big = load_config(SFTStageConfig, ROOT / "configs" / "dante-2b" / "sft.yaml")
-    assert big.train.seq_len == 4096 and big.train.zero_stage == 2 and big.train.backend == "deepspeed"
+    assert big.train.seq_len == 4096 and big.train.zero_stage == 1 and big.train.backend == "deepspeed"
     assert 2 <= big.sft.epochs <= 3 and 1e-5 <= big.train.lr <= 3e-5

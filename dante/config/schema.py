@@ -120,9 +120,9 @@ class TrainConfig:
     tier_weights: dict = field(default_factory=lambda: {1: 3.0, 2: 2.0, 3: 1.0})
     """Sampling weight per quality tier (reference 3:2:1)."""
     deepspeed_config: str = ""
-    """Path of a DeepSpeed JSON/YAML config; '' uses the built-in ZeRO-2 config."""
-    zero_stage: int = 2
-    """ZeRO stage for the built-in DeepSpeed config."""
+    """Path of a DeepSpeed JSON/YAML config; '' uses the built-in one (fp32 gradient accumulation and reduction)."""
+    zero_stage: int = 1
+    """ZeRO stage: 1 reduces gradients once per optimizer step, 2 on every micro-step (docs/PERFORMANCE.md)."""
     checkpoint_every: int = 1000
     """Save a checkpoint every N optimizer steps (and on SIGTERM/SIGINT)."""
     keep_last: int = 3
@@ -136,7 +136,7 @@ class TrainConfig:
     assumed_tokens_per_sec: float = 30000.0
     """Throughput per GPU used by --dry-run to estimate the ETA."""
     expected_world_size: int = 1
-    """GPUs (ranks) the run is planned for: --dry-run sizes steps, memory and ETA with it."""
+    """GPUs (ranks) the run is planned for: stages 4, 5, 7 refuse another launcher world size; --dry-run plans with it."""
     backend: Literal["deepspeed", "torch"] = "deepspeed"
     """DeepSpeed ZeRO (1..N ranks), or plain torch AdamW in one process (needs no DeepSpeed)."""
     peak_tflops: float = 0.0
