@@ -110,7 +110,7 @@ def inputs(tmp_path_factory) -> dict:
     sft_cfg = root / "sft_data.yaml"
     sft_cfg.write_text(f"run: {{name: l, root: {run.root}, seed: 3}}\nsft_data:\n  block_size: {2 * SHORT}\n"
                        f"  overlong: truncate\n  heldout_fraction: 0.2\n  sources:\n{lines}")
-    from dante import sft
+    from dante import sft_data as sft
 
     ns = runpy.run_path(str(REPO / "6_build_sft.py"), run_name="build_sft")
     assert run_stage("06_sft_data", "stage 6", ns["main"], format_version=sft.FORMAT_VERSION,

@@ -179,7 +179,10 @@ def launch(config: Path, ranks: int, trace: Path, *extra: str) -> subprocess.Pop
     env.update(PYTHONPATH=str(REPO), DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", DANTE_DATA_TRACE=str(trace))
     runner = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(ranks)] \
         if ranks > 1 else [sys.executable]
-    return subprocess.Popen([*runner, str(REPO / "4_pretrain.py"), "--config", str(config), *extra], cwd=REPO, env=env,
+    # the launch plans for its own rank count, as README says a user resuming on another count does
+    plan = ["--set", f"train.expected_world_size={ranks}"]
+    return subprocess.Popen([*runner, str(REPO / "4_pretrain.py"), "--config", str(config), *plan, *extra], cwd=REPO,
+                            env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
