@@ -19,8 +19,10 @@ from dante import fertility as F
 from dante.artifacts import atomic_write_text, file_sha256, stage_dir
 from dante.cli import run_stage
 from dante.errors import UserError
+from dante.pretokenizers import parse_spec
 from dante.shards import corpus_files
 from dante.tokenizer import (
+    as_spec,
     default_pinned,
     iter_training_sample,
     load_tokenizer,
@@ -33,10 +35,15 @@ from dante.tokenizer import (
 STAGE = "02_tokenizer"
 
 
+def main_spec(t):
+    """The run's pre-tokenizer: tokenizer.pretokenizer with the digits and accents switches."""
+    return parse_spec(t.pretokenizer, t.digits, t.accents)
+
+
 def check_inputs(cfg, corpus_manifest):
     """Everything that can be wrong before training, reported together."""
     t, problems, notes, refs = cfg.tokenizer, [], [], []
-    fixed = n_fixed_tokens(t.n_reserved, len(default_pinned(t.pretokenizer)))
+    fixed = n_fixed_tokens(t.n_reserved, len(default_pinned(main_spec(t))))
     if t.vocab_size <= fixed:
         problems.append(f"tokenizer.vocab_size={t.vocab_size} must exceed the {fixed} fixed ids (specials, reserved, bytes, pinned)")
     if len({r.name for r in t.references}) != len(t.references) or any(r.name in ("dante", "baseline") for r in t.references):
@@ -76,7 +83,7 @@ def train_or_resume(stage, key, path, pretokenizer, files, plan, cfg):
     atomic_write_text(path, tok.to_str())
     info = {"sample": stats, "seconds": round(time.time() - start, 1), "facts": tokenizer_facts(tok)}
     stage.save_progress(stage.load_progress() | {key: info})
-    print(f"[{STAGE}] {key}: {pretokenizer} regex, {info['facts']['vocab_size']} ids, "
+    print(f"[{STAGE}] {key}: {as_spec(pretokenizer).name} pre-tokenizer, {info['facts']['vocab_size']} ids, "
           f"{sum(s['chars'] for s in stats.values()):,} sample chars, {info['seconds']} s", flush=True)
     return load_tokenizer(path), info
 
@@ -85,8 +92,9 @@ def main(stage, cfg, args):
     t = cfg.tokenizer
     corpus = stage.require("01_corpus")
     files, plan, refs, heldout, notes = check_inputs(cfg, corpus)
-    dante, dante_info = train_or_resume(stage, "dante", stage.dir / "tokenizer.json", t.pretokenizer, files, plan, cfg)
-    counters = [F.hf_counter("dante", t.pretokenizer, dante)]
+    spec = main_spec(t)
+    dante, dante_info = train_or_resume(stage, "dante", stage.dir / "tokenizer.json", spec, files, plan, cfg)
+    counters = [F.hf_counter("dante", spec.name, dante)]
     outputs = {"tokenizer": "tokenizer.json", "tokenizer_sha256": file_sha256(stage.dir / "tokenizer.json"),
                **dante_info["facts"], "sample": dante_info["sample"]}
     if t.baseline:

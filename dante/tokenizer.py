@@ -3,13 +3,13 @@
 Dante is a byte-level BPE (Hugging Face ``tokenizers``) built for Italian + English + code:
 
 - **Vocabulary layout** (docs/DESIGN.md): ids 0..5 are ``SPECIAL_TOKENS``, then ``n_reserved``
-  ``<|reserved_i|>`` ids, then the 256 byte symbols in byte order, then (Dante only) the pinned
+  ``<|reserved_i|>`` ids, then the 256 byte symbols in byte order, then (when the preset pins accents) the pinned
   two-byte characters, then the learned merges in merge order. ``vocab_size`` is exact: training that
   cannot learn enough merges is refused rather than padded, so the model's embedding size is the config.
 - **No unknown tokens**: every byte is in the vocabulary, so any text encodes; SentencePiece-style
   ``byte_fallback`` is not needed (and would add 256 duplicate ids).
-- **Pre-tokenization** (``PRETOKENIZER_PATTERNS["dante"]``), applied by a ``Split`` followed by a
-  ``ByteLevel(use_regex=False)``. Order and flag matter (tokenizers issue #1369): with ByteLevel first
+- **Pre-tokenization** (a preset of ``dante/pretokenizers.py``, ``dante`` by default): its regexes, each
+  a ``Split`` applied in sequence, followed by a ``ByteLevel(use_regex=False)``. Order and flag matter (tokenizers issue #1369): with ByteLevel first
   the regex would run on byte-mapped text (``è`` becomes ``Ã¨`` and ``\\p{L}`` breaks), and with
   ``use_regex=True`` ByteLevel re-splits every piece with the GPT-2 regex (``l'intelligenza`` back into
   ``l`` ``'`` ``intelligenza``). ``train_tokenizer`` pre-tokenizes its training text with the very
@@ -46,6 +46,13 @@ from typing import Iterable, Iterator
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from dante.errors import UserError
+from dante.pretokenizers import (
+    DANTE_PATTERN,  # noqa: F401  (re-exported: tests and tools import it from here)
+    PreTokenizerSpec,
+    llama_cpp_type_of,
+    parse_spec,
+    spec_from_saved,
+)
 
 # ---------------------------------------------------------------------------------------------------
 # Special tokens (contract: docs/DESIGN.md "Special tokens")
@@ -76,64 +83,26 @@ def all_special_tokens(n_reserved: int) -> list[str]:
 # Pre-tokenization
 # ---------------------------------------------------------------------------------------------------
 
-_APOS = r"['’]"  # ASCII and typographic apostrophe (U+2019): Italian text uses both
-_LETTER = r"[\p{L}\p{M}]"  # combining marks stay inside words (NFD text, Devanagari vowel signs)
-# English clitics are split off only when nothing alphabetic follows ("don't" -> don 't), so an
-# Italian elision whose next word merely starts with s/t/d/m ("l'sole" never, but "d'estate") is kept.
-_ENGLISH_CLITIC = r"(?i:s|t|re|ve|m|ll|d)(?![\p{L}\p{M}])"
-# Python string prefixes r' b' f' u' rb' ... are not elisions: no Italian elided form is one of these
-# letters (Italian single-letter elisions are l d c m t s v n), so f'{x}' stays f + '{ as in code models.
-_NOT_STRING_PREFIX = r"(?<!\b[rbfuRBFU])(?<!\b(?i:rb|br|fr|rf))"
-_WORD = rf"{_LETTER}+(?:{_NOT_STRING_PREFIX}{_APOS}(?!{_ENGLISH_CLITIC}){_LETTER}+)*"
-
-DANTE_PATTERN = "|".join(
-    [
-        # English clitics as their own piece ('s 't 're 've 'm 'll 'd, any case, either apostrophe).
-        rf"{_APOS}{_ENGLISH_CLITIC}",
-        # A word at a whitespace boundary, Italian elisions inside it (l'intelligenza, dell'algoritmo,
-        # un'altra, c'è), plus a trailing apostrophe when no letter follows: truncations po' be' mo' and
-        # elided articles before digits (l'11, dell'800). Restricted to whitespace-led words so that a
-        # quoted code string 'abc' keeps its closing quote separate.
-        rf"(?: |(?<!\S)){_WORD}(?:{_NOT_STRING_PREFIX}{_APOS}(?![\p{{L}}\p{{M}}]))?",
-        # Any other word, with at most one leading non-letter (Llama-3 style: "(x", "«Ciao").
-        rf"[^\r\n\p{{L}}\p{{M}}\p{{N}}]?{_WORD}",
-        # Digits one by one (Llama 1/2, PaLM, Mistral; Llama 3 and GPT-4 group 1-3). With groups,
-        # 1234 is 123|4 and 12345 is 123|45: the same digit lands in different tokens depending on the
-        # number's length, which makes arithmetic and number copying harder for a small model (Singh &
-        # Strouse 2024, "Tokenization counts"). The price, measured on data/sample/heldout: digits are
-        # 0.9% of the Italian, 0.02% of the English and 0.4% of the code characters, and single digits
-        # cost 0.5-1% more Italian tokens than 1-3 groups (8K and 24K vocab, same sample).
-        r"\p{N}",
-        # Punctuation / symbol runs (emoji included), an optional leading space, trailing newlines.
-        r" ?[^\s\p{L}\p{M}\p{N}]+[\r\n]*",
-        # Newlines with the whitespace before them.
-        r"\s*[\r\n]+",
-        # Runs of spaces/tabs minus the last one, which joins the next word: 8-space indentation is one
-        # 7-space piece + " return", so indentation compresses into a few learned tokens.
-        r"\s+(?!\S)",
-        r"\s+",
-    ]
-)
-
-# The A/B baselines: standard regexes (contractions split off, digits grouped, no accent pinning).
+# The presets (dante, dante-elision, llama3, qwen2, gpt2, minerva) and their llama.cpp equivalents live in
+# dante/pretokenizers.py. These two are the original Hugging Face forms of GPT-2's and Llama 3's regexes,
+# which the reference tokenizers of the fertility report use (tiktoken's Llama 3 ranks need Meta's regex).
 GPT2_PATTERN = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
 LLAMA3_PATTERN = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
     r"|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
 
-PRETOKENIZER_PATTERNS: dict[str, str] = {"dante": DANTE_PATTERN, "gpt2": GPT2_PATTERN, "llama3": LLAMA3_PATTERN}
+
+def as_spec(pretokenizer: str | PreTokenizerSpec) -> PreTokenizerSpec:
+    """A spec string ("dante", "llama3+digits1") or a spec -> PreTokenizerSpec (UserError if unknown)."""
+    return pretokenizer if isinstance(pretokenizer, PreTokenizerSpec) else parse_spec(pretokenizer)
 
 
-def build_pre_tokenizer(kind: str) -> pre_tokenizers.PreTokenizer:
-    """Split on the regex of ``kind`` (on the original text), THEN map each piece to byte symbols."""
-    if kind not in PRETOKENIZER_PATTERNS:
-        raise UserError(f"unknown pretokenizer {kind!r}; choose one of {sorted(PRETOKENIZER_PATTERNS)}")
+def build_pre_tokenizer(pretokenizer: str | PreTokenizerSpec) -> pre_tokenizers.PreTokenizer:
+    """Split on the spec's regexes in sequence (on the original text), THEN map each piece to byte symbols."""
+    splits = [pre_tokenizers.Split(Regex(p), behavior="isolated", invert=False) for p in as_spec(pretokenizer).patterns]
     return pre_tokenizers.Sequence(
-        [
-            pre_tokenizers.Split(Regex(PRETOKENIZER_PATTERNS[kind]), behavior="isolated", invert=False),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False),
-        ]
+        splits + [pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False)]
     )
 
 
@@ -202,15 +171,15 @@ def n_fixed_tokens(n_reserved: int, n_pinned: int) -> int:
     return len(SPECIAL_TOKENS) + n_reserved + 256 + n_pinned
 
 
-def default_pinned(pretokenizer: str) -> list[str]:
-    """Dante pins PINNED_CHARS; the standard baselines pin nothing (that is the A/B)."""
-    return list(PINNED_CHARS) if pretokenizer == "dante" else []
+def default_pinned(pretokenizer: str | PreTokenizerSpec) -> list[str]:
+    """PINNED_CHARS when the spec pins accents (dante, dante-elision, or +pinned), else none."""
+    return list(PINNED_CHARS) if as_spec(pretokenizer).pinned else []
 
 
 def train_tokenizer(
     texts: Iterable[str],
     vocab_size: int,
-    pretokenizer: str = "dante",
+    pretokenizer: str | PreTokenizerSpec = "dante",
     n_reserved: int = 248,
     min_frequency: int = 2,
     pinned_chars: list[str] | None = None,
@@ -271,7 +240,8 @@ def train_tokenizer(
     if len(vocab) != len(tokens):  # a learned token equal to a special/pinned string: a bug, not user input
         raise RuntimeError("tokenizer vocabulary has duplicate strings; refusing to build an ambiguous tokenizer")
 
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges))
+    # ignore_merges: a piece that is itself a token is taken whole (llama3, as llama.cpp's llama-bpe does)
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, ignore_merges=as_spec(pretokenizer).ignore_merges))
     tok.pre_tokenizer = pre
     tok.decoder = decoders.ByteLevel()
     tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in specials])
@@ -302,21 +272,36 @@ def load_tokenizer(path: str | Path, plain_text: bool = True) -> Tokenizer:
     return tok
 
 
+def saved_pretokenizer(state: dict) -> tuple[tuple[str, ...], bool, bool]:
+    """(regex list, ignore_merges, accents pinned) of a tokenizer.json's parsed state."""
+    pre = state.get("pre_tokenizer") or {}
+    steps = pre.get("pretokenizers", [pre])
+    patterns = tuple((p.get("pattern") or {}).get("Regex", "") for p in steps if p.get("type") == "Split")
+    merges = state["model"].get("merges") or []
+    first = merges[0] if merges else None
+    first = "".join(first if isinstance(first, list) else str(first).split(" ", 1)) if first else ""
+    pinned = first == "".join(byte_symbols()[b] for b in PINNED_CHARS[0].encode("utf-8"))
+    return patterns, bool(state["model"].get("ignore_merges")), pinned
+
+
 def tokenizer_facts(tok: Tokenizer) -> dict:
-    """What downstream stages check: sizes, max id, special ids, pre-tokenization, pinned count."""
+    """What downstream stages check: sizes, max id, special ids, pre-tokenization (spec name, regex list,
+    the llama.cpp type that carries it exactly), pinned letters, merge count."""
     vocab = tok.get_vocab(with_added_tokens=True)
     added = tok.get_added_tokens_decoder()
     state = json.loads(tok.to_str())
-    pre = state.get("pre_tokenizer") or {}
-    split = next((p for p in pre.get("pretokenizers", []) if p.get("type") == "Split"), {})
-    pattern = (split.get("pattern") or {}).get("Regex", "")
-    kind = next((k for k, v in PRETOKENIZER_PATTERNS.items() if v == pattern), "custom")
+    patterns, ignore_merges, pinned = saved_pretokenizer(state)
+    kind = spec_from_saved(patterns, ignore_merges, pinned)
     return {
         "vocab_size": tok.get_vocab_size(with_added_tokens=True),
         "max_id": max(vocab.values()),
         "special_ids": {t: tok.token_to_id(t) for t in SPECIAL_TOKENS},
         "n_reserved": sum(1 for t in added.values() if t.content.startswith("<|reserved_")),
         "pretokenizer": kind,
+        "pretokenizer_patterns": list(patterns),
+        "ignore_merges": ignore_merges,
+        "pinned_accents": pinned,
+        "llama_cpp_pre": llama_cpp_type_of(patterns, ignore_merges),
         "n_merges": len(state["model"]["merges"]),
     }
 
