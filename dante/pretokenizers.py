@@ -259,3 +259,32 @@ def llama_cpp_type_of(patterns: tuple[str, ...], ignore_merges: bool) -> str | N
     """The llama.cpp type whose regex list and merge rule are exactly these, or None."""
     return next((t.name for t in LLAMA_CPP_TYPES.values()
                  if t.patterns == tuple(patterns) and t.ignore_merges == ignore_merges), None)
+
+
+def ab_specs(entries: list[str], main: PreTokenizerSpec, baseline: PreTokenizerSpec | None
+             ) -> tuple[list[PreTokenizerSpec], list[str], list[str]]:
+    """tokenizer.ab_presets -> (specs to train besides the run's tokenizer and the baseline, problems, notes).
+
+    Unknown entries and entries that repeat one another (the same string, or two spellings of one split,
+    e.g. gpt2+digits1 and minerva) are problems; an entry equal to the run's tokenizer or the baseline is
+    not trained twice (a note says so)."""
+    specs, problems, notes, seen = [], [], [], {}
+    taken = {main.key: "the run's tokenizer (tokenizer.pretokenizer)"}
+    if baseline is not None:
+        taken.setdefault(baseline.key, "the A/B baseline (tokenizer.baseline_pretokenizer)")
+    for i, entry in enumerate(entries):
+        try:
+            spec = parse_spec(entry)
+        except UserError as err:
+            problems.append(f"tokenizer.ab_presets[{i}]: {err}")
+            continue
+        if spec.key in seen:
+            problems.append(f"tokenizer.ab_presets[{i}]={entry!r} repeats entry {seen[spec.key]!r} (the same split"
+                            + (f": {spec.name}" if spec.name != entry else "") + "); list each pre-tokenizer once")
+            continue
+        seen[spec.key] = entry
+        if spec.key in taken:
+            notes.append(f"tokenizer.ab_presets entry {entry!r} is {taken[spec.key]}: trained once")
+            continue
+        specs.append(spec)
+    return specs, problems, notes

@@ -334,63 +334,104 @@ def to_transformers(tok: Tokenizer | str | Path, split_special_tokens: bool = Fa
 # The training sample: char-balanced by language, deterministic, streamed from stage 1
 # ---------------------------------------------------------------------------------------------------
 
-#: Share of a language's documents read at least (when the target is smaller): the sample is drawn
-#: from >= 1/16 of the shards, visited in a seeded order, so it spans sources without reading a
-#: whole 100B-token corpus for a 1 GB sample.
+#: Share of a source's documents read at least (when its target is smaller): the sample is drawn from
+#: >= 1/16 of its shards, visited in a seeded order, so it spans the source without reading a whole
+#: 100B-token corpus for a 1 GB sample.
 MIN_KEEP_RATE = 1 / 16
 
 
 def plan_sample(corpus_sources: dict, language_mix: dict, sample_chars: int) -> dict:
-    """Target characters per language; a language with a share but no text in stage 1 is refused."""
+    """Target characters per language (``language_mix`` shares of ``sample_chars``) and per source (the
+    language's target split in proportion to each source's characters in stage 1).
+
+    A language with a share but no text is refused here. A source with less text than its target is refused
+    by ``iter_training_sample`` when it runs out (so a shard that cannot be read is reported first); the
+    plan records the largest ``sample_chars`` the corpus can give for that message.
+    """
     total_share = sum(language_mix.values())
     plan, problems = {}, []
     for lang, share in sorted(language_mix.items()):
         if share <= 0:
             continue
-        available = sum(int(s.get("chars", 0)) for s in corpus_sources.values() if s.get("lang") == lang)
-        if available <= 0:
+        names = sorted(n for n, s in corpus_sources.items() if s.get("lang") == lang)
+        available = {n: int(corpus_sources[n].get("chars", 0)) for n in names}
+        total = sum(available.values())
+        if total <= 0:
             problems.append(
                 f"tokenizer.language_mix gives {lang!r} a share of {share}, but stage 1 produced no {lang!r} text "
-                f"(sources: {sorted(n for n, s in corpus_sources.items() if s.get('lang') == lang) or 'none'})"
+                f"(sources: {names or 'none'})"
             )
             continue
-        plan[lang] = {"target_chars": int(round(sample_chars * share / total_share)), "available_chars": available}
+        target = int(round(sample_chars * share / total_share))
+        sources, assigned = {}, 0
+        for i, n in enumerate(names):  # proportional shares; the last source takes the rounding remainder
+            t = target - assigned if i == len(names) - 1 else int(round(target * available[n] / total))
+            assigned += t
+            sources[n] = {"target_chars": t, "available_chars": available[n]}
+        plan[lang] = {"target_chars": target, "available_chars": total, "share": share / total_share, "sources": sources}
     if problems:
         raise UserError(
             "cannot draw the tokenizer training sample:\n  - " + "\n  - ".join(problems)
             + "\n  HINT: add a source of that language to the corpus config, or set its share to 0 in tokenizer.language_mix."
         )
+    largest = min(int(p["available_chars"] / p["share"]) for p in plan.values()) if plan else 0
+    for p in plan.values():
+        p["largest_sample_chars"] = largest
     return plan
 
 
-def iter_training_sample(files, plan: dict, seed: int, stats: dict) -> Iterator[str]:
-    """Documents (the last one cut at a space) until each language reaches its target; fills ``stats``.
+def _short_source(source: str, lang: str, got: int, plan: dict) -> UserError:
+    p = plan[lang]
+    sp = p["sources"][source]
+    return UserError(
+        f"cannot draw the tokenizer training sample: source {source!r} holds {got:,} characters, but its share is "
+        f"{sp['target_chars']:,} ({lang!r} gets {p['share']:.0%} of tokenizer.sample_chars, i.e. {p['target_chars']:,}, "
+        f"split across its sources by size; stage 1 holds {p['available_chars']:,} {lang!r} characters).\n"
+        f"  HINT: lower tokenizer.sample_chars to at most {p['largest_sample_chars']:,}, add {lang!r} text to the corpus, "
+        "or lower its share in tokenizer.language_mix."
+    )
 
-    ``files`` are ``dante.shards.CorpusFile`` s. A document is kept when its seeded hash falls under the
-    keep rate, so the same config always draws the same sample, in any environment.
+
+def iter_training_sample(files, plan: dict, seed: int, stats: dict) -> Iterator[str]:
+    """Documents (a source's last one cut at a space) until every source reaches its target; fills ``stats``
+    with target vs actual characters per language and per source.
+
+    ``files`` are ``dante.shards.CorpusFile`` s. Each source is drawn on its own, so its share does not depend
+    on the order in which shards or sources are visited. A document is kept when its seeded hash falls under
+    the source's keep rate (1.25x its share of the source, at least ``MIN_KEEP_RATE``), so the same config
+    always draws the same sample, in any environment; if that pass falls short, a second pass takes the
+    documents the first one skipped, in the same order. A source that still falls short is a UserError.
     """
     from dante.shards import iter_documents, stable_unit
 
     for lang, p in plan.items():
-        target = p["target_chars"]
-        # 1.25x over the exact rate: a Bernoulli draw at the exact rate falls short about half the time
-        # (4% short for English on the sample); the surplus is cut off at the target.
-        rate = min(1.0, max(1.25 * target / p["available_chars"], MIN_KEEP_RATE))
-        mine = sorted((f for f in files if f.lang == lang), key=lambda f: stable_unit(seed, "shard", f.source, f.path.name))
-        st = stats.setdefault(lang, {"target_chars": target, "chars": 0, "docs": 0, "by_source": {}})
-        for f in mine:
-            if st["chars"] >= target:
-                break
-            for line_no, text in iter_documents(f.path):
-                if st["chars"] >= target:
+        st = stats.setdefault(lang, {"target_chars": p["target_chars"], "chars": 0, "docs": 0, "by_source": {}})
+        for source, sp in p["sources"].items():
+            target = sp["target_chars"]
+            # 1.25x over the exact rate: a Bernoulli draw at the exact rate falls short about half the time
+            # (4% short for English on the sample); the surplus is cut off at the target.
+            rate = min(1.0, max(1.25 * target / max(sp["available_chars"], 1), MIN_KEEP_RATE))
+            mine = sorted((f for f in files if f.source == source), key=lambda f: stable_unit(seed, "shard", f.source, f.path.name))
+            ss = st["by_source"].setdefault(source, {"target_chars": target, "available_chars": sp["available_chars"],
+                                                     "chars": 0, "docs": 0})
+            for second_pass in (False, True):
+                if ss["chars"] >= target or (second_pass and rate >= 1.0):
                     break
-                if stable_unit(seed, "sample", f.source, f.path.name, line_no) >= rate:
-                    continue
-                room = target - st["chars"]
-                if len(text) > room:
-                    cut = max(text.rfind(" ", 0, room), text.rfind("\n", 0, room))
-                    text = text[: cut if cut > 0 else room]
-                st["chars"] += len(text)
-                st["docs"] += 1
-                st["by_source"][f.source] = st["by_source"].get(f.source, 0) + len(text)
-                yield text
+                for f in mine:
+                    if ss["chars"] >= target:
+                        break
+                    for line_no, text in iter_documents(f.path):
+                        if ss["chars"] >= target:
+                            break
+                        if (stable_unit(seed, "sample", f.source, f.path.name, line_no) < rate) == second_pass:
+                            continue
+                        room = target - ss["chars"]
+                        if len(text) > room:
+                            cut = max(text.rfind(" ", 0, room), text.rfind("\n", 0, room))
+                            text = text[: cut if cut > 0 else room]
+                        for d in (st, ss):
+                            d["chars"] += len(text)
+                            d["docs"] += 1
+                        yield text
+            if ss["chars"] < target:
+                raise _short_source(source, lang, ss["chars"], plan)
