@@ -47,6 +47,9 @@ def check_inputs(cfg, corpus_manifest):
     t, refs = cfg.tokenizer, []
     base = parse_spec(t.baseline_pretokenizer) if t.baseline else None
     ab, problems, notes = ab_specs(t.ab_presets, main_spec(t), base)
+    if base is not None and base.key == main_spec(t).key:
+        problems.append(f"tokenizer.baseline_pretokenizer={t.baseline_pretokenizer!r} is the run's own pre-tokenizer "
+                        f"({main_spec(t).name}): the A/B would compare it with itself; choose another or set baseline: false")
     fixed = max(n_fixed_tokens(t.n_reserved, len(default_pinned(s))) for s in [main_spec(t), *ab])
     if t.vocab_size <= fixed:
         problems.append(f"tokenizer.vocab_size={t.vocab_size} must exceed the {fixed} fixed ids (specials, reserved, bytes, pinned)")

@@ -338,6 +338,10 @@ def to_transformers(tok: Tokenizer | str | Path, split_special_tokens: bool = Fa
 #: >= 1/16 of its shards, visited in a seeded order, so it spans the source without reading a whole
 #: 100B-token corpus for a 1 GB sample.
 MIN_KEEP_RATE = 1 / 16
+#: A source may fall short of its target by this fraction before it is refused: a document that crosses the
+#: target is cut at a space, and when it is the source's last one the few characters after the cut are
+#: missing (6 of 2.2M for a gettext source at 99% of its text, measured).
+SHORT_SOURCE_SLACK = 0.005
 
 
 def plan_sample(corpus_sources: dict, language_mix: dict, sample_chars: int) -> dict:
@@ -433,5 +437,5 @@ def iter_training_sample(files, plan: dict, seed: int, stats: dict) -> Iterator[
                             d["chars"] += len(text)
                             d["docs"] += 1
                         yield text
-            if ss["chars"] < target:
+            if ss["chars"] < (1 - SHORT_SOURCE_SLACK) * target:
                 raise _short_source(source, lang, ss["chars"], plan)

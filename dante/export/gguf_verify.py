@@ -6,7 +6,8 @@ command); otherwise the manifest says it did not run and why. For each GGUF file
 - tokenizer: every held-out document tokenized by llama.cpp (``Llama.tokenize``, no BOS, specials as
   text) against the ids llama.cpp should give: ours when the GGUF's type reproduces the tokenizer, the
   ``llama_cpp_equivalent`` ids when a type was forced (then the mismatch with ours is the recorded cost);
-  and ``detokenize`` back to the text;
+  and llama.cpp's token pieces back to the text (``llama_token_to_piece``; llama-cpp-python's own
+  ``detokenize`` is counted separately: it truncates tokens longer than 32 bytes);
 - logits: the verification windows evaluated by llama.cpp against the native model in fp32 with the same
   weights. The bound is per type: f32/f16/bf16 files must agree within ``GGUF_LOGIT_RTOL`` x max(1, max
   |logit|); q8_0 is quantized, so its difference and its top-1 agreement are recorded, not bounded.
@@ -50,6 +51,25 @@ def llama_cpp_version() -> str | None:
     return getattr(llama_cpp, "__version__", "unknown")
 
 
+def _piece(llm, token: int) -> bytes:
+    """llama.cpp's text of one token (``llama_token_to_piece``), with a buffer as large as the piece needs.
+
+    ``Llama.detokenize`` of llama-cpp-python 0.3.36 passes a 32-byte buffer and keeps the truncated bytes, so
+    a longer token (a run of 37 spaces of indentation, in our vocabularies) comes back cut; llama.cpp returns
+    the needed size as a negative number, which is used here."""
+    import ctypes
+
+    import llama_cpp  # optional (see llama_cpp_version)
+
+    size = 64
+    while True:
+        buf = (ctypes.c_char * size)()
+        n = llama_cpp.llama_token_to_piece(llm._model.vocab, llama_cpp.llama_token(token), buf, size, 0, False)
+        if n >= 0:
+            return bytes(buf[:n])
+        size = -n
+
+
 def verify_gguf(path: Path, gtype: str, expected_ids: Callable[[str], list[int]], ours: Callable[[str], list[int]],
                 texts: list[str], windows: list[list[int]], reference_logits: Callable[[list[int]], np.ndarray]) -> dict:
     """Tokenize ``texts`` and evaluate ``windows`` with llama.cpp; raise GGUFVerificationError on a difference."""
@@ -61,16 +81,20 @@ def verify_gguf(path: Path, gtype: str, expected_ids: Callable[[str], list[int]]
     failures: list[str] = []
     try:
         tok = {"documents": len(texts), "identical_to_expected": 0, "identical_to_ours": 0, "detokenized_exactly": 0,
-               "tokens": 0}
+               "python_detokenize_exact": 0, "tokens": 0}
         for text in texts:
             got = llm.tokenize(text.encode("utf-8"), add_bos=False, special=False)
             tok["tokens"] += len(got)
             tok["identical_to_expected"] += got == expected_ids(text)
             tok["identical_to_ours"] += got == ours(text)
-            tok["detokenized_exactly"] += llm.detokenize(got).decode("utf-8", errors="replace") == text
+            tok["detokenized_exactly"] += b"".join(_piece(llm, t) for t in got) == text.encode("utf-8")
+            tok["python_detokenize_exact"] += llm.detokenize(got) == text.encode("utf-8")
         if tok["identical_to_expected"] != len(texts):
             failures.append(f"llama.cpp tokenizes {len(texts) - tok['identical_to_expected']} of {len(texts)} held-out "
                             "documents differently from the ids its pre-tokenizer type should give")
+        if tok["detokenized_exactly"] != len(texts):
+            failures.append(f"llama.cpp's token pieces do not give back {len(texts) - tok['detokenized_exactly']} of "
+                            f"{len(texts)} held-out documents")
         worst, top, agree, n_pos = 0.0, 0.0, 0, 0
         for w in windows:
             llm.reset()

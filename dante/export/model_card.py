@@ -168,7 +168,14 @@ def run_elsewhere_lines(facts: dict, repo_hint: str) -> list[str]:
                        f"{r['tokenizer']['documents']} held-out documents tokenized as expected, max |Δ logit| "
                        f"{lg['max_abs_diff']:.3g} vs the native model on {lg['windows']} x {lg['tokens_per_window']} tokens"
                        + (f" (bound {lg['bound']:.3g})" if "bound" in lg else " (quantized, not bounded)")
-                       + f", top-1 agreement {lg['top1_agreement']:.1%}.")
+                       + f", top-1 agreement {lg['top1_agreement']:.2%}; token pieces give back the text on "
+                       f"{r['tokenizer']['detokenized_exactly']}/{r['tokenizer']['documents']} documents.")
+        res = lc.get("results") or []
+        if res and res[0]["tokenizer"].get("python_detokenize_exact", 0) < res[0]["tokenizer"]["documents"]:
+            out.append(f"- Note: `Llama.detokenize` of llama-cpp-python {lc['version']} truncates tokens longer than 32 bytes "
+                       "(runs of spaces in code): it gave back the text on "
+                       f"{res[0]['tokenizer']['python_detokenize_exact']}/{res[0]['tokenizer']['documents']} documents; "
+                       "llama.cpp's own `llama_token_to_piece` (llama-cli, llama-server) is exact.")
         if lc.get("not_run"):
             out.append(f"- Not checked in llama.cpp: {lc['not_run']}.")
         out.append("")

@@ -231,7 +231,7 @@ def export_gguf(cfg: C.ExportStageConfig, out: Path, model, source: Source, toke
         print(f"[09_export] llama.cpp {version}: {info['file']}: {r['tokenizer']['identical_to_expected']}/"
               f"{r['tokenizer']['documents']} documents tokenized as expected; max |Δ logit| {lg['max_abs_diff']:.3g}"
               + (f" <= {lg['bound']:.3g}" if "bound" in lg else " (quantized: not bounded)")
-              + f", top-1 agreement {lg['top1_agreement']:.1%}", flush=True)
+              + f", top-1 agreement {lg['top1_agreement']:.2%}", flush=True)
         result["llama_cpp"]["results"].append(r)
     return result
 
