@@ -131,3 +131,16 @@ def test_stage2_bad_presets_are_refused(tmp_path, capsys, extra, match):
     rc, out = run_script("2_train_tokenizer.py", ["--config", str(cfg)], capsys)
     assert rc == 2 and re.search(match, out), out
     assert not (tmp_path / "runs/t/02_tokenizer/manifest.json").exists()
+
+
+def test_stage2_switches_reach_the_saved_tokenizer(tmp_path, capsys):
+    docs = sample_docs()
+    write_stage1(tmp_path / "runs", {"it-src": ("it", 1, docs["it"], 20), "en-src": ("en", 1, docs["en"], 20),
+                                     "code-src": ("code", 2, docs["code"], 10)})
+    cfg = stage2_config(tmp_path, {"it": sample_docs(seed=5)["it"]},
+                        extra="  digits: group3\n  accents: learned\n  baseline: false\n")
+    rc, out = run_script("2_train_tokenizer.py", ["--config", str(cfg)], capsys)
+    assert rc == 0, out
+    m = json.loads((tmp_path / "runs/t/02_tokenizer/manifest.json").read_text())
+    assert m["outputs"]["pretokenizer"] == "dante+digits3+learned" and m["outputs"]["pinned_accents"] is False
+    assert r"\p{N}{1,3}" in m["outputs"]["pretokenizer_patterns"][0]
