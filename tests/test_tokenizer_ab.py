@@ -144,3 +144,14 @@ def test_stage2_switches_reach_the_saved_tokenizer(tmp_path, capsys):
     m = json.loads((tmp_path / "runs/t/02_tokenizer/manifest.json").read_text())
     assert m["outputs"]["pretokenizer"] == "dante+digits3+learned" and m["outputs"]["pinned_accents"] is False
     assert r"\p{N}{1,3}" in m["outputs"]["pretokenizer_patterns"][0]
+
+
+def test_stage2_refuses_a_share_the_corpus_cannot_give(tmp_path, capsys):
+    docs = sample_docs()
+    write_stage1(tmp_path / "runs", {"it-src": ("it", 1, docs["it"], 20), "en-src": ("en", 1, docs["en"], 20),
+                                     "code-src": ("code", 2, docs["code"], 10)})
+    cfg = stage2_config(tmp_path, {"it": ["ciao"]})
+    rc, out = run_script("2_train_tokenizer.py", ["--config", str(cfg), "--set", "tokenizer.sample_chars=200000"], capsys)
+    assert rc == 2 and re.search(r"source '\w+-src' holds [\d,]+ characters, but its share is", out), out
+    assert "lower tokenizer.sample_chars to at most" in out
+    assert not (tmp_path / "runs/t/02_tokenizer/manifest.json").exists()
