@@ -1,9 +1,11 @@
-"""Stage 2: train the Dante tokenizer and its A/B baseline, then write the fertility report.
+"""Stage 2: train the Dante tokenizer, its A/B baseline and the A/B presets, then write the fertility report.
 
 Reads ``01_corpus/`` (its manifest and document shards); writes ``02_tokenizer/``: ``tokenizer.json``,
-``baseline/tokenizer.json``, ``fertility.{json,md,png}`` and ``manifest.json`` (last). The training
-sample is drawn from stage 1 as a stream, character-balanced by ``tokenizer.language_mix``; the
-baseline is trained on the very same sample with the same vocabulary size. An interrupted run keeps
+``baseline/tokenizer.json``, ``ab/<preset>/tokenizer.json`` per ``tokenizer.ab_presets``,
+``fertility.{json,md,png}`` and ``manifest.json`` (last). The training sample is drawn from stage 1 as a
+stream, character-balanced by ``tokenizer.language_mix`` and proportional to size within a language (the
+manifest lists target vs actual characters per source); every other tokenizer is trained on the very same
+sample with the same vocabulary size. An interrupted run keeps
 the tokenizers it finished (progress.json) and resumes after them. Logic: dante/tokenizer.py,
 dante/fertility.py.
 
@@ -20,7 +22,9 @@ from dante.artifacts import atomic_write_text, file_sha256, stage_dir
 from dante.cli import run_stage
 from dante.corpus import corpus_files
 from dante.errors import UserError, raise_problems
+from dante.pretokenizers import ab_specs, parse_spec
 from dante.tokenizer import (
+    as_spec,
     default_pinned,
     iter_training_sample,
     load_tokenizer,
@@ -33,14 +37,26 @@ from dante.tokenizer import (
 STAGE = "02_tokenizer"
 
 
+def main_spec(t):
+    """The run's pre-tokenizer: tokenizer.pretokenizer with the digits and accents switches."""
+    return parse_spec(t.pretokenizer, t.digits, t.accents)
+
+
 def check_inputs(cfg, corpus_manifest):
     """Everything that can be wrong before training, reported together."""
-    t, problems, notes, refs = cfg.tokenizer, [], [], []
-    fixed = n_fixed_tokens(t.n_reserved, len(default_pinned(t.pretokenizer)))
+    t, refs = cfg.tokenizer, []
+    base = parse_spec(t.baseline_pretokenizer) if t.baseline else None
+    ab, problems, notes = ab_specs(t.ab_presets, main_spec(t), base)
+    if base is not None and base.key == main_spec(t).key:
+        problems.append(f"tokenizer.baseline_pretokenizer={t.baseline_pretokenizer!r} is the run's own pre-tokenizer "
+                        f"({main_spec(t).name}): the A/B would compare it with itself; choose another or set baseline: false")
+    fixed = max(n_fixed_tokens(t.n_reserved, len(default_pinned(s))) for s in [main_spec(t), *ab])
     if t.vocab_size <= fixed:
         problems.append(f"tokenizer.vocab_size={t.vocab_size} must exceed the {fixed} fixed ids (specials, reserved, bytes, pinned)")
     if len({r.name for r in t.references}) != len(t.references) or any(r.name in ("dante", "baseline") for r in t.references):
         problems.append("tokenizer.references: names must be unique and not 'dante' or 'baseline'")
+    if {r.name for r in t.references} & {s.name for s in ab}:
+        problems.append("tokenizer.references: a name equals an ab_presets entry; rename the reference")
     for r in t.references:
         missing = fertility.missing_reference_files(r)
         if missing and r.optional:
@@ -59,7 +75,7 @@ def check_inputs(cfg, corpus_manifest):
     raise_problems(UserError, "tokenizer stage cannot start", problems)
     files = corpus_files(stage_dir(cfg.run, "01_corpus"), corpus_manifest)
     plan = plan_sample(corpus_manifest["outputs"]["sources"], t.language_mix, t.sample_chars)
-    return files, plan, refs, heldout, notes
+    return files, plan, refs, heldout, notes, ab
 
 
 def train_or_resume(stage, key, path, pretokenizer, files, plan, cfg):
@@ -75,7 +91,7 @@ def train_or_resume(stage, key, path, pretokenizer, files, plan, cfg):
     atomic_write_text(path, tok.to_str())
     info = {"sample": stats, "seconds": round(time.time() - start, 1), "facts": tokenizer_facts(tok)}
     stage.save_progress(stage.load_progress() | {key: info})
-    print(f"[{STAGE}] {key}: {pretokenizer} regex, {info['facts']['vocab_size']} ids, "
+    print(f"[{STAGE}] {key}: {as_spec(pretokenizer).name} pre-tokenizer, {info['facts']['vocab_size']} ids, "
           f"{sum(s['chars'] for s in stats.values()):,} sample chars, {info['seconds']} s", flush=True)
     return load_tokenizer(path), info
 
@@ -83,18 +99,29 @@ def train_or_resume(stage, key, path, pretokenizer, files, plan, cfg):
 def main(stage, cfg, args):
     t = cfg.tokenizer
     corpus = stage.require("01_corpus")
-    files, plan, refs, heldout, notes = check_inputs(cfg, corpus)
-    dante, dante_info = train_or_resume(stage, "dante", stage.dir / "tokenizer.json", t.pretokenizer, files, plan, cfg)
-    counters = [fertility.hf_counter("dante", t.pretokenizer, dante)]
+    files, plan, refs, heldout, notes, ab = check_inputs(cfg, corpus)
+    spec = main_spec(t)
+    dante, dante_info = train_or_resume(stage, "dante", stage.dir / "tokenizer.json", spec, files, plan, cfg)
+    counters = [fertility.hf_counter("dante", spec.name, dante, spec.gguf_verdict())]
     outputs = {"tokenizer": "tokenizer.json", "tokenizer_sha256": file_sha256(stage.dir / "tokenizer.json"),
-               **dante_info["facts"], "sample": dante_info["sample"]}
-    if t.baseline:
-        (stage.dir / "baseline").mkdir(exist_ok=True)
-        base, _ = train_or_resume(stage, "baseline", stage.dir / "baseline" / "tokenizer.json",
-                                  t.baseline_pretokenizer, files, plan, cfg)
-        counters.append(fertility.hf_counter("baseline", t.baseline_pretokenizer, base))
-        outputs["baseline"] = "baseline/tokenizer.json"
+               **dante_info["facts"], "gguf": spec.gguf_verdict(), "sample": dante_info["sample"], "ab": {}}
+    trained = [("baseline", "baseline", parse_spec(t.baseline_pretokenizer))] if t.baseline else []
+    trained += [(f"ab:{s.name}", f"ab/{s.name}", s) for s in ab]
+    for key, folder, s in trained:  # the same sample (same plan, same seed) and vocabulary size for each
+        (stage.dir / folder).mkdir(parents=True, exist_ok=True)
+        tok, info = train_or_resume(stage, key, stage.dir / folder / "tokenizer.json", s, files, plan, cfg)
+        if info["sample"] != dante_info["sample"]:  # deterministic by construction; a difference would void the A/B
+            raise RuntimeError(f"{key}: its training sample differs from the run tokenizer's; the A/B would be meaningless")
+        name = "baseline" if key == "baseline" else s.name
+        counters.append(fertility.hf_counter(name, s.name, tok, s.gguf_verdict()))
+        if key == "baseline":
+            outputs["baseline"] = "baseline/tokenizer.json"
+        else:
+            outputs["ab"][s.name] = {"tokenizer": f"{folder}/tokenizer.json", "gguf": s.gguf_verdict()}
     counters += [fertility.load_reference(r) for r in refs]
+    for lang, st in dante_info["sample"].items():
+        print(f"[{STAGE}] sample {lang}: " + ", ".join(f"{src} {v['chars']:,}/{v['target_chars']:,}"
+                                                    for src, v in st["by_source"].items()) + " chars (actual/target)")
     if heldout:
         report = fertility.fertility_report(counters, heldout, notes)
         outputs["fertility"] = {k: v.split("/")[-1] for k, v in fertility.write_report(report, stage.dir).items()}
@@ -108,8 +135,9 @@ def main(stage, cfg, args):
 
 def dry_run(cfg, args):
     t = cfg.tokenizer
-    print(f"# dry run: {t.pretokenizer} tokenizer, vocab {t.vocab_size}, sample {t.sample_chars:,} chars {t.language_mix}, "
-          f"baseline {t.baseline_pretokenizer if t.baseline else 'off'}, {len(t.references)} reference(s)")
+    print(f"# dry run: {main_spec(t).name} tokenizer (GGUF: {main_spec(t).gguf_verdict()}), vocab {t.vocab_size}, "
+          f"sample {t.sample_chars:,} chars {t.language_mix}, baseline {t.baseline_pretokenizer if t.baseline else 'off'}, "
+          f"A/B {', '.join(t.ab_presets) or 'none'}, {len(t.references)} reference(s)")
 
 
 if __name__ == "__main__":

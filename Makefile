@@ -37,6 +37,8 @@ demo: install
 	  script=$${s%%:*}.py; cfg=configs/$(PROFILE)/$${s##*:}.yaml; \
 	  if [ -f $$script ]; then echo "=== $$script --config $$cfg"; $(PY) $$script --config $$cfg; fi; \
 	done; echo "=== demo finished: artifacts under runs/"
+	@# stage 9 writes GGUF files when the tokenizer's pre-tokenizer is one llama.cpp runs (configs/tiny: llama3)
+	@ls -l runs/$(PROFILE)/09_export/*.gguf 2>/dev/null || echo "(no GGUF: see stage 9's message above)"
 
 test: install
 	$(PY) -m pytest -q tests

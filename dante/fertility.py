@@ -1,8 +1,11 @@
 """Stage 2's fertility report: tokens per word and characters per token on held-out text.
 
-Compares the Dante tokenizer with its A/B baseline (same sample, same vocab size, a standard regex
-without contraction handling or pinned letters) and with reference tokenizers read from their
-original files. One loader per file kind, each returning a ``TokenCounter``:
+Compares the run's tokenizer with its A/B baseline and the ``tokenizer.ab_presets`` (all trained on the
+same sample at the same vocabulary size, each with another pre-tokenizer) and with reference tokenizers
+read from their original files. For the trained ones it also counts per word class (``word_class``:
+elisions, words with digits, accented words, other; a token belongs to the word of its first non-space
+character) and states whether a GGUF can carry the tokenizer exactly. One loader per file kind, each
+returning a ``TokenCounter``:
 
 - ``hf_json``: a ``tokenizer.json``.
 - ``gpt2_bpe``: GPT-2's ``encoder.json`` + ``vocab.bpe`` via ``tokenizers.ByteLevelBPETokenizer`` (its
@@ -28,10 +31,13 @@ import base64
 import binascii
 import gzip
 import json
+import re
+import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 from tokenizers import ByteLevelBPETokenizer, Regex, Tokenizer, decoders, models, pre_tokenizers
 
 from dante.artifacts import atomic_path, atomic_write_json, atomic_write_text
@@ -45,18 +51,22 @@ _BATCH = 64
 
 @dataclass
 class TokenCounter:
-    """Anything that turns texts into ids: ``encode(list[str]) -> list[list[int]]``."""
+    """Anything that turns texts into ids: ``encode(list[str]) -> list[list[int]]``; ``offsets`` (character
+    spans of the tokens, for the per-word-class table) and ``gguf`` (whether a GGUF carries it) when known."""
 
     name: str
     kind: str
     vocab_size: int
     encode: Callable[[list[str]], list[list[int]]]
+    offsets: Callable[[list[str]], list[list[tuple[int, int]]]] | None = None
+    gguf: str | None = None
 
 
-def hf_counter(name: str, kind: str, tok: Tokenizer) -> TokenCounter:
+def hf_counter(name: str, kind: str, tok: Tokenizer, gguf: str | None = None) -> TokenCounter:
     tok.encode_special_tokens = True  # held-out text is plain text
     return TokenCounter(
-        name, kind, tok.get_vocab_size(), lambda texts: [e.ids for e in tok.encode_batch(texts, add_special_tokens=False)]
+        name, kind, tok.get_vocab_size(), lambda texts: [e.ids for e in tok.encode_batch(texts, add_special_tokens=False)],
+        offsets=lambda texts: [e.offsets for e in tok.encode_batch(texts, add_special_tokens=False)], gguf=gguf,
     )
 
 
@@ -215,19 +225,72 @@ def measure(counter: TokenCounter, texts: list[str]) -> dict:
     }
 
 
+#: Word classes of the per-class table, in the order a word is assigned to the first that fits.
+WORD_CLASSES = ("elisions", "digits", "accented", "other")
+_ELISION = re.compile(r"[^\W\d_]['’][^\W\d_]")  # a letter, an apostrophe, a letter: l'uomo, dell’anima (don't in English)
+_DIGIT = re.compile(r"\d")
+
+
+def word_class(word: str) -> str:
+    """elisions (an apostrophe between letters), digits (any digit), accented (a letter with a diacritic:
+    its NFD form has a combining mark), else other."""
+    if _ELISION.search(word):
+        return "elisions"
+    if _DIGIT.search(word):
+        return "digits"
+    if any(ch.isalpha() and len(unicodedata.normalize("NFD", ch)) > 1 for ch in word):
+        return "accented"
+    return "other"
+
+
+def measure_word_classes(counter: TokenCounter, texts: list[str]) -> dict:
+    """Tokens per whitespace word and characters per token, per word class. A token belongs to the word that
+    holds its first non-space character (" intelligenza" to intelligenza); tokens of whitespace only belong
+    to no word."""
+    acc = {c: {"words": 0, "chars": 0, "tokens": 0} for c in WORD_CLASSES}
+    for i in range(0, len(texts), _BATCH):
+        batch = texts[i:i + _BATCH]
+        for text, spans in zip(batch, counter.offsets(batch)):
+            owner = np.full(len(text) + 1, -1, dtype=np.int64)  # char -> word index
+            classes = []
+            for k, m in enumerate(re.finditer(r"\S+", text)):
+                owner[m.start():m.end()] = k
+                c = word_class(m.group())
+                classes.append(c)
+                acc[c]["words"] += 1
+                acc[c]["chars"] += m.end() - m.start()
+            for start, end in spans:
+                j = start
+                while j < end and text[j].isspace():
+                    j += 1
+                if j < end and owner[j] >= 0:
+                    acc[classes[owner[j]]]["tokens"] += 1
+    return {c: a | {"tokens_per_word": a["tokens"] / max(a["words"], 1), "chars_per_token": a["chars"] / max(a["tokens"], 1)}
+            for c, a in acc.items()}
+
+
 def fertility_report(counters: list[TokenCounter], heldout: dict[str, list[str]], notes: list[str] | None = None,
                      dante: str = "dante", baseline: str = "baseline") -> dict:
-    rows = [
-        {"name": c.name, "kind": c.kind, "vocab_size": c.vocab_size, "per_lang": {lang: measure(c, t) for lang, t in heldout.items()}}
-        for c in counters
-    ]
+    rows = []
+    for c in counters:
+        row = {"name": c.name, "kind": c.kind, "vocab_size": c.vocab_size, "gguf": c.gguf,
+               "per_lang": {lang: measure(c, t) for lang, t in heldout.items()}}
+        if c.offsets is not None:
+            row["per_class"] = {lang: measure_word_classes(c, t) for lang, t in heldout.items()}
+        rows.append(row)
     by_name = {r["name"]: r for r in rows}
-    comparison = {}
+    comparison, ab = {}, {}
     if dante in by_name and baseline in by_name:
         for lang in heldout:
             d, b = by_name[dante]["per_lang"][lang]["tokens"], by_name[baseline]["per_lang"][lang]["tokens"]
             comparison[lang] = {"dante_tokens": d, "baseline_tokens": b, "change": d / b - 1 if b else 0.0}
-    return {"heldout_docs": {k: len(v) for k, v in heldout.items()}, "tokenizers": rows, "vs_baseline": comparison, "notes": list(notes or [])}
+    if baseline in by_name:  # every trained tokenizer against the baseline, per language
+        for r in rows:
+            if "per_class" in r and r["name"] != baseline:
+                ab[r["name"]] = {lang: r["per_lang"][lang]["tokens"] / by_name[baseline]["per_lang"][lang]["tokens"] - 1
+                                 for lang in heldout if by_name[baseline]["per_lang"][lang]["tokens"]}
+    return {"heldout_docs": {k: len(v) for k, v in heldout.items()}, "tokenizers": rows, "vs_baseline": comparison,
+            "ab_vs_baseline": ab, "notes": list(notes or [])}
 
 
 def summary_lines(report: dict, dante: str = "dante") -> list[str]:
@@ -252,28 +315,47 @@ def summary_lines(report: dict, dante: str = "dante") -> list[str]:
     return out
 
 
+def markdown_lines(report: dict) -> list[str]:
+    """fertility.md: per language, per word class (trained tokenizers), the GGUF column, the summary."""
+    langs = list(report["heldout_docs"])
+    header = ["tokenizer", "kind", "vocab", *[f"{lang} {m}" for lang in langs for m in ("tok/word", "chars/tok")], "GGUF"]
+    rows = [[r["name"], r["kind"], f"{r['vocab_size']:,}",
+             *[f"{r['per_lang'][lg][m]:.3f}" for lg in langs for m in ("tokens_per_word", "chars_per_token")],
+             r.get("gguf") or "-"] for r in report["tokenizers"]]
+    lines = ["# Tokenizer fertility on held-out text", "", *markdown_table(header, rows)]
+    ab = report.get("ab_vs_baseline") or {}
+    if ab:
+        lines += ["", "Tokens on held-out text vs the A/B baseline (negative = fewer tokens):", "",
+                  *markdown_table(["tokenizer", *langs], [[name, *[f"{ch.get(lg, 0):+.2%}" for lg in langs]]
+                                                          for name, ch in ab.items()])]
+    trained = [r for r in report["tokenizers"] if "per_class" in r]
+    for lang in langs if trained else []:
+        lines += ["", f"Per word class, {lang} (tokens/word, chars/token; words: "
+                  + ", ".join(f"{c} {trained[0]['per_class'][lang][c]['words']:,}" for c in WORD_CLASSES) + "):", ""]
+        lines += markdown_table(["tokenizer", *WORD_CLASSES], [
+            [r["name"], *[f"{r['per_class'][lang][c]['tokens_per_word']:.3f}, {r['per_class'][lang][c]['chars_per_token']:.2f}"
+                          for c in WORD_CLASSES]] for r in trained])
+    lines += ["", "Held-out documents: " + ", ".join(f"{k} {v}" for k, v in report["heldout_docs"].items()), ""]
+    lines += [f"- {s}" for s in summary_lines(report)]
+    lines += [f"- note: {n}" for n in report["notes"]]
+    return lines
+
+
 def write_report(report: dict, out_dir: Path) -> dict[str, str]:
     """fertility.json, fertility.md and fertility.png in ``out_dir``; returns their paths."""
     langs = list(report["heldout_docs"])
     paths = {k: out_dir / f"fertility.{k}" for k in ("json", "md", "png")}
     atomic_write_json(paths["json"], report | {"summary": summary_lines(report)})
 
-    header = ["tokenizer", "kind", "vocab", *[f"{lang} {m}" for lang in langs for m in ("tok/word", "chars/tok")]]
-    rows = [[r["name"], r["kind"], f"{r['vocab_size']:,}",
-             *[f"{r['per_lang'][lg][m]:.3f}" for lg in langs for m in ("tokens_per_word", "chars_per_token")]]
-            for r in report["tokenizers"]]
-    lines = ["# Tokenizer fertility on held-out text", "", *markdown_table(header, rows)]
-    lines += ["", "Held-out documents: " + ", ".join(f"{k} {v}" for k, v in report["heldout_docs"].items()), ""]
-    lines += [f"- {s}" for s in summary_lines(report)]
-    lines += [f"- note: {n}" for n in report["notes"]]
-    atomic_write_text(paths["md"], "\n".join(lines) + "\n")
+    atomic_write_text(paths["md"], "\n".join(markdown_lines(report)) + "\n")
 
     import matplotlib  # heavy, and only the plot needs it
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    ab_rows = [r for r in report["tokenizers"] if "per_class" in r]
+    fig, axes = plt.subplots(1, 3 if ab_rows else 2, figsize=(16 if ab_rows else 11, 4))
     names = [r["name"] for r in report["tokenizers"]]
     width = 0.8 / max(len(names), 1)
     for ax, metric, title in ((axes[0], "tokens_per_word", "tokens per word (lower is better)"),
@@ -284,6 +366,15 @@ def write_report(report: dict, out_dir: Path) -> dict[str, str]:
         ax.set_xticks(range(len(langs)), langs)
         ax.set_title(title)
     axes[0].legend(fontsize=8)
+    if ab_rows:  # tokens per word by word class, first language (Italian in the profiles)
+        lang = langs[0]
+        w = 0.8 / len(ab_rows)
+        for i, r in enumerate(ab_rows):
+            xs = [j + (i - (len(ab_rows) - 1) / 2) * w for j in range(len(WORD_CLASSES))]
+            axes[2].bar(xs, [r["per_class"][lang][c]["tokens_per_word"] for c in WORD_CLASSES], w, label=r["name"])
+        axes[2].set_xticks(range(len(WORD_CLASSES)), WORD_CLASSES)
+        axes[2].set_title(f"{lang}: tokens per word by word class")
+        axes[2].legend(fontsize=8)
     fig.tight_layout()
     with atomic_path(paths["png"]) as tmp:
         fig.savefig(tmp, format="png", dpi=110)

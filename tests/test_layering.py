@@ -21,7 +21,7 @@ LAYERS: dict[int, list[str]] = {
     0: ["errors", "report_format"],                       # stdlib only
     1: ["config"],                                        # typed config: errors, yaml
     2: ["artifacts", "rope", "loss"],                     # run folders/manifests; pure math
-    3: ["model", "cli", "metrics", "corpus"],             # the transformer; command line; logs; stage 1
+    3: ["model", "cli", "metrics", "corpus", "pretokenizers"],  # the transformer; command line; logs; stage 1; regexes
     4: ["tokenizer", "flops"],                            # stage 2; FLOP/memory model and --dry-run plan
     5: ["shards", "sft_packing", "chat_format", "sft_data", "fertility", "checkpoint"],  # stages 3, 6; checkpoints
     6: ["pretrain_data", "kernels", "prefetch", "engine", "sft_train", "evaluation"],  # training; stage 8

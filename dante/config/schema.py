@@ -233,8 +233,14 @@ class ReferenceTokenizerConfig:
 class TokenizerConfig:
     vocab_size: int = 8192
     """Total vocabulary including special and reserved tokens."""
-    pretokenizer: Literal["dante", "gpt2", "llama3"] = "dante"
-    """Pre-tokenization regex."""
+    pretokenizer: Literal["dante", "dante-elision", "llama3", "qwen2", "gpt2", "minerva"] = "dante"
+    """Pre-tokenizer preset (dante/pretokenizers.py); llama3, qwen2, gpt2, minerva are llama.cpp's own."""
+    digits: Literal["preset", "single", "group3"] = "preset"
+    """Digit split: the preset's own, one digit per piece, or groups of up to 3."""
+    accents: Literal["preset", "pinned", "learned"] = "preset"
+    """Latin-1 letters pinned to one token each (dante presets) or learned like any byte pair."""
+    ab_presets: list[str] = field(default_factory=list)
+    """Extra pre-tokenizers for the A/B report, trained on the same sample and vocab (e.g. dante-elision, llama3+digits1)."""
     language_mix: dict = field(default_factory=lambda: {"it": 0.42, "en": 0.36, "code": 0.22})
     """Character share per language in the training sample."""
     sample_chars: int = 2_000_000
@@ -247,7 +253,7 @@ class TokenizerConfig:
     """Held-out text per language for the fertility report: {it: path, en: path, code: path}."""
     baseline: bool = True
     """Also train the A/B baseline (same sample and vocab, GPT-2/Llama-3-style regex)."""
-    baseline_pretokenizer: Literal["gpt2", "llama3"] = "llama3"
+    baseline_pretokenizer: Literal["dante", "dante-elision", "llama3", "qwen2", "gpt2", "minerva"] = "llama3"
     """Regex of the A/B baseline (contractions split, no pinned letters)."""
     references: list[ReferenceTokenizerConfig] = field(default_factory=list)
     """Reference tokenizers for the fertility report."""
@@ -501,6 +507,12 @@ class ExportConfig:
     """Title of the model card; '' means "Dante (<run.name>)"."""
     license: str = "apache-2.0"
     """License named in the model card."""
+    gguf: bool = False
+    """Also write GGUF files for llama.cpp / Ollama (refused for a pre-tokenizer llama.cpp cannot run)."""
+    gguf_types: list[str] = field(default_factory=lambda: ["f16", "q8_0"])
+    """GGUF weight types, one file each: f32, f16, bf16, q8_0."""
+    gguf_pre_tokenizer: str = ""
+    """Force this llama.cpp pre-tokenizer type (e.g. qwen35); the id mismatch on held-out text is measured and recorded."""
 
 
 @dataclass

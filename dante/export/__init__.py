@@ -9,11 +9,12 @@ One file per reason to change:
 - ``run_inputs``: what stage 9 reads from the run: the checkpoint, its tokenizer, its training lineage,
   stage 8's sampling defaults, the held-out text.
 - ``verify``: the comparisons against transformers (logits, greedy, tokenizer, chat template).
+- ``gguf``: the GGUF files for llama.cpp / Ollama (``export.gguf``), what a GGUF can carry, the cost of a
+  forced pre-tokenizer type.
+- ``gguf_verify``: the proof in llama.cpp itself (ids and logits), when ``llama_cpp`` is importable.
 - ``model_card``: the folder's ``README.md``, every number read from the run's files.
 - ``hub``: the upload (``--push-to-hub``).
 - ``stage``: the stage itself: preflight, ``export_stage``, the ``--dry-run`` plan, ``FORMAT_VERSION``.
-
-Another export format (e.g. a GGUF writer) gets a sibling file here, beside ``hf_format``.
 
 Example::
 

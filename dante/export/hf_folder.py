@@ -31,7 +31,7 @@ from dante.artifacts import MANIFEST, PROGRESS, atomic_write_bytes, atomic_write
 from dante.tokenizer import BOS, PAD
 
 #: Files that are part of the Hugging Face folder (uploaded); everything else in 09_export is bookkeeping.
-HF_FILE_PATTERNS = ("*.json", "*.safetensors", "README.md")
+HF_FILE_PATTERNS = ("*.json", "*.safetensors", "*.gguf", "README.md")
 NOT_UPLOADED = (MANIFEST, PROGRESS)
 
 

@@ -14,11 +14,13 @@ Example::
 
 from __future__ import annotations
 
+import importlib.metadata
 from typing import Any
 
 from dante import config as C
 from dante import report_format
 from dante.artifacts import read_json, stage_dir, stage_done
+from dante.export.gguf import refusal_lines
 from dante.export.run_inputs import Source, finished_manifest, training_lineage
 from dante.model import ffn_hidden_dim_of, head_dim_of
 from dante.tokenizer import tokenizer_facts
@@ -49,9 +51,22 @@ def markdown_table(header: list[str], rows: list[list[Any]]) -> list[str]:
     return report_format.markdown_table(header, rows, cell=_fmt)
 
 
-def card_facts(cfg: C.ExportStageConfig, source: Source, tokenizer, n_params: int, verification: dict | None) -> dict:
+def runtime_versions() -> dict[str, str | None]:
+    """Installed versions of the runtimes the card names (None: not installed here, so not verified here)."""
+    out = {}
+    for dist in ("transformers", "torch", "lm_eval", "vllm", "gguf", "llama_cpp_python"):
+        try:
+            out[dist] = importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            out[dist] = None
+    return out
+
+
+def card_facts(cfg: C.ExportStageConfig, source: Source, tokenizer, n_params: int, verification: dict | None,
+               gguf: dict | None = None) -> dict:
     """Everything the model card states, gathered from manifests, checkpoint metadata and report.json."""
     m = source.model_cfg
+    tok_facts = tokenizer_facts(tokenizer)
     facts: dict[str, Any] = {
         "model": {
             "parameters": n_params, "dim": m.dim, "n_layers": m.n_layers, "n_heads": m.n_heads,
@@ -62,8 +77,11 @@ def card_facts(cfg: C.ExportStageConfig, source: Source, tokenizer, n_params: in
         "checkpoint": {"path": str(source.path), "stage": source.stage, "step": source.meta.get("step"),
                        "chat": source.is_chat},
         "dtype": cfg.export.dtype,
-        "tokenizer": tokenizer_facts(tokenizer),
+        "tokenizer": tok_facts,
         "verification": verification,
+        "gguf": gguf,
+        "gguf_refusal": None if gguf or tok_facts["llama_cpp_pre"] else refusal_lines(tok_facts),
+        "versions": runtime_versions(),
     }
     corpus, shards = finished_manifest(cfg, C.CORPUS), finished_manifest(cfg, C.SHARDS)
     tokens_by_source = (shards or {}).get("counts", {}).get("by_source", {})
@@ -101,6 +119,81 @@ def card_facts(cfg: C.ExportStageConfig, source: Source, tokenizer, n_params: in
     return facts
 
 
+def _version(facts: dict, dist: str) -> str:
+    v = facts.get("versions", {}).get(dist)
+    return f"{dist} {v}" if v else f"{dist} (not installed where this card was written: not verified here)"
+
+
+def run_elsewhere_lines(facts: dict, repo_hint: str) -> list[str]:
+    """The card's "Run it" section: vLLM, llama.cpp / Ollama (or why there is no GGUF), lm-eval, the YaRN caveat."""
+    m, ck = facts["model"], facts["checkpoint"]
+    out = ["## Run it", "",
+           f"Verified with {_version(facts, 'transformers')} and {_version(facts, 'torch')} (stage 9 loads this "
+           "folder back and compares it with the training code, see *Export verification*).", "",
+           f"**vLLM** ({_version(facts, 'vllm')}): `vllm serve {repo_hint}`"
+           + (" (the chat template is in tokenizer_config.json; stop ids in generation_config.json)." if ck["chat"] else "."),
+           "",
+           f"**lm-eval** ({_version(facts, 'lm_eval')}): `lm_eval --model hf --model_args pretrained={repo_hint},dtype="
+           f"{facts['dtype']} --tasks <tasks>` (stage 8, `8_eval.py`, runs the same harness on the native checkpoint).", ""]
+    g = facts.get("gguf")
+    if g:
+        first = g["files"][0]["file"]
+        out += [f"**llama.cpp / Ollama** ({_version(facts, 'gguf')} wrote "
+                + ", ".join(f"`{f['file']}`" for f in g["files"]) + f"; `tokenizer.ggml.pre = {g['pre_tokenizer']}`):", "",
+                "```sh", f"llama-cli -m {first} -p \"Il futuro della tecnologia\" -n 64"
+                + (" -cnv  # chat: the template is in the GGUF" if ck["chat"] else ""),
+                f"llama-server -m {first}", "```", ""]
+        if ck["chat"]:
+            out += ["Ollama (`ollama create dante -f Modelfile`), with the template written out for Ollama:", "", "```",
+                    f"FROM ./{first}",
+                    'TEMPLATE """<|begin_of_text|>{{ range .Messages }}<|start_header_id|>{{ .Role }}<|end_header_id|>',
+                    "", '{{ .Content }}<|eot|>{{ end }}<|start_header_id|>assistant<|end_header_id|>', "", '"""',
+                    "PARAMETER stop <|eot|>", "PARAMETER stop <|end_of_text|>", "```", ""]
+        else:
+            out += [f"Ollama: a Modelfile with `FROM ./{first}`, then `ollama create dante -f Modelfile`.", ""]
+        if g["exact"]:
+            out.append(f"The GGUF names llama.cpp's `{g['pre_tokenizer']}` pre-tokenizer, which splits text exactly as "
+                       "this tokenizer does (same regex list and merge rule), so llama.cpp gives the training ids.")
+        else:
+            mm = g.get("forced_id_mismatch", {})
+            out.append(f"**Forced pre-tokenizer**: this tokenizer has no llama.cpp equivalent; the GGUF names "
+                       f"`{g['pre_tokenizer']}` (export.gguf_pre_tokenizer), so llama.cpp tokenizes some text differently "
+                       "from training. Held-out lines tokenized differently: "
+                       + ", ".join(f"{lang} {r['lines_differing']}/{r['lines']} ({r['line_mismatch_rate']:.1%})"
+                                   for lang, r in mm.items()) + ".")
+        lc = g.get("llama_cpp", {})
+        for r in lc.get("results", []):
+            lg = r["logits"]
+            out.append(f"- `{r['file']}` in llama.cpp (llama-cpp-python {lc['version']}): {r['tokenizer']['identical_to_expected']}/"
+                       f"{r['tokenizer']['documents']} held-out documents tokenized as expected, max |Δ logit| "
+                       f"{lg['max_abs_diff']:.3g} vs the native model on {lg['windows']} x {lg['tokens_per_window']} tokens"
+                       + (f" (bound {lg['bound']:.3g})" if "bound" in lg else " (quantized, not bounded)")
+                       + f", top-1 agreement {lg['top1_agreement']:.2%}; token pieces give back the text on "
+                       f"{r['tokenizer']['detokenized_exactly']}/{r['tokenizer']['documents']} documents.")
+        res = lc.get("results") or []
+        if res and res[0]["tokenizer"].get("python_detokenize_exact", 0) < res[0]["tokenizer"]["documents"]:
+            out.append(f"- Note: `Llama.detokenize` of llama-cpp-python {lc['version']} truncates tokens longer than 32 bytes "
+                       "(runs of spaces in code): it gave back the text on "
+                       f"{res[0]['tokenizer']['python_detokenize_exact']}/{res[0]['tokenizer']['documents']} documents; "
+                       "llama.cpp's own `llama_token_to_piece` (llama-cli, llama-server) is exact.")
+        if lc.get("not_run"):
+            out.append(f"- Not checked in llama.cpp: {lc['not_run']}.")
+        out.append("")
+    else:
+        reasons = facts.get("gguf_refusal")
+        out += ["**llama.cpp / Ollama**: no GGUF in this folder. " + (
+            " ".join(reasons) if reasons else "export.gguf was off; rerun stage 9 with export.gguf: true."), ""]
+    rope = m["rope_scaling"]
+    if rope and rope.get("rope_type", rope.get("type")) == "yarn":
+        out += [f"**YaRN caveat**: positions beyond {_fmt(rope.get('original_max_position_embeddings'))} tokens rely on YaRN "
+                f"(factor {_fmt(rope.get('factor'))}, `rope_scaling` in config.json"
+                + (", `llama.rope.scaling.*` in the GGUF" if g else "") + "). transformers, vLLM and llama.cpp implement "
+                "it; a runtime that ignores `rope_scaling` silently computes other positions (only the first "
+                f"{_fmt(rope.get('original_max_position_embeddings'))} tokens are then right), and some refuse it "
+                "(ctranslate2: `rope_scaling` type `yarn` not implemented).", ""]
+    return out
+
+
 def render_model_card(facts: dict, model_name: str, license_id: str, repo_hint: str) -> str:
     m, ck = facts["model"], facts["checkpoint"]
     langs = sorted({d["lang"] for d in facts["data"]} - {None, "code"}) or ["it", "en"]
@@ -132,7 +225,9 @@ def render_model_card(facts: dict, model_name: str, license_id: str, repo_hint: 
     else:
         lines += ['ids = tok("Il futuro della tecnologia e della scienza", return_tensors="pt").input_ids',
                   "out = model.generate(ids, max_new_tokens=64)", "print(tok.decode(out[0]))"]
-    lines += ["```", "", "## Architecture", ""]
+    lines += ["```", ""]
+    lines += run_elsewhere_lines(facts, repo_hint)
+    lines += ["## Architecture", ""]
     rope = m["rope_scaling"]
     rope_text = (f"RoPE θ={_fmt(m['rope_theta'])}" + (f", {rope.get('rope_type', rope.get('type'))} scaling ×{_fmt(rope.get('factor'))}"
                  f" from {_fmt(rope.get('original_max_position_embeddings'))} tokens" if rope else ""))

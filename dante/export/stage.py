@@ -7,7 +7,9 @@ custom code:
 - ``config.json`` (``LlamaForCausalLM``), ``generation_config.json`` (eos = <|eot|> and <|end_of_text|>,
   the sampling defaults of stage 8), ``model.safetensors`` (or shards + ``model.safetensors.index.json``);
 - ``tokenizer.json`` (stage 2's file, byte for byte), ``tokenizer_config.json`` (bos/eos/pad, context
-  length, the chat template of ``dante.sft_data.CHAT_TEMPLATE`` for an SFT checkpoint), ``special_tokens_map.json``;
+  length, the chat template of ``dante.chat_format.CHAT_TEMPLATE`` for an SFT checkpoint), ``special_tokens_map.json``;
+- with ``export.gguf``, ``<run>-<type>.gguf`` per ``export.gguf_types`` (``dante/export/gguf.py``), checked in
+  llama.cpp when ``llama_cpp`` is importable (``dante/export/gguf_verify.py``);
 - ``README.md``, the model card (``dante/export/model_card.py``);
 - ``manifest.json`` last, with the verification results (it is never uploaded).
 
@@ -17,6 +19,8 @@ Design choices
 - eos: an SFT checkpoint ends its turns with <|eot|> (stage 6 teaches exactly that), so its tokenizer eos
   is <|eot|>, as Llama 3 Instruct does, for tools that stop on ``tokenizer.eos_token``; a base model ends
   documents with <|end_of_text|>. ``generation_config.json`` lists both ids either way.
+- GGUF: refused in ``preflight`` (before any work) when llama.cpp cannot reproduce the tokenizer's
+  pre-tokenizer and no ``export.gguf_pre_tokenizer`` forces a type; the error says why and lists the options.
 - A failed verification raises before ``stage.finish``: no manifest, and a rerun with the same config
   resumes (redoes) the export in the same folder.
 
@@ -33,6 +37,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from dante import checkpoint as ckpt
 from dante import config as C
 from dante.artifacts import PROGRESS, Stage, atomic_write_json, atomic_write_text, read_manifest, stage_dir
@@ -40,6 +46,15 @@ from dante.chat_format import CHAT_TEMPLATE
 from dante.checkpoint import tokenizer_problems
 from dante.errors import UserError, problems_message, raise_problems
 from dante.evaluation.loading import resolve_device
+from dante.export.gguf import (
+    carried_pre_type,
+    gguf_config_problems,
+    gguf_problems,
+    id_mismatch,
+    llama_cpp_equivalent,
+    write_gguf,
+)
+from dante.export.gguf_verify import llama_cpp_version, verify_gguf
 from dante.export.hf_folder import hf_folder_files, parse_size, write_tokenizer_files, write_weights
 from dante.export.hf_format import (
     expected_hf_shapes,
@@ -51,7 +66,7 @@ from dante.export.hf_format import (
 )
 from dante.export.model_card import card_facts, render_model_card, short_number
 from dante.export.run_inputs import Source, generation_defaults, load_heldout, resolve_checkpoint, tokenizer_path
-from dante.export.verify import verify_export
+from dante.export.verify import verification_windows, verify_export
 from dante.tokenizer import EOS, EOS_ID, EOT, EOT_ID, load_tokenizer
 
 FORMAT_VERSION = 1
@@ -80,7 +95,7 @@ def config_problems(cfg: C.ExportStageConfig) -> list[str]:
             p.append(f"export.heldout.{lang}: file not found: {path!r}")
     if not e.license.strip():
         p.append("export.license: required (an SPDX id such as apache-2.0, shown in the model card)")
-    return p
+    return p + gguf_config_problems(e)
 
 
 def _refuse_foreign_files(stage: Stage) -> None:
@@ -112,6 +127,7 @@ def preflight(cfg: C.ExportStageConfig) -> tuple[Source, Path, Any]:
     if not problems:  # the tensors, from the file's header (a Llama config is needed to know what to expect)
         problems += weight_problems(source.path / ckpt.WEIGHTS, source.model_cfg)
     problems += tokenizer_problems(source.ref, source.model_cfg, tokenizer, tok_path)
+    problems += gguf_problems(cfg.export, source.model_cfg, tokenizer)
     if problems:
         raise UserError(problems_message(f"cannot export {source.path} as a Hugging Face Llama model", problems))
     return source, tok_path, tokenizer
@@ -153,7 +169,8 @@ def export_stage(stage: Stage, cfg: C.ExportStageConfig) -> dict:
         print(f"[09_export] verified: max |Δ logit| {lg['max_abs_diff']:.3g} <= {lg['bound']:.3g} on {lg['windows']} x "
               f"{lg['tokens_per_window']} tokens; greedy {verification['greedy']['identical']}/{verification['greedy']['prompts']} "
               f"identical; tokenizer {verification['tokenizer']['documents']} docs identical", flush=True)
-    facts = card_facts(cfg, source, tokenizer, n_params, verification)
+    gguf_result = export_gguf(cfg, out, model, source, tokenizer, texts_by_lang) if cfg.export.gguf else None
+    facts = card_facts(cfg, source, tokenizer, n_params, verification, gguf_result)
     name = cfg.export.model_name or f"Dante ({cfg.run.name})"
     atomic_write_text(out / "README.md", render_model_card(facts, name, cfg.export.license, str(out)))
     files = {f.name: f.stat().st_size for f in hf_folder_files(out)}
@@ -161,8 +178,63 @@ def export_stage(stage: Stage, cfg: C.ExportStageConfig) -> dict:
         outputs={"folder": str(out), "files": files, "weights": weights},
         counts={"parameters": n_params, "files": len(files), "bytes": sum(files.values())},
         extra={"checkpoint": {"path": str(source.path), "stage": source.stage, "step": source.meta.get("step")},
-               "verification": verification, "card_facts": facts},
+               "verification": verification, "gguf": gguf_result, "card_facts": facts},
     )
+
+
+def export_gguf(cfg: C.ExportStageConfig, out: Path, model, source: Source, tokenizer, texts_by_lang: dict) -> dict:
+    """The GGUF files, the forced-type mismatch (if a type was forced) and llama.cpp's proof (if importable).
+
+    Written from the weights the Hugging Face verification compared (rounded to export.dtype), so the llama.cpp
+    comparison tests the GGUF conversion, not the HF rounding."""
+    e, m = cfg.export, source.model_cfg
+    exact = carried_pre_type(tokenizer)
+    pre = e.gguf_pre_tokenizer or exact
+    expected = llama_cpp_equivalent(tokenizer, pre) if pre != exact else tokenizer
+    result: dict[str, Any] = {"pre_tokenizer": pre, "exact": pre == exact, "carried_type": exact, "files": []}
+    if pre != exact:
+        result["forced_id_mismatch"] = id_mismatch(tokenizer, expected, texts_by_lang or load_heldout(cfg))
+        for lang, r in result["forced_id_mismatch"].items():
+            print(f"[09_export] GGUF forced to {pre!r}: {lang} {r['lines_differing']}/{r['lines']} held-out lines "
+                  f"tokenize differently ({r['line_mismatch_rate']:.1%})", flush=True)
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    template = CHAT_TEMPLATE if source.is_chat else None
+    name = e.model_name or f"Dante ({cfg.run.name})"
+    for gtype in e.gguf_types:
+        path = out / f"{cfg.run.name}-{gtype}.gguf"
+        info = write_gguf(path, state, m, tokenizer, gtype, pre, template, name)
+        print(f"[09_export] {path.name}: {info['bytes']:,} bytes, tokenizer.ggml.pre={pre}", flush=True)
+        result["files"].append(info)
+    version = llama_cpp_version()
+    result["llama_cpp"] = {"version": version, "results": []}
+    if version is None or not e.verify:
+        result["llama_cpp"]["not_run"] = ("export.verify is false" if not e.verify else
+                                          "llama_cpp (llama-cpp-python) is not importable; docs/PERFORMANCE.md shows how "
+                                          "to build it and rerun stage 9 with --force")
+        print(f"[09_export] llama.cpp check not run: {result['llama_cpp']['not_run']}", flush=True)
+        return result
+    texts = [t for lang in sorted(texts_by_lang) for t in texts_by_lang[lang]]
+    seq_len = min(e.verify_seq_len or m.max_seq_len, m.max_seq_len)
+    windows = verification_windows(tokenizer, texts_by_lang, e.verify_windows, seq_len)
+    model = model.float().eval()
+    device = next(model.parameters()).device
+
+    def reference(w):
+        with torch.inference_mode():
+            return model.logits(model(torch.tensor([w], device=device)))[0].float().cpu().numpy()
+
+    def encoder(tok):
+        return lambda text: tok.encode(text, add_special_tokens=False).ids
+
+    for info in result["files"]:
+        r = verify_gguf(out / info["file"], info["type"], encoder(expected), encoder(tokenizer), texts, windows, reference)
+        lg = r["logits"]
+        print(f"[09_export] llama.cpp {version}: {info['file']}: {r['tokenizer']['identical_to_expected']}/"
+              f"{r['tokenizer']['documents']} documents tokenized as expected; max |Δ logit| {lg['max_abs_diff']:.3g}"
+              + (f" <= {lg['bound']:.3g}" if "bound" in lg else " (quantized: not bounded)")
+              + f", top-1 agreement {lg['top1_agreement']:.2%}", flush=True)
+        result["llama_cpp"]["results"].append(r)
+    return result
 
 
 def plan_lines(cfg: C.ExportStageConfig) -> list[str]:
@@ -184,6 +256,10 @@ def plan_lines(cfg: C.ExportStageConfig) -> list[str]:
         lines.append(f"  model-0000k-of-{n_shards:05d}.safetensors x{n_shards} (about; ~{short_number(nbytes)}B in "
                      f"{cfg.export.dtype}, shards <= {cfg.export.max_shard_size}) + model.safetensors.index.json")
     lines += [f"  {n}" for n in names]
+    if cfg.export.gguf:
+        pre = cfg.export.gguf_pre_tokenizer or carried_pre_type(load_tokenizer(tok_path))
+        lines += [f"  {cfg.run.name}-{t}.gguf  (llama.cpp / Ollama, tokenizer.ggml.pre={pre}"
+                  + (", forced: mismatch measured)" if cfg.export.gguf_pre_tokenizer else ")") for t in cfg.export.gguf_types]
     lines.append("verification: " + ("on (logits, greedy, tokenizer" + (", chat template)" if source.is_chat else ")")
                                      if cfg.export.verify else "off"))
     return lines
