@@ -480,12 +480,25 @@ class Stage:
         return manifest
 
 
+def _normal(obj: Any) -> Any:
+    """A config value as its saved JSON form compares: mapping keys as strings (a live ``{1: 3.0}`` is the
+    saved ``{"1": 3.0}``), tuples as lists, and numbers by value (``3`` equals ``3.0``)."""
+    if isinstance(obj, dict):
+        return {str(k): _normal(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_normal(v) for v in obj]
+    if isinstance(obj, (int, float)) and not isinstance(obj, bool):
+        return float(obj)
+    return obj
+
+
 def _stable(obj: Any) -> str:
-    return json.dumps(obj, sort_keys=True, default=str)
+    return json.dumps(_normal(obj), sort_keys=True, default=str)
 
 
 def diff_configs(a: dict, b: dict, prefix: str = "") -> list[str]:
-    """Dotted keys whose values differ between two config dicts."""
+    """Dotted keys whose values differ between two config dicts (saved or live: compared normalised)."""
+    a, b = _normal(a), _normal(b)
     out = []
     for k in sorted(set(a) | set(b), key=str):
         key = f"{prefix}{k}"

@@ -212,3 +212,13 @@ def test_diff_configs_lists_dotted_keys():
     a = {"run": {"name": "x", "seed": 1}, "corpus": {"docs_per_shard": 3, "sources": [1]}}
     b = {"run": {"name": "x", "seed": 2}, "corpus": {"docs_per_shard": 3, "sources": [2]}, "extra": 1}
     assert A.diff_configs(a, b) == ["corpus.sources", "extra", "run.seed"]
+
+
+def test_saved_and_live_configs_compare_by_value():
+    """A config read back from JSON has string mapping keys and may write 3 for 3.0: neither is a change
+    (resuming after only train.log_every changed was refused over train.tier_weights.1 before)."""
+    saved = {"train": {"tier_weights": {"1": 3.0, "2": 2}, "log_every": 10, "betas": [0.9, 0.95]}}
+    live = {"train": {"tier_weights": {1: 3.0, 2: 2.0}, "log_every": 20, "betas": (0.9, 0.95)}}
+    assert A.diff_configs(saved, live) == ["train.log_every"]
+    live["train"]["tier_weights"][1] = 2.5
+    assert A.diff_configs(saved, live) == ["train.log_every", "train.tier_weights.1"]
