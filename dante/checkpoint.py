@@ -110,7 +110,7 @@ def training_resume_check(old: dict, new: dict, state: dict) -> str | None:
     """``Stage.open`` hook shared by the training stages (4, 5, 7): an unfinished run may resume under a
     config that differs only in logging/saving cadence (RESUMABLE_KEYS), or in train.grad_accum when that
     keeps the global batch of its newest checkpoint on the launcher's number of ranks (WORLD_SIZE, as
-    ``dante.engine.init_distributed`` reads it); anything else changes the training itself, so the reason
+    ``dante.distributed.init_distributed`` reads it); anything else changes the training itself, so the reason
     is returned and the stage refuses."""
     hard = [k for k in diff_configs(old, new) if k not in RESUMABLE_KEYS]
     if BATCH_SPLIT_KEY in hard:
