@@ -1,6 +1,9 @@
 """Training checkpoints: layout, atomic completion, keep-last-K, resume, ``load_model`` for later stages, and
 checkpoint identity: which checkpoint, from which stage, trained with which tokenizer.
 
+One file (~700 lines) on purpose: the step folder is one contract, and its writer, its readers, the resume
+rules and the identity checks change together; each has its own section below.
+
 Layout (docs/DESIGN.md, "Checkpoints")::
 
     <stage>/checkpoints/step-0000100/
