@@ -25,7 +25,8 @@ from dante import config as C
 from dante.artifacts import stage_dir, tokenizer_path
 from dante.checkpoint import check_vocab, training_resume_check
 from dante.cli import run_stage
-from dante.engine import Trainer, init_distributed, start_ranks
+from dante.distributed import init_distributed, start_ranks
+from dante.engine import Trainer
 from dante.errors import UserError, raise_problems
 from dante.flops import preflight_report
 from dante.model import Transformer, count_parameters

@@ -25,7 +25,8 @@ import torch
 from dante import config as C
 from dante.checkpoint import WEIGHTS, load_model, training_resume_check
 from dante.cli import run_stage
-from dante.engine import Trainer, init_distributed, start_ranks
+from dante.distributed import init_distributed, start_ranks
+from dante.engine import Trainer
 from dante.errors import StageError
 from dante.extend import before_variants, evaluate, load_weights_as, make_plan, write_report
 from dante.flops import preflight_report

@@ -26,7 +26,8 @@ from dante import config as C
 from dante.artifacts import read_manifest
 from dante.checkpoint import WEIGHTS, load_model, plan_resume, training_resume_check
 from dante.cli import run_stage
-from dante.engine import Trainer, init_distributed, start_ranks
+from dante.distributed import init_distributed, start_ranks
+from dante.engine import Trainer
 from dante.flops import preflight_report
 from dante.sft_train import (
     SFTBatches,

@@ -30,11 +30,12 @@ import numpy as np
 import torch
 
 from dante.config import ModelConfig
-from dante.engine import LossModule, apply_compile
+from dante.engine import LossModule
 from dante.kernels import apply_attention_choice, choose_attention
 from dante.model import Transformer
 from dante.sft_packing import PAD_DOC_ID, load_packed, pack_best_fit, shifted_targets
 from dante.tokenizer import PAD_ID
+from dante.transforms import apply_compile
 
 PRESETS = {
     "tiny": dict(dim=128, n_layers=4, n_heads=4, n_kv_heads=2, vocab_size=8192, multiple_of=64),

@@ -75,7 +75,8 @@ def versions() -> dict:
 def make_trainer(model_cfg: ModelConfig, train_cfg: TrainConfig, stage_dir: str, device_model: bool = False,
                  data=None):
     """A Trainer over ``data`` (default: random tokens); device_model builds the weights on the rank's GPU."""
-    from dante.engine import Trainer, init_distributed
+    from dante.distributed import init_distributed
+    from dante.engine import Trainer
 
     dist = init_distributed(train_cfg.backend)
     torch.manual_seed(0)

@@ -3,7 +3,7 @@ communication logger on 2 CPU ranks (gloo): the evidence behind the default ``tr
 
 Each case builds the production engine (dante.engine.Trainer with the DeepSpeed backend, bf16, the
 built-in precision settings: fp32 gradient accumulation and reduction) from a DeepSpeed config file that
-only adds ``comms_logger`` to the built-in config (``dante.engine.deepspeed_config``), runs one warm-up step, clears the log, runs
+only adds ``comms_logger`` to the built-in config (``dante.backends.deepspeed_config``), runs one warm-up step, clears the log, runs
 ``--steps`` optimizer steps and prints, per DeepSpeed collective, how many calls and how many bytes one
 optimizer step costs on one rank. The message sizes are what each rank hands to the collective (for an
 all-reduce of n bytes a ring moves ~2n(W-1)/W per rank on the wire). The engine's own loss all-reduces
@@ -32,8 +32,10 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from dante.backends import deepspeed_config  # noqa: E402
 from dante.config import ModelConfig, PretrainStageConfig, TrainConfig, to_dict  # noqa: E402
-from dante.engine import Trainer, deepspeed_config, init_distributed  # noqa: E402
+from dante.distributed import init_distributed  # noqa: E402
+from dante.engine import Trainer  # noqa: E402
 from dante.model import Transformer, count_parameters  # noqa: E402
 from dante.pretrain_data import TieredMemmapDataset  # noqa: E402
 

@@ -1,6 +1,9 @@
 """Training checkpoints: layout, atomic completion, keep-last-K, resume, ``load_model`` for later stages, and
 checkpoint identity: which checkpoint, from which stage, trained with which tokenizer.
 
+One file (~700 lines) on purpose: the step folder is one contract, and its writer, its readers, the resume
+rules and the identity checks change together; each has its own section below.
+
 Layout (docs/DESIGN.md, "Checkpoints")::
 
     <stage>/checkpoints/step-0000100/
@@ -110,7 +113,7 @@ def training_resume_check(old: dict, new: dict, state: dict) -> str | None:
     """``Stage.open`` hook shared by the training stages (4, 5, 7): an unfinished run may resume under a
     config that differs only in logging/saving cadence (RESUMABLE_KEYS), or in train.grad_accum when that
     keeps the global batch of its newest checkpoint on the launcher's number of ranks (WORLD_SIZE, as
-    ``dante.engine.init_distributed`` reads it); anything else changes the training itself, so the reason
+    ``dante.distributed.init_distributed`` reads it); anything else changes the training itself, so the reason
     is returned and the stage refuses."""
     hard = [k for k in diff_configs(old, new) if k not in RESUMABLE_KEYS]
     if BATCH_SPLIT_KEY in hard:

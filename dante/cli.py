@@ -37,7 +37,7 @@ def build_parser(stage: str, description: str) -> argparse.ArgumentParser:
     ap.add_argument("--force", action="store_true", help="redo the stage even if complete (deletes its folder)")
     ap.add_argument("--dry-run", action="store_true", help="validate and print the plan; do no work")
     # The DeepSpeed launcher appends --local_rank=N to every rank's argv (torch.distributed.launch spelled it
-    # --local-rank). LOCAL_RANK in the environment stays the source of truth (dante.engine.init_distributed);
+    # --local-rank). LOCAL_RANK in the environment stays the source of truth (dante.distributed.init_distributed);
     # the flag is accepted so that `deepspeed --num_gpus 2 4_pretrain.py ...` starts at all.
     ap.add_argument("--local_rank", "--local-rank", dest="local_rank", type=int, default=None,
                     help=argparse.SUPPRESS)

@@ -1,4 +1,5 @@
 """Stage 1: stream text sources, normalize, filter, deduplicate and write compressed document shards.
+(~650 lines: the shard writer and the readers of stage 1's shards share the record format, so they stay together.)
 
 Every source, hub or local, is read through the same code path: a ``datasets`` streaming
 ``IterableDataset`` (``load_dataset(hf_id, ..., streaming=True)`` for the hub, the ``json`` / ``text`` /

@@ -209,7 +209,7 @@ def estimate_memory(model_cfg: ModelConfig, cfg, world_size: int, zero_stage: in
     overrides train.zero_stage, so that --dry-run can show ZeRO-1 and ZeRO-2 side by side).
 
     Model states (N parameters, W ranks), for the built-in DeepSpeed config (fp32 gradient accumulation and
-    reduction, dante.engine._DS_DEFAULT):
+    reduction, dante.backends._DS_DEFAULT):
       deepspeed bf16 ZeRO-1  DeepSpeed's BF16_Optimizer: weights 2N (bf16, full); an fp32 gradient buffer
                              4N (full: it is all-reduced once per optimizer step), each bf16 .grad freed by a
                              hook as soon as it is added; the all-reduce flattens up to 5e8 fp32 elements

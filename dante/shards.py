@@ -1,4 +1,5 @@
 """Stage 3: documents -> token shards; the binary shard format, its writer, memmap reader and verifier.
+(~600 lines: the format, its writer, its reader and its verifier are one contract, kept in one file.)
 
 Format (version 1), one pair of files per shard, named ``t<tier>-<split>-<nnnnn>.{bin,idx}``:
 

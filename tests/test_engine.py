@@ -26,8 +26,10 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 torch.set_num_threads(1)
 
 from dante import checkpoint as ckpt  # noqa: E402
+from dante.backends import adamw_param_groups, deepspeed_config  # noqa: E402
 from dante.config import ModelConfig, PretrainStageConfig, TrainConfig, to_dict  # noqa: E402
-from dante.engine import Trainer, TrainingDiverged, adamw_param_groups, deepspeed_config, init_distributed, lr_at  # noqa: E402
+from dante.distributed import init_distributed  # noqa: E402
+from dante.engine import Trainer, TrainingDiverged, lr_at  # noqa: E402
 from dante.metrics import read_metrics  # noqa: E402
 from dante.model import Transformer  # noqa: E402
 from dante.pretrain_data import TieredMemmapDataset, ValidationWindows, row_range  # noqa: E402
@@ -245,7 +247,8 @@ def test_weighted_accumulation_equals_one_big_batch(tmp_path, backend):
 
 def test_activation_checkpointing_changes_memory_not_math():
     """Recomputed blocks give the same loss and gradients (fp32, CPU: bit for bit) and keep parameter names."""
-    from dante.engine import LossModule, apply_activation_checkpointing
+    from dante.engine import LossModule
+    from dante.transforms import apply_activation_checkpointing
 
     grads = []
     for checkpointed in (False, True):
@@ -264,8 +267,8 @@ def test_activation_checkpointing_changes_memory_not_math():
 
 
 def test_fp8_on_cpu_is_refused_clearly():
-    from dante.engine import apply_fp8
     from dante.errors import UserError
+    from dante.transforms import apply_fp8
 
     with pytest.raises(UserError, match="compute capability >= 8.9"):
         apply_fp8(Transformer(ModelConfig(**MODEL)), torch.device("cpu"))

@@ -34,7 +34,8 @@ from dante import config as C  # noqa: E402
 from dante.artifacts import Stage, load_texts, read_json, stage_dir  # noqa: E402
 from dante.checkpoint import CHECKPOINTS, load_model  # noqa: E402
 from dante.cli import run_stage  # noqa: E402
-from dante.engine import Trainer, init_distributed  # noqa: E402
+from dante.distributed import init_distributed  # noqa: E402
+from dante.engine import Trainer  # noqa: E402
 from dante.errors import UserError  # noqa: E402
 from dante.export.hf_format import llama_config_kwargs  # noqa: E402
 from dante.extend import extended_model_config, extension_problems, load_weights_as, long_rows, trained_length  # noqa: E402

@@ -21,10 +21,11 @@ from torch._functorch.aot_autograd import make_boxed_func  # noqa: E402
 from torch._functorch.partitioners import min_cut_rematerialization_partition  # noqa: E402
 
 from dante import config as C  # noqa: E402
-from dante.engine import LossModule, apply_activation_checkpointing, apply_compile  # noqa: E402
+from dante.engine import LossModule  # noqa: E402
 from dante.errors import UserError  # noqa: E402
 from dante.kernels import KERNELS, AttentionChoice, apply_attention_choice, choose_attention  # noqa: E402
 from dante.model import Transformer  # noqa: E402
+from dante.transforms import apply_activation_checkpointing, apply_compile  # noqa: E402
 
 MODEL = dict(dim=64, n_layers=3, n_heads=4, n_kv_heads=2, vocab_size=97, multiple_of=16, max_seq_len=64)
 

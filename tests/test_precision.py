@@ -21,20 +21,14 @@ import torch
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 torch.set_num_threads(1)
 
+from dante.backends import DeepSpeedBackend, deepspeed_config, deepspeed_precision_warnings  # noqa: E402
 from dante.cli import run_stage  # noqa: E402
 from dante.config import ModelConfig, TrainConfig  # noqa: E402
-from dante.engine import (  # noqa: E402
-    DeepSpeedBackend,
-    LossModule,
-    deepspeed_config,
-    deepspeed_precision_warnings,
-    fp8_problem,
-    init_distributed,
-    rank_device,
-    world_size_problem,
-)
+from dante.distributed import init_distributed, rank_device, world_size_problem  # noqa: E402
+from dante.engine import LossModule  # noqa: E402
 from dante.errors import UserError  # noqa: E402
 from dante.model import Transformer  # noqa: E402
+from dante.transforms import fp8_problem  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 MODEL = dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=256, max_seq_len=32, multiple_of=32)

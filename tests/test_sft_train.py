@@ -30,6 +30,7 @@ torch.set_num_threads(1)
 from dante import chat_format, sft_packing  # noqa: E402
 from dante import sft_data as sft  # noqa: E402
 from dante.artifacts import Stage, read_json, stage_dir  # noqa: E402
+from dante.backends import TorchBackend  # noqa: E402
 from dante.checkpoint import CheckpointManager, latest_checkpoint, load_model  # noqa: E402
 from dante.cli import run_stage  # noqa: E402
 from dante.config import (  # noqa: E402
@@ -44,7 +45,8 @@ from dante.config import (  # noqa: E402
     to_dict,
     validate,
 )
-from dante.engine import DistInfo, LossModule, TorchBackend, Trainer, init_distributed  # noqa: E402
+from dante.distributed import DistInfo, init_distributed  # noqa: E402
+from dante.engine import LossModule, Trainer  # noqa: E402
 from dante.evaluation.generation import GREEDY, generate  # noqa: E402
 from dante.metrics import read_metrics  # noqa: E402
 from dante.model import Transformer  # noqa: E402

@@ -14,8 +14,8 @@ import pytest
 
 from dante import fertility as F
 from dante.artifacts import read_manifest, stage_dir
-from dante.errors import UserError
 from dante.corpus import corpus_files
+from dante.errors import UserError
 from dante.tokenizer import iter_training_sample, plan_sample, train_tokenizer
 from tests.test_tokenizer import run_script, sample_docs, stage2_config, write_stage1
 

@@ -175,7 +175,7 @@ def validate_train(t: TrainConfig, prefix: str = "train") -> list[str]:
         p.append(f"{prefix}.tier_weights: at least one weight must be > 0")
     if t.compile_mode != "default" and not t.compile:
         p.append(f"{prefix}.compile_mode={t.compile_mode!r} has no effect with compile: false")
-    if t.compile_mode in ("reduce-overhead", "max-autotune"):  # dante.engine.apply_compile says why
+    if t.compile_mode in ("reduce-overhead", "max-autotune"):  # dante.transforms.apply_compile says why
         p.append(f"{prefix}.compile_mode={t.compile_mode!r} is refused until validated on a GPU; use 'default'")
     return p
 
