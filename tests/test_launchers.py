@@ -50,7 +50,7 @@ STAGES = (("4_pretrain.py", "04_pretrain", "pretrain"), ("5_extend_context.py", 
           ("7_sft.py", "07_sft", "sft"))
 # Loss, gradient norm and validation loss of a 2-rank run vs the 1-rank run with doubled accumulation: fp32
 # sums in another order (gloo all-reduce vs accumulation in one buffer) move results by a few ulps, which
-# Adam carries along; measured max relative difference 2e-7 over the three stages.
+# Adam carries along; measured max relative difference 4e-8 (stages 5 and 7; stage 4 identical).
 RTOL = 1e-5
 
 
@@ -197,12 +197,6 @@ def test_two_ranks_through_the_launcher_equal_one_rank_with_double_accumulation(
         assert engine["precision"]["grad_reduction"] == "fp32" and engine["precision"]["zero_stage"] == 1, stage
     out = two["output"]["04_pretrain"]
     assert out.count("[04_pretrain] done:") == 1 and out.count("precision: compute fp32") == 1  # rank 0 alone reports
-
-
-def test_launcher_timings_are_reported(chains):
-    """Not a check of speed: the seconds per stage and launcher, for docs and for keeping this file fast."""
-    for name in ("deepspeed", "torchrun", "python"):
-        assert set(chains[name]["seconds"]) == {"04_pretrain", "05_extend", "07_sft"}
 
 
 # ---------------------------------------------------------------------------------------------------
