@@ -54,6 +54,15 @@ def load_stage_config(stage: str, args: argparse.Namespace) -> Any:
     return C.load_config(cls, args.config, args.overrides)
 
 
+def parse_args(stage: str, description: str, extra_args: Callable[[argparse.ArgumentParser], None] | None,
+               argv: list[str] | None) -> argparse.Namespace:
+    """The shared flags plus the script's own (``extra_args``), parsed from ``argv`` (default sys.argv)."""
+    ap = build_parser(stage, description)
+    if extra_args:
+        extra_args(ap)
+    return ap.parse_args(argv)
+
+
 def _report(stage: str, e: Exception) -> int:
     print(f"[{stage}] ERROR: {e}", file=sys.stderr)
     return 2
@@ -70,10 +79,7 @@ def run_command(
     """A command beside the stage (``--verify``, ``--chat``, a hub push): same flags, config and errors as
     ``run_stage``, but no stage folder is opened and nothing is marked done. ``command(cfg, args)`` returns
     the exit code (None = 0)."""
-    ap = build_parser(stage, description)
-    if extra_args:
-        extra_args(ap)
-    args = ap.parse_args(argv)
+    args = parse_args(stage, description, extra_args, argv)
     try:
         cfg = load_stage_config(stage, args)
         return command(cfg, args) or 0
@@ -99,10 +105,7 @@ def run_stage(
     runs before the stage folder is opened: the training stages start their ranks there, so that a wrong
     world size is refused before anything is written and rank 0 alone opens (or --force resets) the folder.
     """
-    ap = build_parser(stage, description)
-    if extra_args:
-        extra_args(ap)
-    args = ap.parse_args(argv)
+    args = parse_args(stage, description, extra_args, argv)
     try:
         cfg = load_stage_config(stage, args)
         if args.print_config:
