@@ -6,7 +6,7 @@ inputs before any work and refuses a missing or incompatible one with the script
 
 Lifecycle used by every numbered script::
 
-    stage = Stage.open(cfg, C.SHARDS, force=args.force)   # no-op exit if already complete
+    stage = Stage.open(cfg, C.SHARDS, force=args.force)   # lock; no-op exit if already complete
     corpus = stage.require(C.CORPUS)                        # input manifest or a clear error
     ... work, writing files with atomic_write_* / stage.progress ...
     stage.finish(outputs={...}, counts={...})                  # manifest.json, last
@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
+import errno
+import fcntl
 import gzip
 import hashlib
 import json
@@ -273,6 +275,123 @@ def check_shared_folder(folder: Path, token: str, group: Any) -> None:
             "  HINT: --set run.root=/path/on/shared/storage (copy the earlier stages there), then relaunch.")
 
 
+# ---------------------------------------------------------------------------------------------------
+# One process per stage folder
+# ---------------------------------------------------------------------------------------------------
+
+LOCKS = ".locks"
+_HELD: dict[str, Any] = {}  # lock path -> open file: this process holds it (kept open until exit)
+
+
+def lock_path(run: C.RunConfig, stage: str) -> Path:
+    """``<run>/.locks/<stage>.lock``: beside the stage folder, not in it, so --force can delete the folder
+    while the lock is held."""
+    return run_dir(run) / LOCKS / f"{stage}.lock"
+
+
+def acquire_stage_lock(run: C.RunConfig, stage: str) -> None:
+    """Hold an OS lock (``flock``) on the stage for the rest of this process, or a StageError naming the holder.
+
+    The kernel releases the lock when the holder dies, however it dies (SIGKILL included), so a stale
+    lock cannot exist and no cleanup is needed. Reentrant within one process (the tests open one stage
+    several times). The holder writes ``pid host started`` into the file for the message of the next one.
+    Two runs of stage 3 on one folder crashed on each other's temporaries, and two runs of stage 4 both
+    wrote the manifest, before this lock.
+    """
+    path = lock_path(run, stage)
+    key = str(path.absolute())
+    if key in _HELD:
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    f = open(path, "a+", encoding="utf-8")
+    try:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+        if e.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+            f.close()
+            raise
+        f.seek(0)
+        holder = f.read().strip() or "another process (no holder recorded yet)"
+        f.close()
+        raise StageError(
+            f"{stage} of run {run.name!r} is being run by another process right now ({holder}; lock {path}).\n"
+            f"  HINT: wait for it to finish (or stop it), or run this one under another run.name.") from None
+    f.seek(0)
+    f.truncate()
+    f.write(f"pid {os.getpid()} on host {platform.node()} since {now_iso()}\n")
+    f.flush()
+    _HELD[key] = f
+
+
+def remove_debris(folder: Path) -> list[Path]:
+    """Delete the stale temporaries a killed run left in ``folder`` (call with the stage lock held).
+
+    Every temporary this package writes is ``.<name>.<random>.tmp`` (``atomic_path``) or a rank marker
+    ``.rank-<r>-<token>`` (``check_shared_folder``); under the lock no live process owns one.
+    """
+    removed = []
+    if folder.is_dir():
+        for p in sorted(folder.rglob(".*")):
+            if p.is_file() and (p.name.endswith(".tmp") or p.name.startswith(".rank-")):
+                p.unlink(missing_ok=True)
+                removed.append(p)
+    return removed
+
+
+def _dotted(d: Any, key: str) -> Any:
+    for part in key.split("."):
+        if not isinstance(d, dict) or part not in d:
+            return None
+        d = d[part]
+    return d
+
+
+def _has(d: Any, key: str) -> bool:
+    for part in key.split("."):
+        if not isinstance(d, dict) or part not in d:
+            return False
+        d = d[part]
+    return True
+
+
+def finished_config_changes(saved: dict, live: dict) -> list[str]:
+    """``key: saved -> live`` for the keys that matter (not ``C.is_output_neutral``) where a finished stage's
+    manifest config and the live config differ. A field the saved config lacks in one of its sections (a
+    key added to the schema after the stage ran) is not compared: its default is what the stage ran with.
+    Mappings the user fills (``train.tier_weights``) and lists are compared whole."""
+    out = []
+    saved, live = _str_keys(saved), _str_keys(live)
+    for key in diff_configs(saved, live):
+        if C.is_output_neutral(key):
+            continue
+        parent = key.rsplit(".", 1)[0] if "." in key else ""
+        if not _has(saved, key) and (not parent or _is_schema_section(saved, parent)):
+            continue
+        out.append(f"{key}: {_short(_dotted(saved, key))} -> {_short(_dotted(live, key))}")
+    return out
+
+
+def _str_keys(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {str(k): _str_keys(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_str_keys(v) for v in obj]
+    return obj
+
+
+def _is_schema_section(saved: dict, parent: str) -> bool:
+    """A dataclass section (``train``, ``model``), not a user mapping such as ``train.tier_weights`` (whose
+    keys are tier numbers): every key is an identifier."""
+    node = _dotted(saved, parent)
+    return isinstance(node, dict) and all(isinstance(k, str) and k.isidentifier() for k in node)
+
+
+def _short(v: Any) -> str:
+    text = json.dumps(v, ensure_ascii=False, default=str)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+
 def run_dir(run: C.RunConfig) -> Path:
     return Path(run.root) / run.name
 
@@ -347,31 +466,48 @@ class Stage:
     inputs: dict = field(default_factory=dict)
     resumed: bool = False
 
+    fresh: bool = False
+    """This run created the folder (it did not exist, or --force just reset it): a start refused before any
+    work removes it again (``discard_if_untouched``), so a refused command leaves nothing behind."""
+    plan: Any = None
+    """What the stage's ``validate`` hook returned (``cli.run_stage``): the checked inputs, for ``main``."""
+
+    @classmethod
+    def prepare(cls, cfg: Any, name: str, format_version: int = 1) -> "Stage":
+        """The stage object without touching the disk: ``validate`` hooks record inputs on it
+        (``require``) before ``open`` may reset the folder."""
+        return cls(name=name, dir=stage_dir(cfg.run, name), cfg=cfg, format_version=format_version)
+
     @classmethod
     def open(cls, cfg: Any, name: str, format_version: int = 1, force: bool = False,
-             resume_check: Callable[[dict, dict, dict], str | None] | None = None) -> "Stage":
-        """Prepare the stage folder. Raises StageAlreadyDone if complete (unless force).
+             resume_check: Callable[[dict, dict, dict], str | None] | None = None,
+             prepared: "Stage | None" = None) -> "Stage":
+        """Lock and prepare the stage folder. Raises StageAlreadyDone if complete with the same config
+        (keys in ``C.OUTPUT_NEUTRAL_KEYS`` aside), StageError if complete with a different one (unless force).
 
         An unfinished folder from an earlier run is kept for resuming if its recorded config matches;
         a mismatch is refused, because mixing outputs of two configs would silently corrupt the result.
         A stage whose work splits into independent parts may pass ``resume_check(old_config, new_config,
         saved_state)``: it returns None when the saved work is still valid under the new config (e.g. only
-        a failed corpus source was corrected), or the reason why not.
+        a failed corpus source was corrected), or the reason why not. Stale temporaries of a killed run are
+        deleted (``remove_debris``), under the stage lock (``acquire_stage_lock``).
 
         Several ranks (a process group is up: the training stages start it before opening): rank 0 alone
-        inspects, resets (--force) and prepares the folder while the others wait, then broadcasts the
+        locks, inspects, resets (--force) and prepares the folder while the others wait, then broadcasts the
         outcome, so every rank resumes, refuses or finds the stage done together, and a reset never races
         with another rank reading the folder. Then ``check_shared_folder`` proves every rank sees it.
         """
+        st = prepared or cls.prepare(cfg, name, format_version)
         group = _process_group()
         if group is None:
-            return cls._open_here(cfg, name, format_version, force, resume_check)
+            st._open_here(force, resume_check)
+            return st
         outcome: list[Any] = [None]
-        stage, failure = None, None
+        failure = None
         if group.get_rank() == 0:
             try:
-                stage = cls._open_here(cfg, name, format_version, force, resume_check)
-                outcome = [("ok", stage.resumed, secrets.token_hex(8))]
+                st._open_here(force, resume_check)
+                outcome = [("ok", st.resumed, secrets.token_hex(8))]
             except Exception as e:  # every rank must hear of it, or the others wait in the broadcast forever
                 failure = e
                 kind = "done" if isinstance(e, StageAlreadyDone) else "error"
@@ -385,28 +521,53 @@ class Stage:
             raise StageAlreadyDone(value)
         if kind == "error":
             raise StageError(value)
-        d = stage_dir(cfg.run, name)
-        check_shared_folder(d, token, group)
-        return stage or cls(name=name, dir=d, cfg=cfg, format_version=format_version, resumed=value)
+        if group.get_rank() != 0:
+            st.resumed = value
+        check_shared_folder(st.dir, token, group)
+        return st
 
-    @classmethod
-    def _open_here(cls, cfg: Any, name: str, format_version: int, force: bool,
-                   resume_check: Callable[[dict, dict, dict], str | None] | None) -> "Stage":
-        d = stage_dir(cfg.run, name)
-        manifest = d / MANIFEST
-        cfg_dict = C.to_dict(cfg)
-        if manifest.exists() and not force:
+    def check_not_finished(self, force: bool) -> None:
+        """StageAlreadyDone when complete with the same config, StageError naming the keys (both values) and
+        the two ways out when complete with a different one; nothing when unfinished or ``force``.
+        Read-only: ``cli.run_stage`` calls it before validating, ``open`` again under the lock."""
+        manifest = self.dir / MANIFEST
+        if force or not manifest.exists():
+            return
+        try:
+            saved = read_json(manifest).get("config") or {}
+        except (json.JSONDecodeError, OSError, UnicodeDecodeError) as e:
+            raise StageError(f"{manifest} is unreadable ({e}): the finished {self.name} cannot be trusted.\n"
+                             f"  HINT: rerun with --force to redo {self.name}.") from None
+        changes = finished_config_changes(saved, C.to_dict(self.cfg))
+        if not changes:
             raise StageAlreadyDone(
-                f"{name} is already complete for run {cfg.run.name!r} ({manifest}); nothing to do. "
-                f"Use --force to redo it."
-            )
+                f"{self.name} is already complete for run {self.cfg.run.name!r} ({manifest}); nothing to do. "
+                f"Use --force to redo it.")
+        raise StageError(
+            f"{self.name} is already complete for run {self.cfg.run.name!r}, made with a different config; "
+            f"this command would not apply the change:\n" + bullet_list(changes[:12])
+            + (f"\n  ... and {len(changes) - 12} more" if len(changes) > 12 else "")
+            + f"\n  HINT: --force redoes {self.name} with the new config (deleting {self.dir}), or "
+            f"--set run.name=<new name> keeps both runs (copy the earlier stages' folders there first).")
+
+    def _open_here(self, force: bool, resume_check: Callable[[dict, dict, dict], str | None] | None) -> None:
+        d, name, cfg = self.dir, self.name, self.cfg
+        acquire_stage_lock(cfg.run, name)
+        self.check_not_finished(force)
+        cfg_dict = C.to_dict(cfg)
         if force and d.exists():
             if is_main_process():
                 shutil.rmtree(d)
+        self.fresh = not d.exists()
+        remove_debris(d)
         resumed = False
         prog_path = d / PROGRESS
         if d.exists() and prog_path.exists():
-            prog = read_json(prog_path)
+            try:
+                prog = read_json(prog_path)
+            except (json.JSONDecodeError, OSError, UnicodeDecodeError) as e:
+                raise StageError(f"{prog_path} is unreadable ({e}), so the unfinished {name} cannot be resumed.\n"
+                                 f"  HINT: rerun with --force to start {name} over.") from None
             # An empty state means the earlier run stopped before recording any work (typically a bad
             # input found by the stage's own checks): nothing to protect, so a corrected config starts
             # fresh instead of demanding --force.
@@ -424,10 +585,20 @@ class Stage:
                     atomic_write_json(prog_path, {**prog, "config": cfg_dict, "updated": now_iso()})
             resumed = did_work
         d.mkdir(parents=True, exist_ok=True)
-        st = cls(name=name, dir=d, cfg=cfg, format_version=format_version, resumed=resumed)
+        self.resumed = resumed
         if not resumed:
-            st.save_progress({})
-        return st
+            self.save_progress({})
+
+    def discard_if_untouched(self) -> bool:
+        """Remove the folder this run created when the stage stopped before recording any work (only an
+        empty ``progress.json`` in it): a refused start leaves no folder behind. True if removed."""
+        if not (self.fresh and is_main_process() and self.dir.is_dir()):
+            return False
+        entries = [p.name for p in self.dir.iterdir()]
+        if entries not in ([], [PROGRESS]) or self.load_progress():
+            return False
+        shutil.rmtree(self.dir, ignore_errors=True)
+        return True
 
     # -- inputs -------------------------------------------------------------------------------------
     def require(self, stage: str, format_version: int | None = None) -> dict:

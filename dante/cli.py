@@ -13,6 +13,7 @@ Example::
 from __future__ import annotations
 
 import argparse
+import errno
 import sys
 from typing import Any, Callable
 
@@ -94,6 +95,7 @@ def run_stage(
     *,
     format_version: int = 1,
     extra_args: Callable[[argparse.ArgumentParser], None] | None = None,
+    validate: Callable[[Stage, Any, argparse.Namespace], Any] | None = None,
     dry_run: Callable[[Any, argparse.Namespace], None] | None = None,
     resume_check: Callable[[dict, dict, dict], str | None] | None = None,
     setup: Callable[[Any], Any] | None = None,
@@ -101,20 +103,39 @@ def run_stage(
 ) -> int:
     """Parse args, validate, open the stage, call ``main(stage, cfg, args)``; map errors to exit codes.
 
-    ``main`` does the work and calls ``stage.finish(...)`` itself (writing the manifest last). ``setup(cfg)``
-    runs before the stage folder is opened: the training stages start their ranks there, so that a wrong
-    world size is refused before anything is written and rank 0 alone opens (or --force resets) the folder.
+    The order is the guarantee that a rejected command changes nothing on disk:
+
+    1. the config (``load_config``: types, unknown keys, the stage's own checks);
+    2. a finished stage: same config -> no-op (exit 0); a config that differs in a key that matters ->
+       refused (exit 2) naming the keys; --force goes on;
+    3. ``validate(stage, cfg, args)``: every input the stage reads (manifests, files, vocabulary, the
+       checkpoint), read-only, all problems in one error; what it returns is ``stage.plan`` for ``main``;
+    4. ``--dry-run`` prints the plan (``dry_run(cfg, args)``) and stops;
+    5. ``setup(cfg)`` (the training stages start their ranks: a wrong world size is refused here);
+    6. ``Stage.open``: the stage lock, then --force resets the folder, debris is removed, resume decided;
+    7. ``main`` does the work and calls ``stage.finish(...)`` itself (the manifest last).
+
+    A start refused in ``main`` before it recorded any work removes the folder it created. A full disk is
+    reported as such (exit 2), naming the path and the way out; rerunning resumes.
     """
     args = parse_args(stage, description, extra_args, argv)
+    st = None
     try:
         cfg = load_stage_config(stage, args)
         if args.print_config:
             print(C.to_yaml(cfg), end="")
             return 0
+        planned = Stage.prepare(cfg, stage, format_version)
+        if not args.dry_run:
+            planned.check_not_finished(args.force)
+        if validate is not None:
+            planned.plan = validate(planned, cfg, args)
         if args.dry_run:
+            if planned.dir.joinpath("manifest.json").is_file():
+                print(f"# {stage} is complete for run {cfg.run.name!r}: a run would be a no-op unless --force")
             if dry_run is None:
                 print(C.to_yaml(cfg), end="")
-                print(f"# dry run: config valid; {stage} would write to {run_dir(cfg.run) / stage}")
+                print(f"# dry run: config valid; {stage} would write to {planned.dir}")
             else:
                 dry_run(cfg, args)
             return 0
@@ -123,7 +144,8 @@ def run_stage(
         problems = check_writable(run_dir(cfg.run))
         if problems:
             raise UserError("\n".join(problems))
-        st = Stage.open(cfg, stage, format_version=format_version, force=args.force, resume_check=resume_check)
+        st = Stage.open(cfg, stage, format_version=format_version, force=args.force, resume_check=resume_check,
+                        prepared=planned)
         if st.resumed:
             print(f"[{stage}] resuming unfinished run in {st.dir}", flush=True)
         main(st, cfg, args)
@@ -133,4 +155,14 @@ def run_stage(
             print(f"[{stage}] {e}")
         return 0
     except (ConfigError, StageError, UserError) as e:
+        if st is not None:
+            st.discard_if_untouched()
         return _report(stage, e)
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        where = e.filename or (st.dir if st is not None else "the run folder")
+        return _report(stage, UserError(
+            f"no space left on the device (or quota exceeded) while writing {where}.\n"
+            f"  HINT: free space there (`df -h {where}`) or set run.root to a larger disk (copy the earlier stages' "
+            f"folders); then rerun the same command: finished work is kept and the stage resumes."))

@@ -6,6 +6,8 @@ import hashlib
 import json
 import os
 import stat
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -145,6 +147,84 @@ def test_config_fix_after_a_run_that_did_no_work_starts_fresh(tmp_path):
     assert saved["config"]["run"]["seed"] == 5 and saved["state"] == {}
 
 
+def test_finished_stage_with_a_changed_config_is_refused_naming_keys_and_values(tmp_path):
+    cfg = corpus_cfg(tmp_path)
+    A.Stage.open(cfg, "01_corpus").finish()
+    edited = corpus_cfg(tmp_path, seed=77)
+    with pytest.raises(A.StageError) as e:
+        A.Stage.open(edited, "01_corpus")
+    msg = str(e.value)
+    assert "run.seed: 1234 -> 77" in msg and "--force" in msg and "run.name" in msg
+    assert A.stage_done(cfg.run, "01_corpus")  # the finished stage is untouched
+
+
+def test_finished_stage_rerun_with_only_neutral_keys_changed_is_a_no_op(tmp_path):
+    cfg = C.ShardsStageConfig()
+    cfg.run = C.RunConfig(name="t", root=str(tmp_path / "runs"))
+    A.Stage.open(cfg, "03_shards").finish()
+    cfg.shards.workers = 7  # how many processes share the work, not what is written
+    with pytest.raises(A.StageAlreadyDone):
+        A.Stage.open(cfg, "03_shards")
+    saved = A.read_json(A.stage_dir(cfg.run, "03_shards") / A.MANIFEST)["config"]
+    del saved["shards"]["workers"]  # a field added to the schema after the stage ran is not compared
+    assert A.finished_config_changes(saved, C.to_dict(cfg)) == []
+    saved["shards"]["val_fraction"] = 0.5
+    assert A.finished_config_changes(saved, C.to_dict(cfg)) == [
+        f"shards.val_fraction: 0.5 -> {cfg.shards.val_fraction}"]
+
+
+def test_user_mappings_are_compared_whole_and_by_value():
+    saved = {"train": {"tier_weights": {"1": 3, "2": 2}, "lr": 3e-4}}
+    assert A.finished_config_changes(saved, {"train": {"tier_weights": {1: 3.0, 2: 2.0}, "lr": 0.0003}}) == []
+    changes = A.finished_config_changes(saved, {"train": {"tier_weights": {1: 3, 2: 2, 3: 1}, "lr": 3e-4}})
+    assert changes == ["train.tier_weights.3: null -> 1"]
+
+
+def test_a_second_process_on_the_same_stage_is_refused_naming_the_holder(tmp_path):
+    cfg = corpus_cfg(tmp_path)
+    A.Stage.open(cfg, "01_corpus")
+    code = ("import sys; from dante import artifacts as A, config as C\n"
+            "cfg = C.CorpusStageConfig(); cfg.run = C.RunConfig(name='t', root=sys.argv[1])\n"
+            "try:\n    A.Stage.open(cfg, '01_corpus')\nexcept A.StageError as e:\n    print(e); sys.exit(3)\n")
+    r = subprocess.run([sys.executable, "-c", code, str(tmp_path / "runs")], capture_output=True, text=True,
+                       cwd=Path(__file__).resolve().parent.parent)
+    assert r.returncode == 3, r.stderr
+    assert f"pid {os.getpid()}" in r.stdout and "being run by another process" in r.stdout
+    assert A.Stage.open(cfg, "01_corpus").resumed is False  # reentrant in the holding process
+
+
+def test_the_lock_dies_with_its_holder(tmp_path):
+    code = ("import os, sys; from dante import artifacts as A, config as C\n"
+            "cfg = C.CorpusStageConfig(); cfg.run = C.RunConfig(name='t', root=sys.argv[1])\n"
+            "A.Stage.open(cfg, '01_corpus'); os.kill(os.getpid(), 9)\n")
+    r = subprocess.run([sys.executable, "-c", code, str(tmp_path / "runs")], capture_output=True, text=True,
+                       cwd=Path(__file__).resolve().parent.parent)
+    assert r.returncode == -9, r.stderr
+    A.Stage.open(corpus_cfg(tmp_path), "01_corpus")  # no stale lock to clean up
+
+
+def test_open_removes_the_temporaries_of_a_killed_run(tmp_path):
+    cfg = corpus_cfg(tmp_path)
+    st = A.Stage.open(cfg, "01_corpus")
+    st.save_progress({"shards": 1})
+    (st.dir / "sub").mkdir()
+    debris = [st.dir / ".progress.json.abc123.tmp", st.dir / "sub" / ".train.bin.x9.tmp", st.dir / ".rank-1-ff"]
+    for d in debris:
+        d.write_text("half")
+    (st.dir / "keep.tmp").write_text("a user's file, not a temporary of ours")
+    A._HELD.clear()  # as if this were the next process
+    again = A.Stage.open(cfg, "01_corpus")
+    assert again.resumed and not any(d.exists() for d in debris) and (st.dir / "keep.tmp").exists()
+
+
+def test_a_start_refused_before_any_work_leaves_no_folder(tmp_path):
+    st = A.Stage.open(corpus_cfg(tmp_path), "01_corpus")
+    assert st.fresh and st.discard_if_untouched() and not st.dir.exists()
+    st = A.Stage.open(corpus_cfg(tmp_path), "01_corpus")
+    st.save_progress({"shards": 1})
+    assert not st.discard_if_untouched() and st.dir.exists()  # work recorded: kept for resuming
+
+
 # ---------------------------------------------------------------------------------------------------
 # input manifests
 # ---------------------------------------------------------------------------------------------------
@@ -222,3 +302,62 @@ def test_saved_and_live_configs_compare_by_value():
     assert A.diff_configs(saved, live) == ["train.log_every"]
     live["train"]["tier_weights"][1] = 2.5
     assert A.diff_configs(saved, live) == ["train.log_every", "train.tier_weights.1"]
+
+
+# ---------------------------------------------------------------------------------------------------
+# run_stage: validate, then destroy
+# ---------------------------------------------------------------------------------------------------
+
+
+def _corpus_args(tmp_path: Path) -> list[str]:
+    """The tiny stage-1 config, run under tmp_path (the test bodies stand in for the stage's work)."""
+    config = Path(__file__).resolve().parent.parent / "configs" / "tiny" / "corpus.yaml"
+    return ["--config", str(config), "--set", f"run.root={tmp_path / 'runs'}", "--set", "run.name=t"]
+
+
+def test_force_with_inputs_that_fail_validation_changes_nothing(tmp_path):
+    from dante.cli import run_stage
+    from dante.errors import UserError
+
+    def main(stage, cfg, args):
+        (stage.dir / "result.txt").write_text("good work")
+        stage.finish()
+
+    assert run_stage("01_corpus", "t", main, argv=_corpus_args(tmp_path)) == 0
+    folder = tmp_path / "runs" / "t" / "01_corpus"
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+
+    def bad_inputs(stage, cfg, args):
+        raise UserError("the new source is missing")
+
+    assert run_stage("01_corpus", "t", main, validate=bad_inputs, argv=_corpus_args(tmp_path) + ["--force"]) == 2
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
+
+
+def test_validate_result_reaches_main_and_refused_main_leaves_no_folder(tmp_path):
+    from dante.cli import run_stage
+    from dante.errors import UserError
+    seen = []
+
+    def main(stage, cfg, args):
+        seen.append(stage.plan)
+        raise UserError("refused after opening")
+
+    rc = run_stage("01_corpus", "t", main, validate=lambda st, cfg, args: {"checked": 1},
+                   argv=_corpus_args(tmp_path))
+    assert rc == 2 and seen == [{"checked": 1}]
+    assert not (tmp_path / "runs" / "t" / "01_corpus").exists()
+
+
+def test_full_disk_is_a_clear_error_not_a_traceback(tmp_path, capsys):
+    import errno as _errno
+
+    from dante.cli import run_stage
+
+    def main(stage, cfg, args):
+        stage.save_progress({"shards": 1})
+        raise OSError(_errno.ENOSPC, "No space left on device", str(stage.dir / "shard-00001.jsonl.gz"))
+
+    assert run_stage("01_corpus", "t", main, argv=_corpus_args(tmp_path)) == 2
+    err = capsys.readouterr().err
+    assert "no space left" in err and "shard-00001.jsonl.gz" in err and "run.root" in err and "Traceback" not in err

@@ -65,6 +65,7 @@ from dante.config.stages import (
     CHECKPOINT_STAGES,
     CORPUS,
     EVAL,
+    OUTPUT_NEUTRAL_KEYS,
     EXPORT,
     EXTEND,
     PRETRAIN,
@@ -77,6 +78,7 @@ from dante.config.stages import (
     STAGES,
     TOKENIZER,
     StageSpec,
+    is_output_neutral,
 )
 from dante.errors import ConfigError
 
@@ -97,6 +99,7 @@ __all__ = [
     # stages
     "CORPUS", "TOKENIZER", "SHARDS", "PRETRAIN", "EXTEND", "SFT_DATA", "SFT", "EVAL", "EXPORT",
     "StageSpec", "STAGE_TABLE", "STAGE_BY_FOLDER", "STAGES", "PROFILE_FILES", "CHECKPOINT_STAGES",
+    "OUTPUT_NEUTRAL_KEYS", "is_output_neutral",
     # loader
     "load_config", "parse_overrides", "from_dict", "to_dict", "to_yaml", "field_docs", "describe",
     # checks

@@ -76,3 +76,30 @@ PROFILE_FILES: dict[str, str] = {s.folder: s.profile_file for s in STAGE_TABLE}
 
 #: stages that write model checkpoints (what stage 8 compares and stage 9 can export)
 CHECKPOINT_STAGES: tuple[str, ...] = (PRETRAIN, EXTEND, SFT)
+
+#: config keys that do not change what a stage writes (where it runs, how it logs, how many processes share the
+#: work): a finished stage rerun with only these changed stays a no-op. Any other difference is refused by
+#: ``Stage.open`` (the user edited something that matters and must choose --force or another run.name).
+#: A key ending in ``.*`` matches every key under it; ``*.workers`` matches a ``workers`` key anywhere.
+OUTPUT_NEUTRAL_KEYS: tuple[str, ...] = (
+    "run.root",
+    "*.workers",
+    "train.log_every",
+    "train.checkpoint_every",
+    "train.keep_last",
+    "train.assumed_tokens_per_sec",
+    "train.peak_tflops",
+    "train.expected_world_size",
+)
+
+
+def is_output_neutral(key: str) -> bool:
+    """True when the dotted config ``key`` is in ``OUTPUT_NEUTRAL_KEYS`` (patterns included)."""
+    for pat in OUTPUT_NEUTRAL_KEYS:
+        if pat.startswith("*.") and (key == pat[2:] or key.endswith(pat[1:])):
+            return True
+        if pat.endswith(".*") and key.startswith(pat[:-1]):
+            return True
+        if key == pat:
+            return True
+    return False
