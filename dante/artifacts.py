@@ -323,6 +323,21 @@ def acquire_stage_lock(run: C.RunConfig, stage: str) -> None:
     _HELD[key] = f
 
 
+def release_stage_lock(run: C.RunConfig, stage: str) -> None:
+    """Give the stage lock up (``Stage.finish`` does, once the manifest is written; a test process that opened
+    a stage by hand does before a subprocess opens the same stage)."""
+    f = _HELD.pop(str(lock_path(run, stage).absolute()), None)
+    if f is not None:
+        f.close()  # closing the only descriptor of the open file releases the flock
+
+
+def release_all_stage_locks() -> None:
+    """Every lock this process holds (tests that open stages in-process, then run the scripts)."""
+    for f in _HELD.values():
+        f.close()
+    _HELD.clear()
+
+
 def remove_debris(folder: Path) -> list[Path]:
     """Delete the stale temporaries a killed run left in ``folder`` (call with the stage lock held).
 
@@ -648,6 +663,7 @@ class Stage:
         p = self.dir / PROGRESS
         if p.exists():
             p.unlink()
+        release_stage_lock(self.cfg.run, self.name)
         return manifest
 
 

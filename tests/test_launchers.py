@@ -26,7 +26,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from dante.artifacts import Stage, stage_dir
+from dante.artifacts import Stage, release_all_stage_locks, stage_dir
 from dante.config import RunConfig, ShardsStageConfig
 from dante.metrics import read_metrics
 from dante.tokenizer import train_tokenizer
@@ -293,6 +293,7 @@ def test_several_ranks_open_a_stage_folder_as_one(tmp_path):
             st.finish()
     spec = {"root": str(root), "cases": {"done": ("04_pretrain", False, 3e-4), "force": ("05_extend", True, 3e-4),
                                          "resume": ("07_sft", False, 3e-4), "other_config": ("07_sft", False, 1e-3)}}
+    release_all_stage_locks()  # this process opened 05/07 by hand; the ranks must be able to lock them
     results = start_ranks_by_hand(lambda r: [sys.executable, str(Path(__file__).resolve()), json.dumps(spec)])
     outs = []
     for res in results:
