@@ -21,7 +21,7 @@ from dante import fertility
 from dante.artifacts import atomic_write_text, file_sha256, stage_dir
 from dante.cli import run_stage
 from dante.corpus import corpus_files
-from dante.errors import UserError, raise_problems
+from dante.errors import StageError, UserError, raise_problems
 from dante.pretokenizers import ab_specs, parse_spec
 from dante.tokenizer import (
     as_spec,
@@ -30,6 +30,7 @@ from dante.tokenizer import (
     load_tokenizer,
     n_fixed_tokens,
     plan_sample,
+    sample_shortfalls,
     tokenizer_facts,
     train_tokenizer,
 )
@@ -42,8 +43,10 @@ def main_spec(t):
     return parse_spec(t.pretokenizer, t.digits, t.accents)
 
 
-def check_inputs(cfg, corpus_manifest):
-    """Everything that can be wrong before training, reported together."""
+def validate(stage, cfg, args):
+    """Every check that needs no training, before anything is written (also for --dry-run), reported
+    together: the A/B and reference settings, ``01_corpus`` (its manifest, every shard it lists, enough text
+    for the sample) and the held-out files. Returns what ``main`` trains from (``stage.plan``)."""
     t, refs = cfg.tokenizer, []
     base = parse_spec(t.baseline_pretokenizer) if t.baseline else None
     ab, problems, notes = ab_specs(t.ab_presets, main_spec(t), base)
@@ -67,14 +70,19 @@ def check_inputs(cfg, corpus_manifest):
                             f"(HINT: `python tools/fetch_reference_tokenizers.py`, or set optional: true)")
         else:
             refs.append(r)
-    heldout = {}
+    heldout, files, plan = {}, [], {}
     try:
         heldout = fertility.load_heldout(t.heldout)
     except UserError as e:
         problems.append(str(e))
+    try:  # 01_corpus: manifest, the shards it lists, and enough characters per language for the sample
+        corpus = stage.require("01_corpus")
+        files = corpus_files(stage_dir(cfg.run, "01_corpus"), corpus)
+        plan = plan_sample(corpus["outputs"]["sources"], t.language_mix, t.sample_chars)
+        problems += sample_shortfalls(plan)
+    except (StageError, UserError) as e:
+        problems.append(str(e))
     raise_problems(UserError, "tokenizer stage cannot start", problems)
-    files = corpus_files(stage_dir(cfg.run, "01_corpus"), corpus_manifest)
-    plan = plan_sample(corpus_manifest["outputs"]["sources"], t.language_mix, t.sample_chars)
     return files, plan, refs, heldout, notes, ab
 
 
@@ -98,8 +106,7 @@ def train_or_resume(stage, key, path, pretokenizer, files, plan, cfg):
 
 def main(stage, cfg, args):
     t = cfg.tokenizer
-    corpus = stage.require("01_corpus")
-    files, plan, refs, heldout, notes, ab = check_inputs(cfg, corpus)
+    files, plan, refs, heldout, notes, ab = stage.plan
     spec = main_spec(t)
     dante, dante_info = train_or_resume(stage, "dante", stage.dir / "tokenizer.json", spec, files, plan, cfg)
     counters = [fertility.hf_counter("dante", spec.name, dante, spec.gguf_verdict())]
@@ -141,4 +148,4 @@ def dry_run(cfg, args):
 
 
 if __name__ == "__main__":
-    sys.exit(run_stage(STAGE, __doc__.split("\n")[0], main, dry_run=dry_run))
+    sys.exit(run_stage(STAGE, __doc__.split("\n")[0], main, validate=validate, dry_run=dry_run))

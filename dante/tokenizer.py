@@ -350,9 +350,10 @@ def plan_sample(corpus_sources: dict, language_mix: dict, sample_chars: int) -> 
     """Target characters per language (``language_mix`` shares of ``sample_chars``) and per source (the
     language's target split in proportion to each source's characters in stage 1).
 
-    A language with a share but no text is refused here. A source with less text than its target is refused
-    by ``iter_training_sample`` when it runs out (so a shard that cannot be read is reported first); the
-    plan records the largest ``sample_chars`` the corpus can give for that message.
+    A language with a share but no text is refused here. A source whose stage-1 manifest already counts
+    fewer characters than its target is found by ``sample_shortfalls`` (before training starts), and one
+    that runs out while drawing by ``iter_training_sample``; the plan records the largest ``sample_chars``
+    the corpus can give for their messages.
     """
     total_share = sum(language_mix.values())
     plan, problems = {}, []
@@ -384,6 +385,14 @@ def plan_sample(corpus_sources: dict, language_mix: dict, sample_chars: int) -> 
     for p in plan.values():
         p["largest_sample_chars"] = largest
     return plan
+
+
+def sample_shortfalls(plan: dict) -> list[str]:
+    """The sources whose stage-1 character count (manifest) is below their share of the sample: a problem
+    each, found from the manifest alone, so the stage refuses before it reads or writes anything."""
+    return [str(_short_source(source, lang, sp["available_chars"], plan))
+            for lang, p in plan.items() for source, sp in p["sources"].items()
+            if sp["available_chars"] < (1 - SHORT_SOURCE_SLACK) * sp["target_chars"]]
 
 
 def _short_source(source: str, lang: str, got: int, plan: dict) -> UserError:

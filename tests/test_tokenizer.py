@@ -11,8 +11,10 @@ import base64
 import gzip
 import io
 import json
+import os
 import random
 import runpy
+import subprocess
 import sys
 from pathlib import Path
 
@@ -437,7 +439,7 @@ def test_stage2_bad_inputs(tmp_path, capsys):
     # a stage-1 shard with bytes that are not UTF-8
     shard = tmp_path / "runs/t/01_corpus/en-src/shard-00001.jsonl.gz"
     shard.write_bytes(gzip.compress(b'{"text": "caf\xe9 latte"}\n'))
-    cfg = stage2_config(tmp_path, {"it": ["ciao"]}, extra="  language_mix: {it: 0.5, en: 0.5}\n")
+    cfg = stage2_config(tmp_path, {"it": ["ciao"]}, extra="  language_mix: {it: 0.6, en: 0.4}\n")
     rc, out = run_script("2_train_tokenizer.py", ["--config", str(cfg), "--force"], capsys)
     assert rc == 2 and "shard-00001.jsonl.gz" in out and "UTF-8" in out
     assert not (tmp_path / "runs/t/02_tokenizer/manifest.json").exists()
@@ -445,3 +447,62 @@ def test_stage2_bad_inputs(tmp_path, capsys):
     cfg = stage2_config(tmp_path, {"it": ["ciao"]}, extra="    - {name: gone, kind: tiktoken, path: /nonexistent.model}\n")
     rc, out = run_script("2_train_tokenizer.py", ["--config", str(cfg), "--force"], capsys)
     assert rc == 2 and "gone" in out and "fetch_reference_tokenizers" in out
+
+
+def run_real_script(script: str, args: list[str]) -> tuple[int, str]:
+    """The script as a user runs it: a fresh interpreter, its real exit code and output."""
+    r = subprocess.run([sys.executable, str(ROOT / script), *args], capture_output=True, text=True, timeout=300,
+                       cwd=ROOT, env={**os.environ, "DS_ACCELERATOR": "cpu"})
+    return r.returncode, r.stdout + r.stderr
+
+
+def test_stage2_refused_start_leaves_no_folder(tmp_path):
+    cfg = stage2_config(tmp_path, {"it": ["ciao"]})
+    d = tmp_path / "runs/t/02_tokenizer"
+    rc, out = run_real_script("2_train_tokenizer.py", ["--config", str(cfg)])  # no stage 1: refused by validate
+    assert rc == 2 and "1_download_corpus.py" in out and "Traceback" not in out, out
+    assert not d.exists()
+    # refused in main, after the folder was opened: a stage-1 shard that is not UTF-8 (found while drawing)
+    docs = sample_docs()
+    write_stage1(tmp_path / "runs", {"it-src": ("it", 1, docs["it"], 20), "en-src": ("en", 1, docs["en"], 20)})
+    (tmp_path / "runs/t/01_corpus/en-src/shard-00001.jsonl.gz").write_bytes(gzip.compress(b'{"text": "caf\xe9"}\n'))
+    cfg = stage2_config(tmp_path, {"it": ["ciao"]}, extra="  language_mix: {it: 0.6, en: 0.4}\n")
+    rc, out = run_real_script("2_train_tokenizer.py", ["--config", str(cfg)])
+    assert rc == 2 and "shard-00001.jsonl.gz" in out and "Traceback" not in out, out
+    assert not d.exists()
+
+
+def test_stage2_dry_run_checks_corpus_files_and_heldout(tmp_path):
+    docs = sample_docs()
+    write_stage1(tmp_path / "runs", {"it-src": ("it", 1, docs["it"], 20), "en-src": ("en", 1, docs["en"], 20),
+                                     "code-src": ("code", 2, docs["code"], 10)})
+    cfg = stage2_config(tmp_path, {"it": ["ciao"]})
+    (tmp_path / "held-it.jsonl.gz").unlink()
+    (tmp_path / "runs/t/01_corpus/en-src/shard-00002.jsonl.gz").unlink()
+    rc, out = run_real_script("2_train_tokenizer.py", ["--config", str(cfg), "--dry-run"])
+    assert rc == 2 and "Traceback" not in out, out
+    assert "held-it.jsonl.gz" in out and "shard-00002.jsonl.gz" in out  # both problems, one message
+    assert not (tmp_path / "runs/t/02_tokenizer").exists()
+    # a sample larger than stage 1 holds is refused from the manifest's counts, before any training
+    cfg = stage2_config(tmp_path, {"it": ["ciao"]}).read_text().replace("sample_chars: 60000", "sample_chars: 900000")
+    (tmp_path / "big.yaml").write_text(cfg)
+    (tmp_path / "runs/t/01_corpus/en-src/shard-00002.jsonl.gz").touch()
+    rc, out = run_real_script("2_train_tokenizer.py", ["--config", str(tmp_path / "big.yaml"), "--dry-run"])
+    assert rc == 2 and "lower tokenizer.sample_chars to at most" in out, out
+
+
+def test_stage2_changed_config_on_a_finished_run_is_refused(tmp_path, capsys):
+    docs = sample_docs()
+    write_stage1(tmp_path / "runs", {"it-src": ("it", 1, docs["it"], 20), "en-src": ("en", 1, docs["en"], 20),
+                                     "code-src": ("code", 2, docs["code"], 10)})
+    cfg = stage2_config(tmp_path, sample_docs(seed=5))
+    rc, out = run_script("2_train_tokenizer.py", ["--config", str(cfg), "--set", "tokenizer.baseline=false"], capsys)
+    assert rc == 0, out
+    d = tmp_path / "runs/t/02_tokenizer"
+    before = {p: p.read_bytes() for p in d.rglob("*") if p.is_file()}
+    rc, out = run_real_script("2_train_tokenizer.py", ["--config", str(cfg), "--set", "tokenizer.baseline=false",
+                                                       "--set", "tokenizer.vocab_size=4096"])
+    assert rc == 2 and "tokenizer.vocab_size: 600 -> 4096" in out and "--force" in out, out
+    assert {p: p.read_bytes() for p in d.rglob("*") if p.is_file()} == before
+    rc, out = run_real_script("2_train_tokenizer.py", ["--config", str(cfg), "--set", "tokenizer.baseline=false"])
+    assert rc == 0 and "nothing to do" in out, out  # the same config stays a no-op
