@@ -258,18 +258,24 @@ def train_tokenizer(
 def load_tokenizer(path: str | Path, plain_text: bool = True) -> Tokenizer:
     """Load a Dante ``tokenizer.json``; with ``plain_text`` special-token strings in text stay text.
 
-    Raises UserError when the file is missing or is not a Dante tokenizer (specials not at ids 0..5).
+    Raises UserError naming the file and the command that rebuilds it when the file is missing, cannot be
+    parsed (truncated by a full disk or a copy cut short, garbled bytes) or is not a Dante tokenizer
+    (specials not at ids 0..5).
     """
     p = Path(path)
+    rebuild = "HINT: rebuild it with `python 2_train_tokenizer.py --config configs/<profile>/tokenizer.yaml --force`"
     if not p.is_file():
         raise UserError(f"tokenizer not found: {p}. HINT: run `python 2_train_tokenizer.py --config ...` first.")
     try:
         tok = Tokenizer.from_file(str(p))
-    except Exception as e:  # tokenizers raises a bare Exception on malformed JSON
-        raise UserError(f"{p} is not a valid tokenizer.json ({e})") from None
+    except Exception as e:  # tokenizers raises a bare Exception on malformed JSON (a truncated file included)
+        reason = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+        raise UserError(f"{p} is not a readable tokenizer.json ({p.stat().st_size:,} bytes; truncated or damaged: "
+                        f"{reason}).\n  {rebuild} (stages 3 onwards must then be redone too: their ids come from it).") from None
     wrong = [t for i, t in enumerate(SPECIAL_TOKENS) if tok.token_to_id(t) != i]
     if wrong:
-        raise UserError(f"{p} is not a Dante tokenizer: special tokens {wrong} are not at their ids (docs/DESIGN.md)")
+        raise UserError(f"{p} is not a Dante tokenizer: special tokens {wrong} are not at their ids (docs/DESIGN.md).\n"
+                        f"  {rebuild}.")
     tok.encode_special_tokens = plain_text
     return tok
 

@@ -527,6 +527,16 @@ def test_stage6_requires_the_tokenizer(tmp_path, capsys):
     assert code == 2 and "2_train_tokenizer.py" in out
 
 
+def test_stage6_refuses_a_truncated_tokenizer_naming_the_file_and_the_fix(run_with_tokenizer, tmp_path, capsys):
+    path = Path(run_with_tokenizer.root) / "t" / "02_tokenizer" / "tokenizer.json"
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    one = f"    - {{name: a, kind: local, path: {SAMPLE / 'it_messages.jsonl'}, format: messages}}\n"
+    code, out = stage6(run_with_tokenizer, tmp_path, capsys, one, "  block_size: 512\n")
+    assert code == 2 and str(path) in out and "truncated or damaged" in out, out
+    assert "python 2_train_tokenizer.py" in out and "--force" in out and "Traceback" not in out
+    assert not (Path(run_with_tokenizer.root) / "t" / "06_sft_data").exists()
+
+
 def test_profiles_load():
     for profile in ("tiny", "dante-2b"):
         cfg = load_config(SFTDataStageConfig, ROOT / "configs" / profile / "sft_data.yaml")

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 import regex
-from tokenizers import ByteLevelBPETokenizer, Regex, Tokenizer, pre_tokenizers
+from tokenizers import ByteLevelBPETokenizer, Regex, Tokenizer, models, pre_tokenizers
 
 from dante import config as C
 from dante import corpus
@@ -506,3 +506,15 @@ def test_stage2_changed_config_on_a_finished_run_is_refused(tmp_path, capsys):
     assert {p: p.read_bytes() for p in d.rglob("*") if p.is_file()} == before
     rc, out = run_real_script("2_train_tokenizer.py", ["--config", str(cfg), "--set", "tokenizer.baseline=false"])
     assert rc == 0 and "nothing to do" in out, out  # the same config stays a no-op
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbled", "empty", "not_dante"])
+def test_damaged_tokenizer_file_names_the_file_and_the_fix(tmp_path, dante_tok, base_tok, damage):
+    path = tmp_path / "tokenizer.json"
+    good = dante_tok.to_str().encode()
+    data = {"truncated": good[: len(good) // 3], "garbled": good[:100] + b"\xff\x00{{" + good[104:], "empty": b"",
+            "not_dante": Tokenizer(models.BPE()).to_str().encode()}[damage]
+    path.write_bytes(data)
+    with pytest.raises(UserError) as e:
+        load_tokenizer(path)
+    assert str(path) in str(e.value) and "python 2_train_tokenizer.py" in str(e.value) and "--force" in str(e.value)
