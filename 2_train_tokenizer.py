@@ -6,8 +6,10 @@ Reads ``01_corpus/`` (its manifest and document shards); writes ``02_tokenizer/`
 stream, character-balanced by ``tokenizer.language_mix`` and proportional to size within a language (the
 manifest lists target vs actual characters per source); every other tokenizer is trained on the very same
 sample with the same vocabulary size. An interrupted run keeps
-the tokenizers it finished (progress.json) and resumes after them. Logic: dante/tokenizer.py,
-dante/fertility.py.
+the tokenizers it finished (progress.json) and resumes after them. Every input is checked before anything
+is written (``validate``: the config, 01_corpus's manifest and shards, enough text for the sample, the
+held-out files); ``--dry-run`` runs those checks and states the sample, the expected time and the peak
+memory from measured rates (``dante.tokenizer.preflight_lines``). Logic: dante/tokenizer.py, dante/fertility.py.
 
     python 2_train_tokenizer.py --config configs/tiny/tokenizer.yaml
 """
@@ -18,7 +20,7 @@ import sys
 import time
 
 from dante import fertility
-from dante.artifacts import atomic_write_text, file_sha256, stage_dir
+from dante.artifacts import atomic_write_text, file_sha256, read_manifest, stage_dir
 from dante.cli import run_stage
 from dante.corpus import corpus_files
 from dante.errors import StageError, UserError, raise_problems
@@ -30,6 +32,7 @@ from dante.tokenizer import (
     load_tokenizer,
     n_fixed_tokens,
     plan_sample,
+    preflight_lines,
     sample_shortfalls,
     tokenizer_facts,
     train_tokenizer,
@@ -141,10 +144,16 @@ def main(stage, cfg, args):
 
 
 def dry_run(cfg, args):
+    """The plan, the sample and the preflight: expected time and memory from measured rates (validate has
+    already checked every input)."""
     t = cfg.tokenizer
+    ab = ab_specs(t.ab_presets, main_spec(t), parse_spec(t.baseline_pretokenizer) if t.baseline else None)[0]
+    n_tok = 1 + int(t.baseline) + len(ab)
     print(f"# dry run: {main_spec(t).name} tokenizer (GGUF: {main_spec(t).gguf_verdict()}), vocab {t.vocab_size}, "
-          f"sample {t.sample_chars:,} chars {t.language_mix}, baseline {t.baseline_pretokenizer if t.baseline else 'off'}, "
-          f"A/B {', '.join(t.ab_presets) or 'none'}, {len(t.references)} reference(s)")
+          f"baseline {t.baseline_pretokenizer if t.baseline else 'off'}, A/B {', '.join(s.name for s in ab) or 'none'}, "
+          f"{len(t.references)} reference(s)")
+    plan = plan_sample(read_manifest(cfg.run, "01_corpus")["outputs"]["sources"], t.language_mix, t.sample_chars)
+    print("\n".join(f"# {line}" for line in preflight_lines(t.sample_chars, plan, n_tok)))
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ from tokenizers import ByteLevelBPETokenizer, Regex, Tokenizer, models, pre_toke
 from dante import config as C
 from dante import corpus
 from dante import fertility as F
+from dante import tokenizer as T
 from dante.artifacts import Stage
 from dante.errors import UserError
 from dante.tokenizer import (
@@ -518,3 +519,22 @@ def test_damaged_tokenizer_file_names_the_file_and_the_fix(tmp_path, dante_tok, 
     with pytest.raises(UserError) as e:
         load_tokenizer(path)
     assert str(path) in str(e.value) and "python 2_train_tokenizer.py" in str(e.value) and "--force" in str(e.value)
+
+
+def test_stage2_dry_run_states_sample_time_and_memory_and_writes_nothing(tmp_path):
+    docs = sample_docs()
+    write_stage1(tmp_path / "runs", {"it-src": ("it", 1, docs["it"], 20), "en-src": ("en", 1, docs["en"], 20),
+                                     "code-src": ("code", 2, docs["code"], 10)})
+    cfg = stage2_config(tmp_path, sample_docs(seed=5), extra="  ab_presets: [qwen2]\n")
+    before = sorted((p, p.stat().st_mtime_ns) for p in tmp_path.rglob("*"))
+    rc, out = run_real_script("2_train_tokenizer.py", ["--config", str(cfg), "--dry-run"])
+    assert rc == 0, out
+    assert sorted((p, p.stat().st_mtime_ns) for p in tmp_path.rglob("*")) == before  # nothing written, not even a lock
+    est = T.training_estimate(60000, 3)  # the run's tokenizer, the baseline, one A/B preset
+    assert "sample: 60,000 chars per tokenizer (the same sample for all 3): code 13,200 of" in out
+    assert f"3 tokenizer(s) x 60,000 chars / {T.TRAIN_CHARS_PER_SEC:,} chars/s" in out
+    assert f"~{est['seconds']:.0f} s" in out
+    assert f"~{est['peak_bytes'] / 2**30:.2f} GiB peak" in out and f"{T.TRAIN_BYTES_PER_CHAR} B per sample char" in out
+    # the estimate is linear in the number of tokenizers and in the sample
+    one, four = T.training_estimate(10**9, 1), T.training_estimate(10**9, 4)
+    assert four["train_seconds"] == pytest.approx(4 * one["train_seconds"]) and four["peak_bytes"] == one["peak_bytes"]
