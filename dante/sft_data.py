@@ -314,19 +314,25 @@ def iter_source_rows(src: Any) -> Iterator[Any]:
     if src.kind == "local":
         for path in local_files(src.path):
             opener = gzip.open if path.suffix == ".gz" else open
-            with opener(path, "rb") as f:
-                for lineno, raw in enumerate(f, 1):
-                    if not raw.strip():
-                        continue
-                    if src.max_rows and n >= src.max_rows:
-                        return
-                    n += 1
-                    try:
-                        yield json.loads(raw.decode("utf-8"))
-                    except UnicodeDecodeError as e:
-                        yield DroppedRow("invalid_json", f"{path.name}:{lineno}: not UTF-8 ({e.reason} at byte {e.start})")
-                    except json.JSONDecodeError as e:
-                        yield DroppedRow("invalid_json", f"{path.name}:{lineno}: {e.msg}")
+            lineno = 0
+            try:
+                with opener(path, "rb") as f:
+                    for lineno, raw in enumerate(f, 1):
+                        if not raw.strip():
+                            continue
+                        if src.max_rows and n >= src.max_rows:
+                            return
+                        n += 1
+                        try:
+                            yield json.loads(raw.decode("utf-8"))
+                        except UnicodeDecodeError as e:
+                            yield DroppedRow("invalid_json", f"{path.name}:{lineno}: not UTF-8 ({e.reason} at byte {e.start})")
+                        except json.JSONDecodeError as e:
+                            yield DroppedRow("invalid_json", f"{path.name}:{lineno}: {e.msg}")
+            except (OSError, EOFError) as e:  # a gzip cut short or damaged: one bad row cannot be told from the rest
+                raise UserError(f"source {src.name!r}: {path} cannot be read after line {lineno} ({e}).\n"
+                                "  HINT: replace the file with a complete copy (`gzip -t` checks one), then rerun: "
+                                "the sources finished before it are kept.") from None
         return
     import datasets  # only hub sources need it (slow import)
 

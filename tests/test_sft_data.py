@@ -6,6 +6,7 @@ Tokenizers are trained inside the tests with dante.tokenizer.train_tokenizer on 
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
 import random
@@ -514,6 +515,13 @@ def test_stage6_bad_inputs_give_clear_errors(run_with_tokenizer, tmp_path, capsy
                                                                          str(tmp_path / "empty.jsonl")), "  block_size: 512\n")
     assert code == 2 and "empty.jsonl is empty" in out and "dropped by reason" not in out, out
     assert not d.exists()  # refused before the folder was made
+    # a gzip cut short after its first rows: the file and the fix, not a raw EOFError
+    data = gzip.compress((SAMPLE / "it_messages.jsonl").read_bytes())
+    (tmp_path / "cut.jsonl.gz").write_bytes(data[: len(data) // 2])
+    code, out = stage6(run_with_tokenizer, tmp_path, capsys, one.replace(str(SAMPLE / "it_messages.jsonl"),
+                                                                         str(tmp_path / "cut.jsonl.gz")), "  block_size: 512\n")
+    assert code == 2 and "cut.jsonl.gz cannot be read after line" in out and "Traceback" not in out, out
+    assert not (d / "manifest.json").exists()
     # block size shorter than every conversation, policy drop: all counted as overlong -> nothing left
     code, out = stage6(run_with_tokenizer, tmp_path, capsys, one, "  block_size: 20\n  overlong: drop\n")
     assert code == 2 and "no conversation survived" in out and "overlong: 28" in out and "raise sft_data.block_size" in out
@@ -574,9 +582,9 @@ def test_stage6_sigkill_at_random_points_then_rerun_gives_the_same_bytes(tmp_pat
     n_lines = len(r.stdout.splitlines())  # one per source, then one per split
     rng = random.Random(1306)
     killed = 0
-    for _ in range(4):
+    for after_line in rng.sample(range(n_lines), 4):  # 4 different moments: encoding, packing, final writes
         shutil.rmtree(d)
-        after_line, delay = rng.randrange(n_lines), rng.uniform(0.0, 0.02)
+        delay = rng.uniform(0.0, 0.02)
         p = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         for _ in range(after_line + 1):  # the kill lands between two log lines of the work, not at import
             p.stdout.readline()
