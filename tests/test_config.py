@@ -349,3 +349,15 @@ def test_user_error_leaves_nothing_marked_done(tmp_path, capsys):
     assert cli.run_stage("02_tokenizer", "test", main, argv=["--config", str(path)]) == 2
     assert "held-out file it.jsonl.gz is empty" in capsys.readouterr().err
     assert not (tmp_path / "runs" / "t" / "02_tokenizer" / "manifest.json").exists()
+
+
+def test_tokenizer_checks_report_every_bad_setting_together(tmp_path):
+    path = write(tmp_path, {"tokenizer": {"min_frequency": 0, "n_reserved": -1, "sample_chars": 0,
+                                          "heldout": {"fr": "x.jsonl"}, "language_mix": {"it": -1}}})
+    with pytest.raises(C.ConfigError) as e:
+        C.load_config(C.TokenizerStageConfig, path)
+    msg = str(e.value)
+    for key in ("tokenizer.min_frequency=0", "tokenizer.n_reserved=-1", "tokenizer.sample_chars",
+                "tokenizer.heldout: must map language tags", "tokenizer.language_mix: shares"):
+        assert key in msg, key
+    assert e.value.problems and len(e.value.problems) == 5
