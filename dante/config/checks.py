@@ -258,6 +258,12 @@ def check_tokenizer_stage(cfg: TokenizerStageConfig) -> list[str]:
         p.append("tokenizer.language_mix: shares must be >= 0 and not all 0")
     if t.sample_chars <= 0:
         p.append("tokenizer.sample_chars: must be > 0")
+    if t.min_frequency < 1:
+        p.append(f"tokenizer.min_frequency={t.min_frequency}: must be >= 1 (a merge needs a pair seen at least once)")
+    if t.n_reserved < 0:
+        p.append(f"tokenizer.n_reserved={t.n_reserved}: must be >= 0")
+    if not _lang_paths_ok(t.heldout):
+        p.append(f"tokenizer.heldout: must map language tags ({', '.join(LANGS)}) to file paths, got {t.heldout!r}")
     return p
 
 
