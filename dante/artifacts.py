@@ -453,7 +453,8 @@ def tokenizer_path(run: C.RunConfig) -> Path:
     in its manifest. StageError (naming 2_train_tokenizer.py) when stage 2 has not finished, its manifest
     names no tokenizer, or the file is gone.
     """
-    name = read_manifest(run, C.TOKENIZER).get("outputs", {}).get("tokenizer")
+    outputs = read_manifest(run, C.TOKENIZER).get("outputs", {})
+    name = outputs.get("tokenizer")
     folder = stage_dir(run, C.TOKENIZER)
     if not isinstance(name, str) or not name:
         raise StageError(f"{folder / MANIFEST} names no tokenizer file (outputs.tokenizer); "
@@ -462,6 +463,14 @@ def tokenizer_path(run: C.RunConfig) -> Path:
     if not path.is_file():
         raise StageError(f"{path} is missing although 02_tokenizer is complete; "
                          f"rerun `python {script_for('02_tokenizer')} --force`.")
+    # A tokenizer damaged in a way that still parses (a flipped byte in a token) would silently change every
+    # id: stage 2 records the file's sha256, checked at every read (~10 ms for a 64K-id file).
+    want = outputs.get("tokenizer_sha256")
+    if isinstance(want, str) and file_sha256(path) != want:
+        raise StageError(f"{path} changed after 02_tokenizer finished (its sha256 differs from the one in "
+                         f"{folder / MANIFEST}): every token id it gives may differ.\n"
+                         f"  HINT: restore the file, or rerun `python {script_for('02_tokenizer')} --force` "
+                         f"(and then stages 3 onwards).")
     return path
 
 
