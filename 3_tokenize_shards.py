@@ -16,7 +16,7 @@ from __future__ import annotations
 import sys
 
 from dante.cli import run_command, run_stage
-from dante.shards import tokenize_stage, verify_stage
+from dante.shards import tokenize_stage, validate_stage, verify_stage
 
 STAGE = "03_shards"
 
@@ -43,4 +43,4 @@ def add_args(ap):
 if __name__ == "__main__":
     if "--verify" in sys.argv[1:]:
         sys.exit(run_command(STAGE, "verify token shards", verify, extra_args=add_args))
-    sys.exit(run_stage(STAGE, __doc__.split("\n")[0], main, extra_args=add_args))
+    sys.exit(run_stage(STAGE, __doc__.split("\n")[0], main, extra_args=add_args, validate=validate_stage))
