@@ -47,7 +47,7 @@ import shutil
 import struct
 import time
 import zlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -59,6 +59,7 @@ from dante.artifacts import (
     atomic_path,
     atomic_write_json,
     file_sha256,
+    load_texts,
     read_json,
     read_manifest,
     stable_unit,
@@ -68,6 +69,7 @@ from dante.artifacts import (
 from dante.corpus import FORMAT_VERSION as CORPUS_FORMAT
 from dante.corpus import CorpusFile, corpus_files, iter_shard_texts
 from dante.errors import StageError, UserError, problems_message
+from dante.fast_encode import Unreproducible, build_tiktoken, prove_equal, token_byte_lengths
 from dante.tokenizer import EOS_ID, load_tokenizer
 
 FORMAT_VERSION = 1
@@ -397,15 +399,25 @@ class EncodeSettings:
     val_fraction: float
     batch_docs: int
     work_dir: str
+    encoder: str = "tokenizers"  # or "tiktoken": only after ``choose_encoder`` proved it equal
 
 
 _WORKER_TOKENIZER = {}
+_WORKER_TIKTOKEN = {}
 
 
 def _tokenizer_for(path: str):
     if path not in _WORKER_TOKENIZER:
         _WORKER_TOKENIZER[path] = load_tokenizer(path)  # plain_text: "<|eot|>" in a document stays text
     return _WORKER_TOKENIZER[path]
+
+
+def _tiktoken_for(path: str):
+    """(encoding, byte length per id); built once per process (forked workers inherit the parent's)."""
+    if path not in _WORKER_TIKTOKEN:
+        enc = build_tiktoken(path)
+        _WORKER_TIKTOKEN[path] = (enc, token_byte_lengths(enc, _tokenizer_for(path).get_vocab_size()))
+    return _WORKER_TIKTOKEN[path]
 
 
 def work_paths(work_dir: str | Path, index: int, split: str) -> tuple[Path, Path]:
@@ -424,11 +436,28 @@ def encode_corpus_file(cf: CorpusFile, st: EncodeSettings) -> dict:
     parts = {s: {"tokens": [], "lens": [], "docs": 0, "chars": 0, "bytes": 0} for s in SPLITS}
     batch: list[tuple[str, str]] = []
 
+    fallback_docs = 0
+
+    def encode(texts: list[str]) -> list[list[int]]:
+        nonlocal fallback_docs
+        if st.encoder != "tiktoken":
+            return [e.ids for e in tok.encode_batch_fast(texts, add_special_tokens=False)]
+        enc, byte_len = _tiktoken_for(st.tokenizer_path)
+        out = []
+        for text in texts:
+            ids = enc.encode_ordinary(text)
+            # a regex gap drops text silently in tiktoken: the ids must cover every byte of the document
+            if int(byte_len[np.asarray(ids, dtype=np.int64)].sum()) != len(text.encode("utf-8")):
+                ids = tok.encode(text, add_special_tokens=False).ids
+                fallback_docs += 1
+            out.append(ids)
+        return out
+
     def flush():
-        encoded = tok.encode_batch_fast([t for _, t in batch], add_special_tokens=False)
-        for (split, text), enc in zip(batch, encoded):
+        encoded = encode([t for _, t in batch])
+        for (split, text), enc_ids in zip(batch, encoded):
             p = parts[split]
-            ids = np.asarray(enc.ids, dtype=dtype)
+            ids = np.asarray(enc_ids, dtype=dtype)
             p["tokens"].append(ids)
             p["tokens"].append(np.asarray([st.eos_id], dtype=dtype))
             p["lens"].append(ids.size + 1)
@@ -444,7 +473,7 @@ def encode_corpus_file(cf: CorpusFile, st: EncodeSettings) -> dict:
             flush()
     if batch:
         flush()
-    stats = {"index": cf.index, "source": cf.source, "lang": cf.lang, "tier": cf.tier}
+    stats = {"index": cf.index, "source": cf.source, "lang": cf.lang, "tier": cf.tier, "fallback_docs": fallback_docs}
     for split, p in parts.items():
         tokens = np.concatenate(p["tokens"]) if p["tokens"] else np.zeros(0, dtype=dtype)
         tok_path, len_path = work_paths(st.work_dir, cf.index, split)
@@ -628,7 +657,7 @@ def tokenize_corpus(
 
 def collect_stats(files: list[CorpusFile], work_dir: Path) -> dict:
     """Docs/chars/bytes/tokens per split, by tier, language and source, from the phase-A markers."""
-    out: dict = {"total": {}, "by_tier": {}, "by_lang": {}, "by_source": {}}
+    out: dict = {"total": {}, "by_tier": {}, "by_lang": {}, "by_source": {}, "fallback_docs": 0}
 
     def add(group: dict, split: str, st: dict):
         g = group.setdefault(split, {"docs": 0, "chars": 0, "bytes": 0, "tokens": 0})
@@ -637,6 +666,7 @@ def collect_stats(files: list[CorpusFile], work_dir: Path) -> dict:
 
     for cf in files:
         m = read_json(done_marker(work_dir, cf.index))
+        out["fallback_docs"] += int(m.get("fallback_docs", 0))
         for split in SPLITS:
             add(out["total"], split, m[split])
             add(out["by_tier"].setdefault(str(cf.tier), {}), split, m[split])
@@ -759,6 +789,80 @@ def validate_stage(stage: Stage, cfg: C.ShardsStageConfig, args=None) -> ShardsP
     return ShardsPlan(files, tok_path, sha, vocab_size, s.workers or len(os.sched_getaffinity(0)))
 
 
+def proof_texts(cfg: C.ShardsStageConfig, files: list[CorpusFile], n_docs: int) -> list[tuple[str, str]]:
+    """(where, text) for ``choose_encoder``: the held-out files stage 2 was configured with (as many as
+    ``n_docs``), then up to ``n_docs`` stage-1 documents taken evenly from every source (its first files,
+    in order, so every language and source of this run is represented; read cost: ~n_docs documents)."""
+    out: list[tuple[str, str]] = []
+    try:
+        heldout = (read_manifest(cfg.run, C.TOKENIZER).get("config") or {}).get("tokenizer", {}).get("heldout") or {}
+    except StageError:
+        heldout = {}
+    for _, path in sorted(heldout.items()):
+        try:
+            texts = load_texts(path) if Path(path).is_file() else []
+        except (ValueError, OSError):
+            texts = []  # stage 2 reported its own held-out problems; here they are only extra evidence
+        out += [(f"held-out {path} document {i}", t) for i, t in enumerate(texts)]
+    out = out[:n_docs]
+    by_source: dict[str, list[CorpusFile]] = {}
+    for cf in files:
+        by_source.setdefault(cf.source, []).append(cf)
+    quota = -(-n_docs // max(1, len(by_source)))
+    for _, cfs in sorted(by_source.items()):
+        taken = 0
+        for cf in cfs:
+            for line_no, text in iter_shard_texts(cf.path):
+                out.append((f"{cf.path} line {line_no}", text))
+                taken += 1
+                if taken >= quota:
+                    break
+            if taken >= quota:
+                break
+    return out
+
+
+def choose_encoder(cfg: C.ShardsStageConfig, tok_path: Path, files: list[CorpusFile],
+                   log: Callable[[str], None] = print) -> dict:
+    """Which encoder stage 3 uses, and why (recorded in the manifest as ``encoder``).
+
+    ``shards.encoder=auto``: tiktoken when ``build_tiktoken`` can express the tokenizer AND its ids equal
+    ``tokenizers``' on every ``proof_texts`` document; otherwise ``tokenizers``, with the reason logged.
+    ``tiktoken`` demands the fast path (UserError with the reason when it is refused); ``tokenizers``
+    skips it."""
+    s = cfg.shards
+    info: dict = {"requested": s.encoder, "used": "tokenizers"}
+    if s.encoder == "tokenizers":
+        info["reason"] = "shards.encoder=tokenizers"
+        log("encoder: tokenizers (shards.encoder=tokenizers)")
+        return info
+    start = time.time()
+    try:
+        enc = _tiktoken_for(str(tok_path))[0]
+    except Unreproducible as e:
+        reason = f"tiktoken cannot reproduce {tok_path}: {e}"
+    else:
+        texts = proof_texts(cfg, files, s.encoder_check_docs)
+        info |= {"checked_docs": len(texts), "checked_chars": sum(len(t) for _, t in texts)}
+        problem = prove_equal(enc, _tokenizer_for(str(tok_path)), texts) if texts else "no document to check"
+        reason = problem and f"tiktoken's ids differ from tokenizers' on this run's documents: {problem}"
+    check_seconds = round(time.time() - start, 2)  # logged, not recorded: the manifest holds no timing here
+    if not reason:
+        import tiktoken
+
+        info |= {"used": "tiktoken", "tiktoken": tiktoken.__version__,
+                 "reason": f"ids equal to tokenizers' on all {info['checked_docs']} check documents "
+                           f"({info['checked_chars']:,} characters)"}
+        log(f"encoder: tiktoken ({info['reason']}, {check_seconds} s)")
+        return info
+    if s.encoder == "tiktoken":
+        raise UserError(f"shards.encoder=tiktoken, but {reason}.\n  HINT: --set shards.encoder=auto uses tokenizers "
+                        f"instead (same ids, slower).")
+    info["reason"] = reason
+    log(f"encoder: tokenizers; the tiktoken path is off because {reason}")
+    return info
+
+
 def tokenize_stage(stage: Stage, cfg: C.ShardsStageConfig, log: Callable[[str], None] = print) -> dict:
     """Run stage 3 into ``stage.dir`` (opened): tokenize (resuming), write the manifest (returned).
     The inputs are ``stage.plan`` (``validate_stage``'s result), checked again here when absent."""
@@ -771,14 +875,23 @@ def tokenize_stage(stage: Stage, cfg: C.ShardsStageConfig, log: Callable[[str], 
     header = {"dtype": s.dtype, "vocab_size": vocab_size, "eos_id": EOS_ID, "tokenizer_sha16": tokenizer_sha16(tok_path)}
     log(f"{len(files)} input files, {workers} worker(s), {s.shard_tokens:,} tokens per shard")
     progress = stage.load_progress()
-    stage.save_progress({"tokenizer_sha256": sha, "streams": progress.get("streams", {})})  # before any work file
+    encoder = progress.get("encoder")
+    if encoder:  # a resumed run keeps the encoder it started with: one run, one encoding path
+        log(f"encoder: {encoder['used']} (chosen when this run started: {encoder['reason']})")
+    else:
+        encoder = choose_encoder(cfg, tok_path, files, log)
+    settings = replace(settings, encoder=encoder["used"])
+    stage.save_progress({"tokenizer_sha256": sha, "encoder": encoder, "streams": progress.get("streams", {})})
     start = time.time()
     streams = tokenize_corpus(
         files, settings, stage.dir, s.shard_tokens, header, workers, progress.get("streams", {}),
-        lambda state: stage.save_progress({"tokenizer_sha256": sha, "streams": state}), log=log,
+        lambda state: stage.save_progress({"tokenizer_sha256": sha, "encoder": encoder, "streams": state}), log=log,
     )
     seconds = time.time() - start
     stats = collect_stats(files, stage.dir / WORK_DIR)
+    encoder = dict(encoder, fallback_docs=stats.pop("fallback_docs"))
+    if encoder["fallback_docs"]:
+        log(f"warning: {encoder['fallback_docs']} document(s) re-encoded with tokenizers (tiktoken's ids missed bytes)")
     shutil.rmtree(stage.dir / WORK_DIR)  # after the stats: only shards and the manifest remain
     shards: dict[str, dict] = {split: {} for split in SPLITS}
     checksums: dict[str, dict] = {}
@@ -799,7 +912,9 @@ def tokenize_stage(stage: Stage, cfg: C.ShardsStageConfig, log: Callable[[str], 
                  "checksums": {"algorithm": "crc32", "chunk_bytes": CHUNK_BYTES,
                                "files": dict(sorted(checksums.items()))}},
         counts=stats,
-        extra={"throughput": {"seconds": round(seconds, 2), "workers": workers, "resumed": stage.resumed}},
+        extra={"encoder": encoder,
+               "throughput": {"seconds": round(seconds, 2), "workers": workers, "resumed": stage.resumed,
+                              "tokens_per_second": round(n_tokens / max(seconds, 1e-9))}},
     )
 
 

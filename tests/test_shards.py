@@ -17,14 +17,22 @@ from pathlib import Path
 import numpy as np
 import pytest
 from test_tokenizer import N_RESERVED, ROOT, run_script, sample_docs, write_stage1
-from tokenizers import AddedToken, Tokenizer, models
+from tokenizers import AddedToken, Tokenizer, decoders, models
 
 from dante import config as C
 from dante.artifacts import Stage, stable_unit
 from dante.errors import UserError
 from dante.pretrain_data import TieredMemmapDataset, ValidationWindows
 from dante.shards import SPLITS, ShardReader, check_dtype_fits, list_shards
-from dante.tokenizer import EOS_ID, SPECIAL_TOKENS, all_special_tokens, load_tokenizer, train_tokenizer
+from dante.tokenizer import (
+    EOS_ID,
+    SPECIAL_TOKENS,
+    all_special_tokens,
+    build_pre_tokenizer,
+    byte_symbols,
+    load_tokenizer,
+    train_tokenizer,
+)
 
 SEED = 1234
 
@@ -154,7 +162,9 @@ def test_sigkill_at_random_points_then_rerun_gives_identical_files(tmp_path, cap
         killed_mid_run += not (out_dir / "manifest.json").exists()
         rc, out = run_script("3_tokenize_shards.py", args, capsys)
         assert rc == 0, (point, out)
-        assert _all_files(out_dir) == reference, point
+        again = _all_files(out_dir)
+        assert sorted(again) == sorted(reference), point
+        assert [k for k in reference if again[k] != reference[k]] == [], point
     assert killed_mid_run >= 1, "every kill came after the end; make the input larger"
 
 
@@ -316,3 +326,104 @@ def test_marker_makes_later_opens_cheap_and_follows_the_file(tmp_path, capsys):
     TieredMemmapDataset.from_stage_dir(d, {1: 1.0}, 16, 2, SEED)
     assert json.loads(marker.read_text())["key"] != saved["key"]
     assert run_script("3_tokenize_shards.py", ["--config", str(tmp_path / "s.yaml"), "--verify"], capsys)[0] == 0
+
+
+# ---------------------------------------------------------------------------------------------------
+# The tiktoken path (#15): equal bytes where proven, refused with the reason where not
+# ---------------------------------------------------------------------------------------------------
+
+
+def _encoder_run(tmp_path, capsys, root: Path, encoder: str, force: bool, **over) -> tuple[dict, dict, str]:
+    args = _tiny_profile_args(root, **{"shards.encoder": encoder} | over) + (["--force"] if force else [])
+    rc, out = run_script("3_tokenize_shards.py", args, capsys)
+    assert rc == 0, out
+    d = root / "t/03_shards"
+    return _snapshot(d), json.loads((d / "manifest.json").read_text()), out
+
+
+def test_tiktoken_path_is_byte_identical_to_tokenizers_path(tmp_path, capsys):
+    """Tiny profile (its Dante tokenizer of make_run): auto picks tiktoken after the proof; same shard bytes."""
+    root = tmp_path / "runs"
+    make_run(root, copies=2)
+    fast, m_fast, out = _encoder_run(tmp_path, capsys, root, "auto", False)
+    assert m_fast["encoder"]["used"] == "tiktoken" and m_fast["encoder"]["checked_docs"] > 100, m_fast["encoder"]
+    assert "encoder: tiktoken (ids equal" in out
+    slow, m_slow, _ = _encoder_run(tmp_path, capsys, root, "tokenizers", True)
+    assert m_slow["encoder"]["used"] == "tokenizers"
+    assert fast == slow and len(fast) > 20
+    assert m_fast["counts"] == m_slow["counts"] and m_fast["outputs"]["checksums"] == m_slow["outputs"]["checksums"]
+
+
+def _real_text() -> dict[str, list[str]]:
+    out = {}
+    for f in sorted((ROOT / "data/sample").glob("*.jsonl.gz")):
+        with gzip.open(f, "rt", encoding="utf-8") as fh:
+            out[f.name.split(".")[0]] = [json.loads(line)["text"] for line in fh]
+    return out
+
+
+def test_tiktoken_path_equals_tokenizers_path_at_32k_on_real_text(tmp_path, capsys):
+    """A 32K llama3 tokenizer (the tiny profile's preset) trained here on data/sample's real text, stage 1
+    from the same text: both encoders write the same shard bytes."""
+    texts = _real_text()
+    tok = train_tokenizer([t for ts in texts.values() for t in ts], 32768, "llama3", n_reserved=248)
+    assert tok.get_vocab_size() == 32768
+    root = tmp_path / "runs"
+    sources = {name: (name.split("-")[0], 2 if name.startswith("code") else 1, ts, 100) for name, ts in texts.items()}
+    run = write_stage1(root, sources)
+    write_stage2(run, tok)
+    over = {"shards.shard_tokens": 200_000}
+    fast, m_fast, _ = _encoder_run(tmp_path, capsys, root, "tiktoken", False, **over)
+    slow, m_slow, _ = _encoder_run(tmp_path, capsys, root, "tokenizers", True, **over)
+    assert m_fast["encoder"]["used"] == "tiktoken" and m_fast["encoder"]["fallback_docs"] == 0
+    assert fast == slow and m_fast["counts"] == m_slow["counts"]
+    assert m_fast["counts"]["total"]["train"]["tokens"] > 1_000_000
+
+
+def _edited(tok: Tokenizer, edit) -> Tokenizer:
+    """A copy of ``tok`` with its saved JSON state changed by ``edit``."""
+    state = json.loads(tok.to_str())
+    edit(state)
+    return Tokenizer.from_str(json.dumps(state))
+
+
+def _che_tokenizer() -> Tokenizer:
+    """A valid Dante tokenizer tiktoken gets wrong: merges h+e, c+h, ch+e. On "che" tokenizers stops at
+    c|he ((c, he) is no merge); tiktoken merges c+he because "che" is a token."""
+    specials = all_special_tokens(N_RESERVED)
+    symbols = byte_symbols()
+    vocab = {t: i for i, t in enumerate(specials + symbols + ["he", "ch", "che"])}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[("h", "e"), ("c", "h"), ("ch", "e")]))
+    tok.pre_tokenizer = build_pre_tokenizer("llama3")
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in specials])
+    return tok
+
+
+def test_a_tokenizer_tiktoken_cannot_reproduce_is_refused_and_stage_3_completes(tmp_path, capsys):
+    root = tmp_path / "runs"
+    run, _ = make_run(root)
+    base = load_tokenizer(root / "t/02_tokenizer/tokenizer.json")
+    cases = {
+        "normalizer": (_edited(base, lambda s: s.update(normalizer={"type": "Lowercase"})),
+                       "it has a normalizer (Lowercase); tiktoken applies none"),
+        "two regexes": (_edited(base, lambda s: s["pre_tokenizer"]["pretokenizers"].insert(
+            0, {"type": "Split", "pattern": {"Regex": r"\p{N}"}, "behavior": "Isolated", "invert": False})),
+            "applies 2 split regexes in sequence"),
+        "BPE differs": (_che_tokenizer(), "tiktoken's ids differ from tokenizers' on this run's documents"),
+    }
+    for name, (tok, reason) in cases.items():
+        write_stage2(run, tok)
+        rc, out = run_script("3_tokenize_shards.py", _tiny_profile_args(root, **{"shards.encoder": "tiktoken"}) + ["--force"], capsys)
+        assert rc == 2 and reason in out and "shards.encoder=auto" in out, (name, out)
+        assert not (root / "t/03_shards").exists(), name  # refused before any work: no folder left
+        _, m, out = _encoder_run(tmp_path, capsys, root, "auto", True)
+        assert m["encoder"]["used"] == "tokenizers" and reason in m["encoder"]["reason"], (name, m["encoder"])
+        assert "the tiktoken path is off because" in out and reason in out
+    assert "ids differ at token" in m["encoder"]["reason"] and "che" in m["encoder"]["reason"]
+    # the fallback's shards are tokenizers' own ids
+    d = root / "t/03_shards"
+    tok = load_tokenizer(root / "t/02_tokenizer/tokenizer.json")
+    r = ShardReader(sorted(d.glob("t1-train-*.bin"))[0])
+    s, e = next(r.complete_documents())
+    assert r.tokens[s:e - 1].tolist() == tok.encode(tok.decode(r.tokens[s:e - 1].tolist())).ids
