@@ -2,8 +2,10 @@
 
 Reads ``01_corpus/`` and ``02_tokenizer/tokenizer.json``; writes ``03_shards/t<tier>-<split>-<nnnnn>.bin``
 + ``.idx`` (format: dante/shards.py) and ``manifest.json`` with token/doc/char counts per tier, language
-and source. Every core encodes (one process per stage-1 file, ``encode_batch``); a killed run resumes
-at shard granularity and writes byte-identical shards. ``--verify`` re-reads a finished stage: headers,
+and source, per-chunk checksums of every file and the encoder used. Every core encodes (one process per
+stage-1 file; tiktoken when it is proven to give tokenizers' ids on this run's documents, else
+``tokenizers``); a killed run resumes at shard granularity and writes byte-identical shards. Inputs are
+checked before ``--force`` deletes anything; a second copy on the same run exits 2 naming the holder. ``--verify`` re-reads a finished stage: headers,
 sizes, checksums, id range and decode/encode round trips on a sample of documents, naming bad files.
 Logic: ``dante.shards.tokenize_stage`` and ``verify_stage``.
 

@@ -7,7 +7,7 @@ and tiktoken's BPE encodes the same byte-level vocabulary several times faster p
 How the encoding is built (``build_tiktoken``): the one pre-tokenizer regex of the Dante tokenizer is
 tiktoken's ``pat_str``; each vocabulary entry, mapped from GPT-2 byte symbols back to raw bytes, is a
 mergeable token whose rank is its Dante id; the special/reserved tokens are tiktoken special tokens (never
-matched in text: stage 3 calls ``encode_ordinary``, as ``load_tokenizer``'s ``encode_special_tokens``
+matched in text: stage 3 encodes with none allowed, ``encode_plain``, as ``load_tokenizer``'s ``encode_special_tokens``
 keeps them text). Ranks = ids reproduces BPE's merge order because Dante ids of learned tokens follow
 merge order (docs/DESIGN.md, vocabulary layout). A tokenizer that breaks an assumption tiktoken relies on
 is refused with the reason (``Unreproducible``): a normalizer, several regexes in sequence, a
@@ -140,11 +140,17 @@ def token_byte_lengths(enc, n_ids: int) -> np.ndarray:
     return out
 
 
+def encode_plain(enc, text: str) -> np.ndarray:
+    """Ids of ``text`` with special-token strings as plain text (= ``encode_ordinary``) as a uint32 array:
+    one buffer from Rust instead of a list of Python ints (13% of stage 3's fast path, profiled)."""
+    return enc.encode_to_numpy(text, allowed_special=set(), disallowed_special=())
+
+
 def prove_equal(enc, tokenizer, texts: list[tuple[str, str]]) -> str | None:
     """None when tiktoken's ids equal ``tokenizer``'s on every (where, text); else the first difference."""
     ref = tokenizer.encode_batch_fast([t for _, t in texts], add_special_tokens=False)
     for (where, text), r in zip(texts, ref):
-        fast = enc.encode_ordinary(text)
+        fast = encode_plain(enc, text).tolist()
         if fast != r.ids:
             pos = next((i for i, (a, b) in enumerate(zip(fast, r.ids)) if a != b), min(len(fast), len(r.ids)))
             snippet = tokenizer.decode(r.ids[max(0, pos - 3):pos + 3])
