@@ -23,7 +23,7 @@ LAYERS: dict[int, list[str]] = {
     2: ["artifacts", "rope", "loss"],                     # run folders/manifests; pure math
     3: ["model", "cli", "metrics", "corpus", "pretokenizers"],  # the transformer; command line; logs; stage 1; regexes
     4: ["tokenizer", "flops"],                            # stage 2; FLOP/memory model and --dry-run plan
-    5: ["shards", "sft_packing", "chat_format", "sft_data", "fertility", "checkpoint"],  # stages 3, 6; checkpoints
+    5: ["shards", "fast_encode", "sft_packing", "chat_format", "sft_data", "fertility", "checkpoint"],  # stages 3 (+ its tiktoken path), 6; checkpoints
     6: ["pretrain_data", "kernels", "transforms", "distributed", "prefetch", "backends", "engine", "sft_train",
         "evaluation"],  # training (stages 4, 5, 7); stage 8
     7: ["export", "extend"],                              # stage 9; stage 5 (uses stage 8's measurements)

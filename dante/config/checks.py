@@ -276,6 +276,8 @@ def check_shards_stage(cfg: ShardsStageConfig) -> list[str]:
         p.append("shards.val_fraction: must be in [0, 1)")
     if s.workers < 0 or s.batch_docs <= 0:
         p.append("shards.workers must be >= 0 and shards.batch_docs > 0")
+    if s.encoder_check_docs <= 0:
+        p.append("shards.encoder_check_docs: must be > 0 (the tiktoken path is used only after this many documents agree)")
     return p
 
 

@@ -286,6 +286,10 @@ class ShardsConfig:
     """Documents round-tripped per shard by --verify."""
     dtype: Literal["uint16", "uint32"] = "uint16"
     """Token id type in the shards; uint16 needs a tokenizer with at most 65,536 ids."""
+    encoder: Literal["auto", "tiktoken", "tokenizers"] = "auto"
+    """auto: tiktoken (several times faster per core) when proven to give tokenizers' ids on this run's documents, else tokenizers; tiktoken: require it."""
+    encoder_check_docs: int = 3000
+    """Documents (held-out, then an even sample of every source) on which tiktoken must equal tokenizers."""
 
 
 @dataclass
