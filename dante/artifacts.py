@@ -581,6 +581,9 @@ class Stage:
         cfg_dict = C.to_dict(cfg)
         if force and d.exists():
             if is_main_process():
+                # the manifest first: a kill part-way through the delete must not leave a "complete" stage
+                # with outputs missing
+                (d / MANIFEST).unlink(missing_ok=True)
                 shutil.rmtree(d)
         self.fresh = not d.exists()
         remove_debris(d)
