@@ -579,12 +579,16 @@ class Stage:
         acquire_stage_lock(cfg.run, name)
         self.check_not_finished(force)
         cfg_dict = C.to_dict(cfg)
+        if is_main_process():  # a reset a kill interrupted: finish deleting it
+            for old in d.parent.glob(f".{name}.deleting-*"):
+                shutil.rmtree(old, ignore_errors=True)
         if force and d.exists():
             if is_main_process():
-                # the manifest first: a kill part-way through the delete must not leave a "complete" stage
-                # with outputs missing
-                (d / MANIFEST).unlink(missing_ok=True)
-                shutil.rmtree(d)
+                # renamed away in one atomic step, then deleted: a kill part-way through the delete leaves
+                # neither a "complete" stage with files missing nor stale files in a fresh folder
+                trash = d.parent / f".{name}.deleting-{secrets.token_hex(4)}"
+                os.replace(d, trash)
+                shutil.rmtree(trash)
         self.fresh = not d.exists()
         remove_debris(d)
         resumed = False
