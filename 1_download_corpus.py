@@ -39,5 +39,5 @@ def dry_run(cfg, args) -> None:
 
 if __name__ == "__main__":
     raise SystemExit(run_stage("01_corpus", __doc__.split("\n\n")[0], main,
-                               format_version=corpus.FORMAT_VERSION, dry_run=dry_run,
+                               format_version=corpus.FORMAT_VERSION, dry_run=dry_run, validate=corpus.validate,
                                resume_check=corpus.resume_check))
