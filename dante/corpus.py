@@ -1,44 +1,67 @@
-"""Stage 1: stream text sources, normalize, filter, deduplicate and write compressed document shards.
-(~650 lines: the shard writer and the readers of stage 1's shards share the record format, so they stay together.)
+"""Stage 1: read text sources, normalize, filter, deduplicate and write compressed document shards.
+(The shard writer and the readers of stage 1's shards share the record format, so they stay together;
+the chunks and the worker are in ``dante.corpus_chunks``, the dedup set in ``dante.dedup``.)
 
-Every source, hub or local, is read through the same code path: a ``datasets`` streaming
-``IterableDataset`` (``load_dataset(hf_id, ..., streaming=True)`` for the hub, the ``json`` / ``text`` /
-``parquet`` builders with ``data_files=`` for local files). Each row then goes through the same steps:
+Reading: hub sources stream through ``datasets`` (``load_dataset(hf_id, ..., streaming=True)``); local
+jsonl / txt / parquet files are read directly, in deterministic chunks (``dante.corpus_chunks``: line-aligned
+byte ranges of ``corpus.chunk_bytes``, parquet row groups, whole files where a source cannot be cut, which
+the log says). ``corpus.workers`` processes (0: all cores) turn each chunk's rows into candidates through
+the same steps:
 
 1. text extraction (``text_field``, a dotted path reaches into nested mappings such as Europarl's
-   ``translation.it``; a missing field fails the source with the list of available fields);
+   ``translation.it``; a missing field fails the source with the list of available fields; a line that is
+   not JSON fails it naming the file and line);
 2. the non-UTF-8 policy (``corpus.non_utf8``): undecodable bytes in local files are replaced by U+FFFD
-   while reading, and any document holding U+FFFD or a lone surrogate (what decoders leave behind) is
-   dropped and counted (``skip``) or fails the source (``error``);
+   while reading (``error``: reported with file and line), and any document holding U+FFFD or a lone
+   surrogate (what decoders leave behind) is dropped and counted (``skip``) or fails the source (``error``);
 3. Unicode NFC normalization (a decomposed "e" + U+0300 becomes the single code point "è"), so the same
    word always reaches the tokenizer as the same bytes;
 4. the ``min_chars`` filter (length after NFC, surrounding whitespace not counted);
+
+then ONE committer (this process) applies, strictly in (source, chunk, row) order:
+
 5. exact-duplicate removal over the whole stage by a 64-bit BLAKE2b of the UTF-8 text: the first
    occurrence wins, in the order sources are processed (config order in an uninterrupted run);
-6. the character budget: a source stops once its kept characters reach ``char_budget`` (0: no limit).
+6. the character budget: a source stops at the row whose kept characters reach ``char_budget`` (0: no limit).
 
-Output: ``01_corpus/<source>/shard-NNNNN.jsonl.gz``, records ``{"text", "source", "lang", "tier"}``,
-``docs_per_shard`` documents each, written atomically (gzip mtime 0: identical runs give identical bytes),
-and beside each a ``shard-NNNNN.hashes`` file (the shard's dedup keys, little-endian uint64).
+Guarantees: the documents, their order, the shard bytes and the statistics are the same for any
+``corpus.workers`` (tests: 1, 2 and 3 workers byte-identical) and after a SIGKILL at any moment followed
+by a rerun, with any worker count (tests: kill with 2, rerun with 1). Every problem of the local sources
+is found by ``validate`` before anything is written (also by ``--dry-run``, and before ``--force`` deletes
+a finished stage). Writes are atomic; the stage lock and the removal of a killed run's temporaries at
+start (``Stage.open``) leave no ``.*.tmp`` in a finished folder. (The ``.progress.json.*.tmp`` seen in a
+finished folder came from a run killed inside a progress write: nothing removed it when the rerun
+resumed and finished; nothing else writes progress, so no write races the manifest.)
 
-Resume: after every shard, ``progress.json`` records per source the completed shards, the number of rows
-consumed, the stream position (``IterableDataset.state_dict()``) and the statistics. A killed run reloads
-the dedup keys of the completed shards, restores the stream (``load_state_dict``, else ``skip(rows)``)
-and continues from the last completed shard: the result is the same documents, in the same order, as an
-uninterrupted run. A failing source (missing hub dataset, bad bytes with policy ``error``, no document
-kept) records its error and the others go on; the stage then exits non-zero, names the failed sources and
-writes no manifest. Rerunning (with the same config, or one where only failed or pending sources changed:
+Output: ``01_corpus/<source>/shard-NNNNN.jsonl.zst``, records ``{"text", "source", "lang", "tier"}``,
+``docs_per_shard`` documents each, one zstd frame (level ``ZSTD_LEVEL``, with checksum; identical content
+gives identical bytes), written by a thread pool while the committer goes on, and beside each a
+``shard-NNNNN.hashes`` file (the shard's dedup keys, little-endian uint64). Format version 2; version-1
+gzip shards (``.jsonl.gz``) are still read by the readers below (they go by the magic bytes).
+
+Resume: when a shard is written (shards are recorded strictly in order), ``progress.json`` records per
+source the shards, the position after the shard's last document (chunk number, row in it, and the
+chunk's start: file and byte offset, row group, or the hub stream's ``state_dict()`` / row count) and the
+statistics. A killed run reloads the dedup keys of the recorded shards, rebuilds the chunks from that
+position (same bounds, same numbers) and continues at the recorded row. A failing source (missing hub
+dataset, bad bytes with policy ``error``, bad JSON, no document kept) records its error and the others go
+on; the stage then exits non-zero, names the failed sources and writes no manifest. Rerunning (with the
+same config, or one where only failed or pending sources changed, or ``corpus.workers``:
 ``resume_check``) retries them after the sources completed meanwhile, which then come first in the dedup
 order (recorded in the manifest as ``dedup_order``).
 
 Readers of a finished stage 1 live here too, beside the writer of the format they read: ``corpus_files``
 lists its shards as ``CorpusFile`` s (with their source, language and tier), ``iter_shard_texts`` yields
-the checked texts of one shard (stages 2 and 3), ``read_shard`` / ``iter_documents`` the raw records.
+the checked texts of one shard (stages 2 and 3; a truncated zstd frame, bad gzip, bad UTF-8 or JSON is a
+UserError naming the file), ``read_shard`` / ``iter_documents`` the raw records.
 
-Memory: the dedup set holds one 64-bit key per kept document, in a Python set (its measured cost per
-key, and what that means for the dante-2b corpus: docs/PERFORMANCE.md, "Facts measured while the stages
-were written"). 64-bit keys collide with probability ~n^2/2^65 (4e-4 at 1.2e8 documents: expect no false
-duplicate).
+Memory: the dedup set holds one 64-bit key per kept document in a numpy open-addressing table,
+10.7-21.3 bytes per key (measured numbers and the command: ``dante.dedup``); 64-bit keys collide with
+probability ~n^2/2^65 (4e-4 at 1.2e8 documents: expect no false duplicate). The committer keeps at most
+2 x workers chunks in flight (each ~``chunk_bytes``) and the shards being written.
+
+Speed: ``build_corpus(stage, cfg)`` is the entry point (``python 1_download_corpus.py --config ...
+--set corpus.workers=N``); chars/s measured with 1 and 2 workers: docs/PERFORMANCE.md.
 
 Example::
 
@@ -161,35 +184,34 @@ def _open_shard_text(path: str | Path):
 
 
 class _CheckedZstd(io.RawIOBase):
-    """A zstd stream that fails on a truncated frame: zstandard's reader ends quietly at EOF mid-frame,
-    so the frame's end is checked here (its checksum is verified by the decoder at the frame's end)."""
+    """A shard's zstd frame, decoded in one pass, that fails on a file cut inside the frame (zstandard's
+    stream reader ends quietly there); the frame's checksum is verified by the decoder at its end."""
 
     def __init__(self, raw) -> None:
         self._raw = raw
-        self._reader = zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True, closefd=True)
-        self._obj = zstandard.ZstdDecompressor().decompressobj()
+        self._dobj = zstandard.ZstdDecompressor().decompressobj()
+        self._out = memoryview(b"")
 
     def readable(self) -> bool:
         return True
 
     def readinto(self, b) -> int:
-        data = self._reader.read(len(b))
-        if not data:
-            self._check_complete()
-        b[:len(data)] = data
-        return len(data)
-
-    def _check_complete(self) -> None:
-        # a stream reader at EOF cannot tell "frame done" from "file cut"; a fresh decoder over the file can
-        self._raw.seek(0)
-        dobj = zstandard.ZstdDecompressor().decompressobj()
-        while piece := self._raw.read(1 << 20):
-            dobj.decompress(piece)
-        if not dobj.eof:
-            raise zstandard.ZstdError("the file ends inside a zstd frame (truncated)")
+        while not self._out:
+            piece = self._raw.read(1 << 20)
+            if not piece:
+                if not self._dobj.eof:
+                    raise zstandard.ZstdError("the file ends inside a zstd frame (truncated)")
+                return 0
+            if self._dobj.eof:
+                raise zstandard.ZstdError("bytes after the end of the zstd frame")
+            self._out = memoryview(self._dobj.decompress(piece))
+        n = min(len(b), len(self._out))
+        b[:n] = self._out[:n]
+        self._out = self._out[n:]  # a view: no copy of the rest
+        return n
 
     def close(self) -> None:
-        self._reader.close()
+        self._raw.close()
         super().close()
 
 
@@ -492,7 +514,7 @@ class _SourceRun:
             return parquet_chunks(files, pos["at"], pos["chunk"])
         if src.format == "txt" and src.sample_by != "line":
             return file_chunks(files, pos["at"], pos["chunk"])
-        return line_chunks(files, pos["at"], pos["chunk"])
+        return line_chunks(files, pos["at"], pos["chunk"], self.cfg.chunk_bytes)
 
     def _commit(self, chunk: Chunk, r: ChunkResult, skip: int, budget: int) -> bool:
         """Apply dedup and the budget to one chunk's rows from ``skip`` on; True when the budget is reached."""

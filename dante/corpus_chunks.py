@@ -8,7 +8,7 @@ chunk) order and get the same output for any ``corpus.workers``:
 source                      chunk
 ==========================  ========================================================================
 local jsonl, txt by line    a line-aligned byte range of the (decompressed) file: from its start
-                            offset, ``CHUNK_BYTES`` bytes cut back to the last newline (a longer line
+                            offset, ``corpus.chunk_bytes`` bytes cut back to the last newline (a longer line
                             makes a longer chunk); .gz/.bz2/.xz/.zst files are decompressed here
 local txt by paragraph/doc  one file (a single file cannot be cut: the log says so)
 local parquet               one row group (a file written as one group cannot be cut: log)
@@ -45,9 +45,6 @@ from dante import config as C
 from dante.artifacts import stable_hash64
 from dante.errors import UserError
 
-CHUNK_BYTES = 4 << 20
-"""Bytes per line-aligned chunk: small enough to keep 2x workers of them in flight, large enough that
-per-chunk overhead (pickling, one dedup lookup) is negligible."""
 HF_CHUNK_ROWS = 2000
 REPLACEMENT_CHAR = "\ufffd"
 # per-row outcome in ChunkResult.kinds
@@ -156,7 +153,7 @@ def _skip_to(f, path: Path, offset: int) -> None:
         f.seek(offset)
 
 
-def line_chunks(files: list[Path], start: dict | None, index: int) -> Iterator[Chunk]:
+def line_chunks(files: list[Path], start: dict | None, index: int, chunk_bytes: int) -> Iterator[Chunk]:
     """Line-aligned byte ranges; chunk k+1 starts where chunk k was cut, so its bounds are a function of
     the file alone (each chunk is read from its own start, never from a carried-over remainder)."""
     start = start or {"file": 0, "offset": 0, "line": 1}
@@ -167,17 +164,17 @@ def line_chunks(files: list[Path], start: dict | None, index: int) -> Iterator[C
             _skip_to(f, path, offset)
             data, eof = b"", False
             while True:
-                if not eof and len(data) < CHUNK_BYTES:
-                    more = f.read(CHUNK_BYTES - len(data))
+                if not eof and len(data) < chunk_bytes:
+                    more = f.read(chunk_bytes - len(data))
                     eof = not more
                     data += more
-                    continue  # until CHUNK_BYTES are in hand or the file ends
+                    continue  # until chunk_bytes are in hand or the file ends
                 if not data:
                     break
                 cut = data.rfind(b"\n") + 1
                 if cut == 0:
-                    if not eof:  # one line longer than CHUNK_BYTES: the chunk grows to its end
-                        more = f.read(CHUNK_BYTES)
+                    if not eof:  # one line longer than chunk_bytes: the chunk grows to its end
+                        more = f.read(chunk_bytes)
                         eof = not more
                         data += more
                         continue

@@ -12,7 +12,6 @@ import json
 import os
 import random
 import runpy
-import shutil
 import signal
 import subprocess
 import sys
@@ -20,13 +19,15 @@ import time
 import unicodedata
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import yaml
 
 from dante import config as C
-from dante import corpus
+from dante import corpus, corpus_chunks
+from dante.dedup import DedupIndex
 
 REPO = Path(__file__).resolve().parent.parent
 SCRIPT = REPO / "1_download_corpus.py"
@@ -524,7 +525,8 @@ def stage_files(sdir: Path) -> dict[str, bytes]:
                 m = json.loads(data)
                 for k in TIMING_FIELDS:
                     m.pop(k, None)
-                m["config"]["run"].pop("root", None)
+                m["config"]["run"].pop("root", None)  # output-neutral keys: where the run lives,
+                m["config"]["corpus"].pop("workers", None)  # and how many processes made it
                 data = json.dumps(m, sort_keys=True).encode()
             out[p.relative_to(sdir).as_posix()] = data
     return out
@@ -597,3 +599,127 @@ def test_sigkill_at_random_moments_then_rerun_is_byte_identical(tmp_path):
         assert not [p for p in sdir.rglob("*.tmp")], "temporaries left in a finished stage"
         assert stage_files(sdir) == reference
     assert killed >= 2, "the kills landed after the runs ended; the kill window is wrong"
+
+
+# ---------------------------------------------------------------------------------------------------
+# parallel stage 1 (issue 15): same bytes for any worker count, zstd shards, old shards still read
+# ---------------------------------------------------------------------------------------------------
+
+SMALL_CHUNKS = {"docs_per_shard": 150, "chunk_bytes": 65536}  # many chunks and shards, cut across each other
+
+
+def test_one_two_three_workers_write_identical_bytes(tmp_path):
+    outputs = []
+    for w in (1, 2, 3):
+        cfg = tiny_config(tmp_path, tmp_path / f"w{w}", name=f"w{w}.yaml", workers=w, **SMALL_CHUNKS)
+        r = run_script(cfg)
+        assert r.returncode == 0, r.stderr
+        assert f"{w} worker process(es)" in r.stdout
+        outputs.append(stage_files(tmp_path / f"w{w}" / "tiny" / "01_corpus"))
+    assert outputs[0] == outputs[1] == outputs[2]
+    shards = [k for k in outputs[0] if k.endswith(".jsonl.zst")]
+    assert len(shards) > 12 and all(outputs[0][k][:4] == corpus.ZSTD_MAGIC for k in shards)
+    # the shards hold what the manifest counts, readable by stage 2/3's reader
+    m = json.loads((tmp_path / "w1" / "tiny" / "01_corpus" / "manifest.json").read_text())
+    files = corpus.corpus_files(tmp_path / "w1" / "tiny" / "01_corpus", m)
+    assert sum(1 for f in files for _ in corpus.iter_shard_texts(f.path)) == m["counts"]["docs"]
+
+
+def test_kill_with_two_workers_then_rerun_with_one_gives_the_same_bytes(tmp_path):
+    ref_cfg = tiny_config(tmp_path, tmp_path / "ref", name="ref.yaml", workers=1, **SMALL_CHUNKS)
+    work = work_seconds(ref_cfg, tmp_path / "ref" / "tiny" / "01_corpus")
+    reference = stage_files(tmp_path / "ref" / "tiny" / "01_corpus")
+    rng = random.Random(15)
+    killed = 0
+    for i in range(2):
+        root = tmp_path / f"k{i}"
+        sdir = root / "tiny" / "01_corpus"
+        cfg = tiny_config(tmp_path, root, name=f"k{i}.yaml", workers=2, **SMALL_CHUNKS)
+        killed += kill_at(cfg, sdir, rng.uniform(0.1, 0.8), work)
+        r = run_script(cfg, "--set", "corpus.workers=1")
+        assert r.returncode == 0, r.stderr
+        assert not list(sdir.rglob("*.tmp"))
+        assert stage_files(sdir) == reference
+    assert killed >= 1
+
+
+@pytest.mark.parametrize("workers", [-1, 2 * (os.cpu_count() or 1) + 1])
+def test_bad_worker_count_is_refused(tmp_path, monkeypatch, capsys, workers):
+    cfg = tiny_config(tmp_path, tmp_path / "runs", workers=workers)
+    code, _, err = run_stage1(monkeypatch, capsys, "--config", str(cfg), "--dry-run")
+    assert code == 2 and f"corpus.workers={workers}" in err and "--set corpus.workers=" in err
+    assert not (tmp_path / "runs").exists()
+
+
+def test_truncated_zstd_shard_is_a_clear_error(tmp_path):
+    path = tmp_path / "shard-00000.jsonl.zst"
+    corpus.write_shard(path, [{"text": f"{LOREM} {i}"} for i in range(500)])
+    assert len(list(corpus.iter_shard_texts(path))) == 500
+    path.write_bytes(path.read_bytes()[:-40])
+    with pytest.raises(corpus.UserError) as e:
+        list(corpus.iter_shard_texts(path))
+    assert str(path) in str(e.value) and "truncated" in str(e.value) and "--force" in str(e.value)
+
+
+def test_version_1_gzip_shards_are_still_read(tmp_path):
+    """A stage 1 written by format version 1 (gzip shards) reads the same through corpus_files / iter_shard_texts."""
+    sdir = tmp_path / "01_corpus"
+    texts = [f"{LOREM} {i}" for i in range(7)]
+    corpus.write_shard(sdir / "a" / "shard-00000.jsonl.gz", [{"text": t, "source": "a", "lang": "it", "tier": 1} for t in texts])
+    raw = (sdir / "a" / "shard-00000.jsonl.gz").read_bytes()
+    assert raw[:2] == corpus.GZIP_MAGIC
+    manifest = {"format_version": 1, "outputs": {"sources": {"a": {"lang": "it", "tier": 1, "shards": ["a/shard-00000.jsonl.gz"]}}}}
+    assert 1 in corpus.READABLE_FORMATS
+    [f] = corpus.corpus_files(sdir, manifest)
+    assert [t for _, t in corpus.iter_shard_texts(f.path)] == texts
+
+
+def test_malformed_jsonl_names_the_file_and_line(tmp_path, monkeypatch, capsys):
+    good = [json.dumps({"text": f"{LOREM} {i}"}) for i in range(5)]
+    (tmp_path / "bad.jsonl").write_text("\n".join(good[:3] + ['{"text": "cut in the mid'] + good[3:]) + "\n")
+    cfg = write_config(tmp_path, [source("s", tmp_path / "bad.jsonl")])
+    code, _, err = run_stage1(monkeypatch, capsys, "--config", str(cfg))
+    assert code == 2 and "Traceback" not in err
+    assert f"{tmp_path / 'bad.jsonl'}:4: not a JSON record" in err and "'s'" in err
+
+
+def test_a_source_that_cannot_be_cut_says_so(tmp_path, monkeypatch, capsys):
+    (tmp_path / "book.txt").write_text("Primo paragrafo abbastanza lungo.\n\nSecondo paragrafo abbastanza lungo.")
+    cfg = write_config(tmp_path, [source("book", tmp_path / "book.txt", format="txt", sample_by="paragraph")])
+    code, out, err = run_stage1(monkeypatch, capsys, "--config", str(cfg))
+    assert code == 0, err
+    assert "source 'book': one txt file read by paragraph cannot be cut; it runs on one worker" in out
+
+
+def test_line_chunks_are_a_function_of_the_file_and_resume_at_any_chunk(tmp_path):
+    rng = random.Random(3)
+    lines = [("x" * rng.randint(0, 300)) for _ in range(400)] + ["y" * 5000] + ["z" * 10 for _ in range(50)]
+    data = ("\n".join(lines)).encode()  # the last line has no newline
+    (tmp_path / "f.jsonl").write_bytes(data)
+    (tmp_path / "f.jsonl.gz").write_bytes(gzip.compress(data))
+    for name in ("f.jsonl", "f.jsonl.gz"):
+        files = [tmp_path / name]
+        chunks = list(corpus_chunks.line_chunks(files, None, 0, 1024))
+        assert b"".join(c.payload for c in chunks) == data
+        assert all(c.payload.endswith(b"\n") for c in chunks[:-1]) and max(len(c.payload) for c in chunks) >= 5000
+        assert [c.index for c in chunks] == list(range(len(chunks)))
+        assert [c.first_line for c in chunks] == [1 + sum(p.payload.count(b"\n") for p in chunks[:k]) for k in range(len(chunks))]
+        for k in (1, len(chunks) // 2, len(chunks) - 1):
+            again = list(corpus_chunks.line_chunks(files, chunks[k].pos, k, 1024))
+            assert [(c.index, c.pos, c.payload) for c in again] == [(c.index, c.pos, c.payload) for c in chunks[k:]]
+
+
+def test_dedup_index_agrees_with_a_python_set():
+    rng = np.random.default_rng(0)
+    index, seen = DedupIndex(capacity=16), set()
+    for _ in range(60):
+        keys = rng.integers(0, 5000, size=rng.integers(1, 400), dtype=np.uint64)  # many repeats, and key 0
+        keys = np.concatenate([keys, rng.integers(0, 2**64 - 1, size=50, dtype=np.uint64, endpoint=True)])
+        present = index.contains(keys)
+        assert present.tolist() == [int(k) in seen or (k == 0 and 1 in seen) or (k == 1 and 0 in seen) for k in keys]
+        _, first = np.unique(keys, return_index=True)
+        new = keys[np.sort(first)]
+        new = new[~index.contains(new)]
+        index.add_new(new)
+        seen.update(int(k) for k in new)
+    assert len(index) == len({1 if k == 0 else k for k in seen}) and index.nbytes / len(index) <= 24
