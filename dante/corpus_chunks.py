@@ -208,22 +208,23 @@ def parquet_chunks(files: list[Path], start: dict | None, index: int) -> Iterato
             index += 1
 
 
-def hub_chunks(ds, start: dict | None, index: int) -> Iterator[Chunk]:
-    """Rows of one hub stream, ``HF_CHUNK_ROWS`` at a time; ``ds`` is already at ``start`` (the caller
-    restored its state). Each chunk's ``pos`` holds the stream state before its first row."""
+def hub_chunks(ds, start: dict | None, index: int, text_field: str, src_name: str,
+               rows_per_chunk: int = HF_CHUNK_ROWS) -> Iterator[Chunk]:
+    """Rows of one hub stream, read in batches of ``rows_per_chunk`` (``IterableDataset.iter``), one chunk
+    each, carrying only the text's top-level column to the workers. ``ds`` is already at ``start`` (the
+    caller restored its state); each chunk's ``pos`` holds the stream state before its first row."""
     rows = (start or {}).get("rows", 0)
-    batch: list = []
+    top = text_field.split(".")[0]
     pos = {"rows": rows, "stream_state": stream_state(ds)}
-    for row in ds:
-        batch.append(row)
-        if len(batch) == HF_CHUNK_ROWS:
-            yield Chunk(index, pos, "rows", batch, first_line=rows + 1)
-            index += 1
-            rows += len(batch)
-            batch = []
-            pos = {"rows": rows, "stream_state": stream_state(ds)}
-    if batch:
-        yield Chunk(index, pos, "rows", batch, first_line=rows + 1)
+    for batch in ds.iter(batch_size=rows_per_chunk):
+        if top not in batch:
+            raise SourceError(f"source {src_name!r}: text field {text_field!r} not found at row {rows + 1} "
+                              f"(available: {sorted(batch)}); set text_field in the source config")
+        values = batch[top]
+        yield Chunk(index, pos, "rows", [{top: v} for v in values], first_line=rows + 1)
+        index += 1
+        rows += len(values)
+        pos = {"rows": rows, "stream_state": stream_state(ds)}
 
 
 def stream_state(ds) -> Any:

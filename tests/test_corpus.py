@@ -723,3 +723,25 @@ def test_dedup_index_agrees_with_a_python_set():
         index.add_new(new)
         seen.update(int(k) for k in new)
     assert len(index) == len({1 if k == 0 else k for k in seen}) and index.nbytes / len(index) <= 24
+
+
+def test_hub_stream_chunks_resume_from_their_recorded_state(tmp_path):
+    """Hub rows come in batches; restarting from any chunk's recorded position (stream state, else the
+    row count to skip) yields the same chunks, across the dataset's file boundary."""
+    repo = tmp_path / "hub-repo" / "data"
+    repo.mkdir(parents=True)
+    pq.write_table(pa.table({"content": [f"{LOREM} {i}" for i in range(250)]}), repo / "train-00000-of-00002.parquet")
+    pq.write_table(pa.table({"content": [f"{LOREM} {i}" for i in range(250, 400)]}), repo / "train-00001-of-00002.parquet")
+    src = C.SourceConfig(name="hub", kind="hf", hf_id=str(tmp_path / "hub-repo"), text_field="content", lang="it")
+    chunks = list(corpus_chunks.hub_chunks(corpus.open_stream(src), None, 0, "content", "hub", rows_per_chunk=60))
+    assert [r["content"] for c in chunks for r in c.payload] == [f"{LOREM} {i}" for i in range(400)]
+    assert len(chunks) == 7 and chunks[3].pos["stream_state"] is not None
+    for k in (2, 4):
+        for at in (chunks[k].pos, {"rows": chunks[k].pos["rows"], "stream_state": None}):
+            ds = corpus.open_stream(src)
+            if at["stream_state"] is not None:
+                ds.load_state_dict(at["stream_state"])
+            else:
+                ds = ds.skip(at["rows"])
+            again = list(corpus_chunks.hub_chunks(ds, at, k, "content", "hub", rows_per_chunk=60))
+            assert [(c.index, c.payload, c.first_line) for c in again] == [(c.index, c.payload, c.first_line) for c in chunks[k:]]
