@@ -579,25 +579,34 @@ def test_dry_run_and_force_refuse_a_missing_source_before_touching_anything(tmp_
     assert stage_files(sdir) == before
 
 
-def test_sigkill_at_random_moments_then_rerun_is_byte_identical(tmp_path):
-    """Seeded random kill points over the whole run (import, first shard, mid-source, the final writes);
-    every rerun ends with exactly the files of an uninterrupted run, and no temporary left behind."""
-    ref_cfg = tiny_config(tmp_path, tmp_path / "ref", name="ref.yaml", docs_per_shard=200)
+def kills_then_reruns_match(tmp_path: Path, seed: int, rounds: int, ref_kw: dict, kill_kw: dict,
+                            rerun_args: tuple[str, ...] = (), second_kill: float = 0.0) -> int:
+    """Per round: SIGKILL stage 1 at a seeded random moment (again in the resumed run with probability
+    ``second_kill``), rerun it, and require exactly the files of an uninterrupted run and no temporary.
+    Returns how many kills landed while the process was running."""
+    ref_cfg = tiny_config(tmp_path, tmp_path / "ref", name="ref.yaml", **ref_kw)
     work = work_seconds(ref_cfg, tmp_path / "ref" / "tiny" / "01_corpus")
     reference = stage_files(tmp_path / "ref" / "tiny" / "01_corpus")
-    rng = random.Random(13)
+    rng = random.Random(seed)
     killed = 0
-    for i in range(3):
+    for i in range(rounds):
         root = tmp_path / f"k{i}"
         sdir = root / "tiny" / "01_corpus"
-        cfg = tiny_config(tmp_path, root, name=f"k{i}.yaml", docs_per_shard=200)
+        cfg = tiny_config(tmp_path, root, name=f"k{i}.yaml", **kill_kw)
         killed += kill_at(cfg, sdir, rng.uniform(0.0, 0.9), work)
-        if rng.random() < 0.5:  # a second kill during the resumed run
+        if rng.random() < second_kill:  # a second kill during the resumed run
             killed += kill_at(cfg, sdir, rng.uniform(0.0, 0.5), work)
-        r = run_script(cfg)
+        r = run_script(cfg, *rerun_args)
         assert r.returncode == 0, r.stderr
         assert not [p for p in sdir.rglob("*.tmp")], "temporaries left in a finished stage"
         assert stage_files(sdir) == reference
+    return killed
+
+
+def test_sigkill_at_random_moments_then_rerun_is_byte_identical(tmp_path):
+    """Seeded random kill points over the whole run (first shard, mid-source, the final writes)."""
+    kw = {"docs_per_shard": 200}
+    killed = kills_then_reruns_match(tmp_path, 13, 3, kw, kw, second_kill=0.5)
     assert killed >= 2, "the kills landed after the runs ended; the kill window is wrong"
 
 
@@ -626,20 +635,8 @@ def test_one_two_three_workers_write_identical_bytes(tmp_path):
 
 
 def test_kill_with_two_workers_then_rerun_with_one_gives_the_same_bytes(tmp_path):
-    ref_cfg = tiny_config(tmp_path, tmp_path / "ref", name="ref.yaml", workers=1, **SMALL_CHUNKS)
-    work = work_seconds(ref_cfg, tmp_path / "ref" / "tiny" / "01_corpus")
-    reference = stage_files(tmp_path / "ref" / "tiny" / "01_corpus")
-    rng = random.Random(15)
-    killed = 0
-    for i in range(2):
-        root = tmp_path / f"k{i}"
-        sdir = root / "tiny" / "01_corpus"
-        cfg = tiny_config(tmp_path, root, name=f"k{i}.yaml", workers=2, **SMALL_CHUNKS)
-        killed += kill_at(cfg, sdir, rng.uniform(0.1, 0.8), work)
-        r = run_script(cfg, "--set", "corpus.workers=1")
-        assert r.returncode == 0, r.stderr
-        assert not list(sdir.rglob("*.tmp"))
-        assert stage_files(sdir) == reference
+    killed = kills_then_reruns_match(tmp_path, 15, 2, {"workers": 1, **SMALL_CHUNKS}, {"workers": 2, **SMALL_CHUNKS},
+                                     rerun_args=("--set", "corpus.workers=1"))
     assert killed >= 1
 
 
