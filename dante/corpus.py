@@ -578,16 +578,21 @@ class _SourceRun:
         self.buffer, self.buffer_keys = [], []
         after = {"pos": pos, "stats": dataclasses.asdict(self.stats)}
         self.pending.append((self.writers.submit(_write_shard_files, path, payload, keys), path, after))
+        while len(self.pending) > 2 * self.pool.workers:  # bounded memory if compression falls behind
+            self._drain_one()
 
     def _drain(self, block: bool) -> None:
         """Record the written shards, oldest first: progress only ever names shards whose files exist,
         and a shard counts only once every shard before it does."""
         while self.pending and (block or self.pending[0][0].done()):
-            future, path, after = self.pending.popleft()
-            future.result()
-            self.state["shards"].append(path.relative_to(self.stage.dir).as_posix())
-            self.state.update(after)
-            self.save_progress()
+            self._drain_one()
+
+    def _drain_one(self) -> None:
+        future, path, after = self.pending.popleft()
+        future.result()
+        self.state["shards"].append(path.relative_to(self.stage.dir).as_posix())
+        self.state.update(after)
+        self.save_progress()
 
     def _remove_stale_files(self) -> None:
         """Shard files past the recorded ones (written just before a kill, then rewritten or not needed)."""

@@ -498,12 +498,19 @@ def test_profile_corpus_configs_point_at_real_sources():
 TIMING_FIELDS = ("started", "finished", "resumed")
 
 
-def tiny_config(tmp_path: Path, root: Path, name: str = "tiny.yaml", **corpus_kw) -> Path:
-    """The tiny profile with absolute source paths and its run under ``root``."""
+def tiny_config(tmp_path: Path, root: Path, name: str = "tiny.yaml", mixed: bool = False, **corpus_kw) -> Path:
+    """The tiny profile with absolute source paths and its run under ``root``. ``mixed``: also a budget
+    that stops a source inside a chunk, and a second reading of the quotes (min_chars 20) whose longer
+    half duplicates the first reading's documents (dedup across sources)."""
     data = yaml.safe_load((REPO / "configs" / "tiny" / "corpus.yaml").read_text())
     data["run"]["root"] = str(root)
     for s in data["corpus"]["sources"]:
         s["path"] = str(REPO / s["path"])
+    if mixed:
+        sources = data["corpus"]["sources"]
+        next(s for s in sources if s["name"] == "it-diodati")["char_budget"] = 400_000
+        fortunes = next(s for s in sources if s["name"] == "it-fortunes")
+        sources.append({**fortunes, "name": "it-fortunes-short", "min_chars": 20})
     data["corpus"].update(corpus_kw)
     path = tmp_path / name
     path.write_text(yaml.safe_dump(data, sort_keys=False))
@@ -620,7 +627,7 @@ SMALL_CHUNKS = {"docs_per_shard": 150, "chunk_bytes": 65536}  # many chunks and 
 def test_one_two_three_workers_write_identical_bytes(tmp_path):
     outputs = []
     for w in (1, 2, 3):
-        cfg = tiny_config(tmp_path, tmp_path / f"w{w}", name=f"w{w}.yaml", workers=w, **SMALL_CHUNKS)
+        cfg = tiny_config(tmp_path, tmp_path / f"w{w}", name=f"w{w}.yaml", mixed=True, workers=w, **SMALL_CHUNKS)
         r = run_script(cfg)
         assert r.returncode == 0, r.stderr
         assert f"{w} worker process(es)" in r.stdout
@@ -632,10 +639,14 @@ def test_one_two_three_workers_write_identical_bytes(tmp_path):
     m = json.loads((tmp_path / "w1" / "tiny" / "01_corpus" / "manifest.json").read_text())
     files = corpus.corpus_files(tmp_path / "w1" / "tiny" / "01_corpus", m)
     assert sum(1 for f in files for _ in corpus.iter_shard_texts(f.path)) == m["counts"]["docs"]
+    src = m["outputs"]["sources"]
+    assert 400_000 <= src["it-diodati"]["chars"] < 400_000 + 20_000 and src["it-diodati"]["docs_read"] < 348
+    assert src["it-fortunes-short"]["dropped_dedup"] == src["it-fortunes"]["docs"] > 1000
 
 
 def test_kill_with_two_workers_then_rerun_with_one_gives_the_same_bytes(tmp_path):
-    killed = kills_then_reruns_match(tmp_path, 15, 2, {"workers": 1, **SMALL_CHUNKS}, {"workers": 2, **SMALL_CHUNKS},
+    kw = {"mixed": True, **SMALL_CHUNKS}
+    killed = kills_then_reruns_match(tmp_path, 15, 2, {"workers": 1, **kw}, {"workers": 2, **kw},
                                      rerun_args=("--set", "corpus.workers=1"))
     assert killed >= 1
 
