@@ -68,7 +68,8 @@ the embedded sample's prose x4 with a unique header line, 24.6M chars; plain .js
 (6.3-8.9M chars/s, 3.0 CPU-s, 130 MB peak RSS), 2 workers 9.1-14.4 s (5.0 CPU-s, 148 MB); the
 version-1 code 18.6 s (6.5 CPU-s, 434 MB). Per core (CPU time, ``time.process_time``): the worker's
 part (parse, NFC, filter, hash, encode) 47M chars/s; zstd level 3 (in the writer threads) 73M chars/s;
-reading and cutting chunks 430M chars/s; dedup 3.5G chars/s (0.4 us per document).
+reading and cutting chunks 430M chars/s; dedup 3.5G chars/s (0.4 us per document). On that input the documents, their order and every
+statistic equal the version-1 code's (datasets reading, gzip); shards 14.2 MB zstd vs 14.0 MB gzip.
 
 Example::
 
