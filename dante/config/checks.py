@@ -16,6 +16,7 @@ Example::
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Any, Callable
 
 from dante.config.schema import (
@@ -243,6 +244,12 @@ def check_corpus_stage(cfg: CorpusStageConfig) -> list[str]:
             p.append(f"{key}.text_field={s.text_field!r}: must name a field (dotted path allowed, e.g. translation.it)")
     if c.docs_per_shard <= 0:
         p.append("corpus.docs_per_shard: must be > 0")
+    if c.chunk_bytes < 1024:
+        p.append(f"corpus.chunk_bytes={c.chunk_bytes}: must be >= 1024 (default {4 << 20})")
+    cores = os.cpu_count() or 1
+    if c.workers < 0 or c.workers > 2 * cores:
+        p.append(f"corpus.workers={c.workers}: must be 0 (all {cores} cores) or 1..{2 * cores} (at most twice the "
+                 f"cores of this machine); e.g. --set corpus.workers={cores}")
     return p
 
 
