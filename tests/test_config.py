@@ -55,7 +55,7 @@ def test_every_problem_is_reported_once_with_file_and_key(tmp_path):
 
 
 def test_unknown_key_lists_the_known_ones(tmp_path):
-    with pytest.raises(C.ConfigError, match=r"corpus.doc_per_shard: unknown key \(known: docs_per_shard, non_utf8, sources\)"):
+    with pytest.raises(C.ConfigError, match=r"corpus.doc_per_shard: unknown key \(known: chunk_bytes, docs_per_shard, non_utf8, sources, workers\)"):
         C.load_config(C.CorpusStageConfig, write(tmp_path, {"corpus": {"doc_per_shard": 5}}))
 
 

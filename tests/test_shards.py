@@ -427,3 +427,24 @@ def test_a_tokenizer_tiktoken_cannot_reproduce_is_refused_and_stage_3_completes(
     r = ShardReader(sorted(d.glob("t1-train-*.bin"))[0])
     s, e = next(r.complete_documents())
     assert r.tokens[s:e - 1].tolist() == tok.encode(tok.decode(r.tokens[s:e - 1].tolist())).ids
+
+
+def test_stage_3_reads_a_version_1_gzip_corpus(tmp_path):
+    """A 01_corpus written before zstd (format version 1, gzip shards) is still stage 3's input."""
+    from dante import corpus as corpus_mod
+    from dante.artifacts import Stage
+    from dante.shards import validate_stage
+    from dante.tokenizer import train_tokenizer
+    from tests.helpers import sft_sample_texts, write_tokenizer_stage
+
+    run = C.RunConfig(name="v1", root=str(tmp_path / "runs"))
+    st = Stage.open(C.CorpusStageConfig(run=run), "01_corpus", format_version=1)
+    texts = [f"Documento numero {i}: l'intelligenza dell'algoritmo." for i in range(9)]
+    corpus_mod.write_shard(st.dir / "a" / "shard-00000.jsonl.gz",
+                           [{"text": t, "source": "a", "lang": "it", "tier": 1} for t in texts])
+    assert (st.dir / "a" / "shard-00000.jsonl.gz").read_bytes()[:2] == corpus_mod.GZIP_MAGIC
+    st.finish(outputs={"sources": {"a": {"lang": "it", "tier": 1, "shards": ["a/shard-00000.jsonl.gz"]}}})
+    write_tokenizer_stage(run, train_tokenizer(sft_sample_texts(), vocab_size=600, n_reserved=8, pinned_chars=[]))
+    cfg = C.ShardsStageConfig(run=run)
+    plan = validate_stage(Stage.prepare(cfg, "03_shards"), cfg)
+    assert len(plan.files) == 1
