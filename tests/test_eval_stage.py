@@ -114,8 +114,7 @@ SCRIPT = load_script()
 
 def run_script(args, capsys):
     """8_eval.py in-process, exactly as its __main__ block runs it."""
-    code = SCRIPT.run_stage("08_eval", SCRIPT.DESCRIPTION, SCRIPT.main, extra_args=SCRIPT.add_args,
-                            dry_run=SCRIPT.dry_run, argv=SCRIPT.expand_checkpoints(args))
+    code = SCRIPT.cli(args)
     out = capsys.readouterr()
     return code, out.out + out.err
 
@@ -276,3 +275,74 @@ def test_registered_lm_eval_model_loads_from_paths(run, tok):
     assert lm.batch_size == 2 and lm.max_length == 256
     [(ll, greedy)] = lm.loglikelihood([Instance("loglikelihood", {}, ("Il cielo", " è azzurro"), 0)])
     assert ll < 0 and isinstance(greedy, bool)
+
+
+# -- damaged inputs: refused before anything is touched (issue 13) ------------------------------------
+
+
+def quick_config(tmp_path, run: C.RunConfig) -> Path:
+    """The cheapest real evaluation: one held-out language, a few hundred tokens, no tasks, no generation."""
+    return write_config(tmp_path, run, checkpoints=["04_pretrain"], heldout={"it": "data/sample/heldout/it.jsonl.gz"},
+                        tasks=[], max_eval_tokens=300, generation={"max_new_tokens": 0},
+                        long_eval={"lengths": [], "trials": 0})
+
+
+def folder_bytes(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def _truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: max(1, path.stat().st_size // 2)])
+
+
+@pytest.mark.parametrize("damaged", ["04_pretrain/checkpoints/step-0000007/meta.json",
+                                     "04_pretrain/checkpoints/step-0000007/model_config.json",
+                                     "04_pretrain/checkpoints/step-0000007/model.safetensors",
+                                     "02_tokenizer/tokenizer.json"])
+def test_damaged_input_is_one_clear_error_and_force_keeps_the_finished_report(tmp_path, run, capsys, damaged):
+    """A truncated checkpoint or tokenizer file: exit 2 naming the file and the way out (never a
+    JSONDecodeError/SafetensorError traceback), and ``--force`` leaves a finished 08_eval as it was."""
+    cfg = quick_config(tmp_path, run)
+    code, out = run_script(["--config", str(cfg)], capsys)
+    assert code == 0, out
+    out_dir = Path(run.root) / run.name / "08_eval"
+    before = folder_bytes(out_dir)
+    path = Path(run.root) / run.name / damaged
+    _truncate(path)
+    for extra in ([], ["--force"], ["--dry-run"]):
+        code, out = run_script(["--config", str(cfg), *extra], capsys)
+        if not extra:  # finished with the same config: the no-op comes before any input is read
+            assert code == 0 and "nothing to do" in out
+            continue
+        assert code == 2, out
+        assert str(path) in out and "HINT: restore" in out and "Traceback" not in out, out
+        assert folder_bytes(out_dir) == before
+
+
+def test_tokenizer_changed_since_stage_2_is_refused(tmp_path, tok, capsys):
+    """Stage 2 records the tokenizer's sha256; a file that is still valid JSON but not those bytes is refused."""
+    from dante.artifacts import file_sha256
+
+    run = C.RunConfig(name="sha", root=str(tmp_path / "runs"))
+    stage = make_stage(run, "02_tokenizer")
+    path = stage.dir / "tokenizer.json"
+    tok.save(str(path))
+    stage.finish(outputs={"tokenizer": "tokenizer.json", "tokenizer_sha256": file_sha256(path)})  # as stage 2 does
+    add_checkpoint(run, "04_pretrain", tok, max_seq_len=256, seed=1)
+    cfg = quick_config(tmp_path, run)
+    code, out = run_script(["--config", str(cfg), "--dry-run"], capsys)
+    assert code == 0, out
+    path.write_bytes(path.read_bytes() + b"\n")  # still a valid tokenizer.json: only the checksum can tell
+    code, out = run_script(["--config", str(cfg), "--dry-run"], capsys)
+    assert code == 2 and f"{path} changed since stage 2 wrote it" in out and "2_train_tokenizer.py" in out, out
+
+
+def test_batch_size_is_output_neutral_on_a_finished_report(tmp_path, run, capsys):
+    """eval.batch_size does not change a score (dante.evaluation.scoring: bit-identical at any batch size,
+    tests/test_eval.py): a finished report rerun with another batch size is a no-op, not a refusal."""
+    cfg = quick_config(tmp_path, run)
+    assert run_script(["--config", str(cfg)], capsys)[0] == 0
+    code, out = run_script(["--config", str(cfg), "--set", "eval.batch_size=1"], capsys)
+    assert code == 0 and "nothing to do" in out, out
+    code, out = run_script(["--config", str(cfg), "--set", "eval.max_eval_tokens=200"], capsys)
+    assert code == 2 and "eval.max_eval_tokens" in out, out

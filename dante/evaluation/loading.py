@@ -1,15 +1,22 @@
-"""Loading a checkpoint for evaluation: check that it belongs with the tokenizer, load the weights in eval
-mode, and resolve the device and autocast dtype.
+"""Reading a run's model files for stages 8 and 9: the tokenizer and checkpoints, checked before use; loading
+a checkpoint for evaluation in eval mode, with the device and autocast dtype resolved.
 
 Which checkpoint, from which stage, and whether it belongs with a tokenizer are checkpoint identity and
 live in ``dante.checkpoint`` (``find_checkpoints``, ``CheckpointRef``, ``tokenizer_problems``); this module
-runs those checks before any weights are loaded and keeps only what evaluation adds: the device and the
-autocast dtype of the forward pass.
+runs those checks before any weights are loaded and adds what the readers of stages 8 and 9 need:
+
+- ``run_tokenizer``: stage 2's tokenizer.json, compared with the sha256 stage 2 recorded in its manifest
+  (a few MB: milliseconds), then parsed; a damaged file is a UserError naming it and the way out.
+- ``checkpoint_problems``: meta.json, model_config.json and the safetensors header of model.safetensors
+  parse (a truncated file is named, never a JSONDecodeError or SafetensorError traceback). Stages 8 and 9
+  run it in their ``validate`` hook, before ``--force`` deletes anything.
 
 Example::
 
+    tok_path, tokenizer = run_tokenizer(run_cfg)
     refs, notes = find_checkpoints(run_cfg, [C.PRETRAIN, C.EXTEND, C.SFT])   # dante.checkpoint
-    loaded = load_for_eval(refs[0], tokenizer_path(run_cfg))
+    problems = [p for ref in refs for p in checkpoint_problems(ref)]
+    loaded = load_for_eval(refs[0], tokenizer)
 """
 
 from __future__ import annotations
@@ -19,10 +26,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError, safe_open
 
+from dante import checkpoint as ckpt
 from dante import config as C
-from dante.checkpoint import CheckpointRef, checkpoint_ref, load_model, read_model_config, tokenizer_problems
-from dante.errors import UserError, raise_problems
+from dante.artifacts import file_sha256, read_json, read_manifest, script_for
+from dante.artifacts import tokenizer_path as run_tokenizer_path
+from dante.checkpoint import CheckpointRef, checkpoint_ref, load_model, tokenizer_problems
+from dante.errors import ConfigError, UserError, raise_problems
 from dante.tokenizer import load_tokenizer
 
 
@@ -34,6 +45,67 @@ class LoadedModel:
     meta: dict
     tokenizer: Any
     autocast_dtype: torch.dtype | None
+
+
+def run_tokenizer(run: C.RunConfig) -> tuple[Path, Any]:
+    """(path, tokenizer) of stage 2's tokenizer for ``run``: the file as stage 2's manifest names it, checked
+    against the sha256 recorded there (when recorded), then loaded. StageError when stage 2 has not finished
+    (``tokenizer_path``); UserError naming the file, the problem and the way out when it is damaged."""
+    path = run_tokenizer_path(run)
+    recorded = read_manifest(run, C.TOKENIZER).get("outputs", {}).get("tokenizer_sha256")
+    # Retraining is not the fix of a damaged file when checkpoints exist: a new tokenizer's ids mean other
+    # strings, so the checkpoints of this run would no longer belong to it (tokenizer_problems refuses that).
+    fix = (f"  HINT: restore {path} from a copy of this run; or retrain it with "
+           f"`python {script_for(C.TOKENIZER)} --config configs/<profile>/{C.PROFILE_FILES[C.TOKENIZER]} --force` "
+           f"and redo the stages after it (checkpoints trained with the old tokenizer do not fit a new one)")
+    if isinstance(recorded, str) and recorded:
+        actual = file_sha256(path)
+        if actual != recorded:
+            raise UserError(f"{path} changed since stage 2 wrote it: sha256 {actual[:16]}..., its manifest records "
+                            f"{recorded[:16]}... (damaged on disk, truncated, or replaced).\n{fix}")
+    try:
+        return path, load_tokenizer(path)
+    except UserError as e:
+        raise UserError(f"{e}\n{fix}") from None
+
+
+def checkpoint_problems(ref: CheckpointRef) -> list[str]:
+    """Why the files of ``ref``'s checkpoint cannot be read (empty when they can), without loading weights.
+
+    meta.json and model_config.json must parse, and model.safetensors' header must describe a file of its
+    size (safetensors checks this when opening: a truncated file fails here, in milliseconds). Each problem
+    names the file and the way out (``fix``)."""
+    step_dir, problems = ref.path, []
+    fix = _redo_hint(ref)
+    for name in (ckpt.META, ckpt.MODEL_CONFIG):
+        try:
+            data = read_json(step_dir / name)
+            if name == ckpt.MODEL_CONFIG:
+                C.from_dict(C.ModelConfig, data)
+            elif not isinstance(data, dict) or "step" not in data:
+                problems.append(f"{ref.label}: {step_dir / name} is not a checkpoint record (no \"step\"); {fix}")
+        except (OSError, ValueError, TypeError) as e:  # ValueError: bad JSON; ConfigError: a wrong field
+            what = "has wrong fields" if isinstance(e, ConfigError) else "is unreadable or truncated"
+            problems.append(f"{ref.label}: {step_dir / name} {what} ({_one_line(e)}); {fix}")
+    weights = step_dir / ckpt.WEIGHTS
+    try:
+        with safe_open(str(weights), "pt") as f:
+            f.keys()
+    except (SafetensorError, OSError) as e:
+        problems.append(f"{ref.label}: {weights} is not a complete safetensors file ({_one_line(e)}); {fix}")
+    return problems
+
+
+def _one_line(e: Exception) -> str:
+    return " ".join(str(e).split())[:200]
+
+
+def _redo_hint(ref: CheckpointRef) -> str:
+    """Where a damaged checkpoint comes back from: a copy, or the stage that wrote it."""
+    if ref.stage is None:
+        return f"HINT: restore {ref.path} from a copy, or name another checkpoint folder"
+    return (f"HINT: restore {ref.path} from a copy, or redo {ref.stage} "
+            f"(`python {script_for(ref.stage)} --config configs/<profile>/{C.PROFILE_FILES[ref.stage]} --force`)")
 
 
 def resolve_device(spec: str) -> torch.device:
@@ -60,7 +132,8 @@ def load_for_eval(checkpoint: str | Path | CheckpointRef, tokenizer_or_path, dev
         tokenizer = load_tokenizer(tokenizer_path)
     else:
         tokenizer, tokenizer_path = tokenizer_or_path, Path("<tokenizer object>")
-    model_cfg = read_model_config(ref.path)
+    raise_problems(UserError, f"checkpoint {ref.path} cannot be read", checkpoint_problems(ref))
+    model_cfg = ckpt.read_model_config(ref.path)
     raise_problems(UserError, "checkpoint and tokenizer do not belong together",
                    tokenizer_problems(ref, model_cfg, tokenizer, tokenizer_path))
     dev = resolve_device(device or "auto")
