@@ -5,7 +5,9 @@ Reads runs/<name>/02_tokenizer/ and the checkpoints of eval.checkpoints (stage n
 05_extend, 07_sft: absent stages are skipped with a note; or checkpoint folders), held-out text
 (eval.heldout), stage 3's validation shards when present, and lm-eval tasks (eval.tasks). Writes
 runs/<name>/08_eval/. Each finished checkpoint is kept in progress.json, so an interrupted run resumes
-with the next one. All logic is in dante/evaluation/.
+with the next one. Every input is checked before anything is written (``validate``; the checkpoints'
+files against the sha256 recorded in their meta.json), so a rejected --force changes nothing. All logic
+is in dante/evaluation/.
 
 Examples:
     python 8_eval.py --config configs/tiny/eval.yaml

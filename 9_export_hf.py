@@ -5,6 +5,8 @@ stage 2 tokenizer, stage 6's sources (chat template check) and stage 8's report 
 runs/<name>/09_export/, a folder that `AutoModelForCausalLM.from_pretrained` loads without custom code.
 Verification (on by default) loads it back with transformers and compares logits, greedy continuations,
 tokenizer ids and chat-template ids with the native model; any difference fails the stage (no manifest).
+Every input is checked before anything is written (``validate``: a rejected --force leaves a finished
+09_export as it was); the checkpoint's files are verified against the sha256 recorded in its meta.json.
 All logic is in dante/export/ (stage.py orchestrates).
 
 Examples:

@@ -19,6 +19,7 @@ from dante import config as C
 from dante import fertility
 from dante.artifacts import Stage, atomic_write_text, load_texts
 from dante.checkpoint import CheckpointManager, find_checkpoints
+from dante.errors import UserError
 from dante.evaluation.chat import chat_loop
 from dante.evaluation.loading import load_for_eval
 
@@ -295,28 +296,47 @@ def _truncate(path: Path) -> None:
     path.write_bytes(path.read_bytes()[: max(1, path.stat().st_size // 2)])
 
 
-@pytest.mark.parametrize("damaged", ["04_pretrain/checkpoints/step-0000007/meta.json",
-                                     "04_pretrain/checkpoints/step-0000007/model_config.json",
-                                     "04_pretrain/checkpoints/step-0000007/model.safetensors",
-                                     "02_tokenizer/tokenizer.json"])
-def test_damaged_input_is_one_clear_error_and_force_keeps_the_finished_report(tmp_path, run, capsys, damaged):
-    """A truncated checkpoint or tokenizer file: exit 2 naming the file and the way out (never a
-    JSONDecodeError/SafetensorError traceback), and ``--force`` leaves a finished 08_eval as it was."""
+def _flip_byte(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # a weight changed: the file still parses, only its sha256 can tell
+    path.write_bytes(bytes(data))
+
+
+STEP = "04_pretrain/checkpoints/step-0000007"
+
+
+@pytest.mark.parametrize("damaged, damage", [(f"{STEP}/meta.json", _truncate), (f"{STEP}/model_config.json", _truncate),
+                                             (f"{STEP}/model.safetensors", _truncate),
+                                             (f"{STEP}/model.safetensors", _flip_byte),
+                                             ("02_tokenizer/tokenizer.json", _truncate)])
+def test_damaged_input_is_one_clear_error_and_force_keeps_the_finished_report(tmp_path, run, capsys, damaged, damage):
+    """A truncated checkpoint or tokenizer file, or a bit flip in the weights (checked against the sha256
+    recorded in meta.json): exit 2 naming the file and the way out (never a JSONDecodeError/SafetensorError
+    traceback), and ``--force`` leaves a finished 08_eval as it was."""
     cfg = quick_config(tmp_path, run)
     code, out = run_script(["--config", str(cfg)], capsys)
     assert code == 0, out
     out_dir = Path(run.root) / run.name / "08_eval"
     before = folder_bytes(out_dir)
     path = Path(run.root) / run.name / damaged
-    _truncate(path)
+    damage(path)
     for extra in ([], ["--force"], ["--dry-run"]):
         code, out = run_script(["--config", str(cfg), *extra], capsys)
         if not extra:  # finished with the same config: the no-op comes before any input is read
             assert code == 0 and "nothing to do" in out
             continue
         assert code == 2, out
-        assert str(path) in out and "HINT: restore" in out and "Traceback" not in out, out
+        assert str(path.parent) in out and path.name in out and "HINT: restore" in out and "Traceback" not in out, out
+        if damage is _flip_byte:
+            assert "model.safetensors: sha256" in out and "changed since" in out, out
         assert folder_bytes(out_dir) == before
+
+
+def test_damaged_checkpoint_is_refused_when_loaded_for_evaluation(run, tok):
+    """load_for_eval (the lm-eval adapter, --chat) verifies too: a bit flip after planning is still caught."""
+    _flip_byte(Path(run.root) / run.name / STEP / "model.safetensors")
+    with pytest.raises(UserError, match=r"(?s)is damaged.*model.safetensors: sha256"):
+        load_for_eval(find_checkpoints(run, ["04_pretrain"])[0][0], tok, device="cpu")
 
 
 def test_tokenizer_changed_since_stage_2_is_refused(tmp_path, tok, capsys):

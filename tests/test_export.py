@@ -88,7 +88,8 @@ def make_run(root: Path, tokenizer_file: Path, model: Transformer, stage: str = 
     ckpt.save_weights(step_dir / ckpt.WEIGHTS, state, model.cfg.tie_embeddings)
     atomic_write_json(step_dir / ckpt.MODEL_CONFIG, model_cfg_dict or C.to_dict(model.cfg))
     atomic_write_json(step_dir / ckpt.META, {"format_version": 1, "step": 10, "tokens_seen": 12_345, "loss": 3.21,
-                                            "world_size": 1, "config": C.to_dict(stage_cls(run=run))})
+                                            "world_size": 1, "config": C.to_dict(stage_cls(run=run)),
+                                            "files": ckpt.record_files(step_dir)})  # as CheckpointManager.save
     (step_dir.parent / ckpt.LATEST).write_text(step_dir.name + "\n")
     st.finish()
     return run
@@ -403,10 +404,19 @@ def truncate(path: Path) -> None:
     path.write_bytes(path.read_bytes()[: max(1, path.stat().st_size // 2)])
 
 
+def flip_byte(path: Path) -> None:
+    """One byte in the middle of the file inverted: the file still parses (a weight changed), only its
+    checksum can tell."""
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
 def test_force_with_a_bad_input_leaves_the_finished_export_byte_identical(tmp_path, tokenizer_file, heldout_file):
     """The real script: a finished 09_export, then ``--force`` with the checkpoint stage gone and with a
-    truncated model.safetensors. Each exits 2 with a message naming what to do, and not one byte of the
-    finished export changed (the checks run in ``validate``, before --force resets the folder)."""
+    bit-flipped model.safetensors (its sha256 in meta.json no longer matches). Each exits 2 with a message
+    naming what to do, and not one byte of the finished export changed (the checks run in ``validate``,
+    before --force resets the folder)."""
     import yaml
 
     run = make_run(tmp_path, tokenizer_file, random_model())
@@ -431,20 +441,29 @@ def test_force_with_a_bad_input_leaves_the_finished_export_byte_identical(tmp_pa
     assert "04_pretrain is missing" in err and "python 4_pretrain.py" in err
     (tmp_path / "moved").rename(pretrain)
     weights = pretrain / ckpt.CHECKPOINTS / ckpt.step_dir_name(10) / ckpt.WEIGHTS
-    truncate(weights)
+    flip_byte(weights)
     err = force()
-    assert f"{weights} is not a complete safetensors file" in err and "HINT: restore" in err
+    assert f"checkpoint {weights.parent} is damaged" in err and "model.safetensors: sha256" in err, err
+    assert "HINT: restore" in err
 
 
-@pytest.mark.parametrize("damaged", [ckpt.META, ckpt.MODEL_CONFIG, ckpt.WEIGHTS, "tokenizer.json"])
-def test_a_truncated_input_is_named_with_its_fix(tmp_path, tokenizer_file, heldout_file, damaged):
+@pytest.mark.parametrize("damaged, checksums", [(ckpt.META, True), (ckpt.MODEL_CONFIG, True), (ckpt.WEIGHTS, True),
+                                                (ckpt.MODEL_CONFIG, False), (ckpt.WEIGHTS, False), ("tokenizer.json", True)])
+def test_a_truncated_input_is_named_with_its_fix(tmp_path, tokenizer_file, heldout_file, damaged, checksums):
+    """Truncated: refused with the file and a fix, by its recorded size, or (a checkpoint written before
+    checksums were recorded) because it no longer parses; never a JSONDecodeError or SafetensorError."""
     run = make_run(tmp_path, tokenizer_file, random_model())
-    folder = stage_dir(run, "02_tokenizer") if damaged == "tokenizer.json" else \
-        stage_dir(run, "04_pretrain") / ckpt.CHECKPOINTS / ckpt.step_dir_name(10)
+    step_dir = stage_dir(run, "04_pretrain") / ckpt.CHECKPOINTS / ckpt.step_dir_name(10)
+    if not checksums:
+        meta = read_json(step_dir / ckpt.META)
+        del meta["files"]
+        atomic_write_json(step_dir / ckpt.META, meta)
+    folder = stage_dir(run, "02_tokenizer") if damaged == "tokenizer.json" else step_dir
     truncate(folder / damaged)
     with pytest.raises(UserError) as err:
         export.preflight(export_cfg(run, heldout_file))
-    assert str(folder / damaged) in str(err.value) and "HINT: restore" in str(err.value)
+    message = str(err.value)
+    assert str(folder) in message and damaged in message and "HINT: restore" in message, message
 
 
 def test_a_bad_export_checkpoint_is_named_as_the_user_set_it(tmp_path, tokenizer_file, heldout_file):

@@ -126,7 +126,7 @@ def make_plan(cfg: C.EvalStageConfig, with_tasks: bool = True) -> EvalPlan:
         raise StageError("no checkpoint to evaluate: " + "; ".join(notes) +
                          "\n  HINT: run `python 4_pretrain.py --config configs/<profile>/pretrain.yaml` first, or list "
                          "checkpoint folders in eval.checkpoints / --checkpoints.")
-    unreadable = [p for ref in refs for p in checkpoint_problems(ref)]
+    unreadable = [p for ref in refs for p in checkpoint_problems(ref, notes)]
     if unreadable:  # the checks below read these files: report now, with the config problems found so far
         raise_problems(UserError, "stage 8 cannot start", problems + unreadable)
     model_cfgs = {ref.label: read_model_config(ref.path) for ref in refs}

@@ -4,8 +4,8 @@ One place for stage 9's view of earlier stages, so the rest of ``dante/export/``
 Which checkpoint is which (``CheckpointRef``, ``find_checkpoints``, ``newest_finished``, ``stage_lineage``)
 is ``dante.checkpoint``'s notion, used here as it is. Every file is checked as it is read
 (``dante.evaluation.loading``: the tokenizer against stage 2's recorded sha256, the checkpoint's files
-parse), so a damaged input is a UserError naming the file and the fix; ``preflight`` reads them all before
-``--force`` touches 09_export.
+against the sizes and sha256 its meta.json recorded), so a damaged input is a UserError naming the file and
+the fix; ``preflight`` reads them all before ``--force`` touches 09_export.
 
 Example::
 
@@ -21,7 +21,7 @@ from pathlib import Path
 from dante import checkpoint as ckpt
 from dante import config as C
 from dante import sft_data as sft
-from dante.artifacts import load_texts, read_json, read_manifest, script_for, stage_done
+from dante.artifacts import load_texts, read_manifest, stage_done
 from dante.checkpoint import (
     CHECKPOINT_STAGES,
     CheckpointRef,
@@ -65,7 +65,7 @@ def resolve_checkpoint(cfg: C.ExportStageConfig) -> Source:
     (ref,), _ = find_checkpoints(cfg.run, [choice], setting="export.checkpoint")
     raise_problems(UserError, f"export.checkpoint={cfg.export.checkpoint!r}: the checkpoint cannot be read",
                    checkpoint_problems(ref))
-    return Source(ref=ref, model_cfg=read_model_config(ref.path), meta=read_json(ref.path / ckpt.META))
+    return Source(ref=ref, model_cfg=read_model_config(ref.path, verified=True), meta=ckpt.read_meta(ref.path))
 
 
 def finished_manifest(cfg: C.ExportStageConfig, stage: str) -> dict | None:
@@ -86,18 +86,8 @@ def training_lineage(cfg: C.ExportStageConfig, source: Source) -> list[tuple[str
         if step.stage not in CHECKPOINT_STAGES or step.stage == source.stage:
             continue
         step_dir = ckpt.latest_checkpoint(step.folder / ckpt.CHECKPOINTS)
-        chain.append((step.stage, _meta(step_dir) if step_dir else {}))
+        chain.append((step.stage, ckpt.read_meta(step_dir) if step_dir else {}))
     return chain[::-1]
-
-
-def _meta(step_dir: Path) -> dict:
-    """meta.json of an earlier stage's checkpoint (the model card's training facts); a damaged one is named."""
-    try:
-        return read_json(step_dir / ckpt.META)
-    except (OSError, ValueError) as e:
-        raise UserError(f"{step_dir / ckpt.META} is unreadable ({e}): the model card's training history needs it.\n"
-                        f"  HINT: restore it from a copy, or redo its stage with `python "
-                        f"{script_for(step_dir.parent.parent.name)} --force`") from None
 
 
 def sft_source_problems(cfg: C.ExportStageConfig, source: Source) -> list[str]:

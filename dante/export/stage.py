@@ -40,6 +40,7 @@ Example::
 from __future__ import annotations
 
 import math
+import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -187,11 +188,11 @@ def preflight(cfg: C.ExportStageConfig) -> ExportPlan:
 
 def _problems_of(e: Exception) -> list[str]:
     """The problems of an error to list among others: its bullets when it is a ``problems_message`` (one
-    list, not a list inside a list), else the whole message."""
-    lines = str(e).split("\n")
-    if len(lines) > 1 and lines[0].endswith(":") and all(line.startswith("  - ") for line in lines[1:]):
-        return [line[4:] for line in lines[1:]]
-    return [str(e)]
+    list, not a list inside a list; a bullet keeps its indented continuation lines), else the whole message."""
+    headline, _, body = str(e).partition("\n")
+    if not (headline.endswith(":") and body.startswith("  - ")):
+        return [str(e)]
+    return [item.rstrip("\n") for item in re.split(r"^  - ", body, flags=re.MULTILINE) if item.strip()]
 
 
 def record_inputs(stage: Stage, plan: ExportPlan) -> None:
