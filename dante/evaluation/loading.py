@@ -74,12 +74,13 @@ def checkpoint_problems(ref: CheckpointRef, notes: list[str] | None = None) -> l
     """Why the files of ``ref``'s checkpoint cannot be read (empty when they can), without loading weights.
 
     ``dante.checkpoint.verify_checkpoint``: meta.json parses, and model.safetensors and model_config.json have
-    the sizes and sha256 it recorded when the checkpoint was written (one read of the weights: ~5 s for a 2B
-    model's 8 GB of fp32 at 1.5 GB/s; ``load_model`` checks again when it loads them, so a file changed
-    in between is caught too). Then model_config.json must parse and model.safetensors' header must describe
-    a file of its size (safetensors checks this when opening), which is what catches a truncated file of a
-    checkpoint written before checksums were recorded; a note in ``notes`` says that it was not verified.
-    Each problem names the file and the way out."""
+    the sizes and sha256 it recorded when the checkpoint was written (one read of the weights; sha256 ran at
+    0.34 GiB/s on a loaded 2-core dev VM, i.e. ~25 s for a 2B model's 8 GB of fp32, less on an idle host;
+    ``load_model`` checks again when it loads them, so a file changed in between is caught too). Then
+    model_config.json must parse and model.safetensors' header must describe a file of its size (safetensors
+    checks this when opening), which is what catches a truncated file of a checkpoint written before
+    checksums were recorded; a note in ``notes`` says that it was not verified. Each problem names the file
+    and the way out."""
     try:
         for note in ckpt.verify_checkpoint(ref.path, ckpt.MODEL_FILES):
             if notes is not None:
