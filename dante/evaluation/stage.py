@@ -126,13 +126,13 @@ def make_plan(cfg: C.EvalStageConfig, with_tasks: bool = True) -> EvalPlan:
         raise StageError("no checkpoint to evaluate: " + "; ".join(notes) +
                          "\n  HINT: run `python 4_pretrain.py --config configs/<profile>/pretrain.yaml` first, or list "
                          "checkpoint folders in eval.checkpoints / --checkpoints.")
+    heldout, heldout_problems = read_heldout(e)
     unreadable = [p for ref in refs for p in checkpoint_problems(ref, notes)]
-    if unreadable:  # the checks below read these files: report now, with the config problems found so far
-        raise_problems(UserError, "stage 8 cannot start", problems + unreadable)
+    if unreadable:  # the checks below read these files: report now, with the problems found so far
+        raise_problems(UserError, "stage 8 cannot start", problems + unreadable + heldout_problems)
     model_cfgs = {ref.label: read_model_config(ref.path) for ref in refs}
     for ref in refs:
         problems += tokenizer_problems(ref, model_cfgs[ref.label], tokenizer, tokenizer_path)
-    heldout, heldout_problems = read_heldout(e)
     problems += heldout_problems
     heldout_tokens = {lang: encode_texts(tokenizer, texts) for lang, texts in heldout.items()}
     shards_dir = None
