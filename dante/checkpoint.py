@@ -260,6 +260,16 @@ RNG_FILE = "rng-rank{rank}.safetensors"
 _OLD_RNG_FILE = "rng-rank{rank}.pt"  # checkpoints written before the RNG states were plain tensors (pickled)
 
 
+def seed_rngs(seed: int) -> None:
+    """Seed Python's ``random``, NumPy's global generator and torch's (CPU and every GPU) with ``seed``.
+
+    What the training stages call first: Python seeds ``random`` from the OS at start-up, so an unseeded
+    generator made every run's RNG file (and so its checkpoint) differ although nothing drew from it."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
 def capture_rng() -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """(tensors, metadata) of every generator a rank has: Python ``random``, NumPy's global one, torch's CPU and
     CUDA ones. Plain integer tensors and strings, so the file is safetensors (no pickle) and its bytes depend

@@ -229,7 +229,8 @@ def extend_config(run: C.RunConfig, path: Path, extend: dict | None = None, long
 def run_extend(argv: list[str]) -> int:
     """5_extend_context.py's main through the real CLI (run_stage), in this process; returns the exit code."""
     ns = runpy.run_path(str(ROOT / "5_extend_context.py"), run_name="extend_test")
-    return run_stage("05_extend", "stage 5", ns["main"], dry_run=ns["dry_run"], argv=argv)
+    return run_stage("05_extend", "stage 5", ns["main"], validate=ns["validate"], dry_run=ns["dry_run"],
+                     resume_check=ns["training_resume_check"], argv=argv)
 
 
 def curve(stage_path: Path) -> list[tuple]:

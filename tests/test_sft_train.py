@@ -90,7 +90,8 @@ def tiny_model_cfg(vocab_size: int, **over) -> ModelConfig:
 def run_script(script: str, stage: str, argv: list[str], **kw) -> int:
     """A numbered script's main through the real CLI (run_stage), in this process; returns the exit code."""
     ns = runpy.run_path(str(ROOT / script), run_name=f"{stage}_test")
-    return run_stage(stage, stage, ns["main"], dry_run=ns.get("dry_run"), argv=argv, **kw)
+    return run_stage(stage, stage, ns["main"], validate=ns.get("validate"), dry_run=ns.get("dry_run"), argv=argv,
+                     resume_check=ns.get("training_resume_check"), **kw)
 
 
 def write_init_checkpoint(run: RunConfig, stage: str, model_cfg: ModelConfig, seed: int = 0) -> Path:
