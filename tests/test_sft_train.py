@@ -471,6 +471,21 @@ def test_missing_or_unfinished_checkpoints_are_clear_errors(pipeline, capsys):
     assert "04_pretrain is missing" in stage7_error(run, capsys)
 
 
+def test_force_with_a_damaged_init_checkpoint_leaves_the_finished_stage_byte_identical(sft_run, pipeline, capsys):
+    """validate verifies the init weights against meta.json's checksums before --force resets 07_sft."""
+    from tests.test_engine import tree_state
+
+    run = copy_stages(pipeline, "forced", ("02_tokenizer", "05_extend", "06_sft_data", "07_sft"))
+    weights = latest_checkpoint(stage_dir(run, "05_extend") / "checkpoints") / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-3] ^= 0x01  # one bit of the last tensor: a valid safetensors file with a wrong weight
+    weights.write_bytes(bytes(data))
+    before = tree_state(stage_dir(run, "07_sft"))
+    err = stage7_error(run, capsys, "--force")
+    assert "is damaged" in err and "model.safetensors: sha256" in err and "--force" in err, err
+    assert tree_state(stage_dir(run, "07_sft")) == before
+
+
 # ---------------------------------------------------------------------------------------------------
 # Profiles
 # ---------------------------------------------------------------------------------------------------
