@@ -481,8 +481,9 @@ def test_force_with_a_damaged_init_checkpoint_leaves_the_finished_stage_byte_ide
     data[-3] ^= 0x01  # one bit of the last tensor: a valid safetensors file with a wrong weight
     weights.write_bytes(bytes(data))
     before = tree_state(stage_dir(run, "07_sft"))
-    err = stage7_error(run, capsys, "--force")
-    assert "is damaged" in err and "model.safetensors: sha256" in err and "--force" in err, err
+    code = run_script("7_sft.py", "07_sft", ["--config", str(sft_config_file(run)), "--force"])
+    err = capsys.readouterr().err
+    assert code == 2 and "is damaged" in err and "model.safetensors: sha256" in err and "--force" in err, err
     assert tree_state(stage_dir(run, "07_sft")) == before
 
 
