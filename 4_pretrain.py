@@ -4,7 +4,8 @@ Reads ``03_shards/`` (tiered train/val shards) and ``02_tokenizer/`` (its vocabu
 ``model.vocab_size``), trains with the engine of ``dante/engine.py`` (DeepSpeed ZeRO-1, AdamW, cosine
 schedule, optional torch.compile / FP8 / activation checkpointing), and writes ``04_pretrain/``:
 ``checkpoints/step-NNNNNNN/`` (docs/DESIGN.md), ``metrics.jsonl``, ``tensorboard/`` and, last,
-``manifest.json``. A killed run resumes from its newest checkpoint with the same loss curve; SIGTERM or
+``manifest.json``. Every input is checked before anything is written (``load_inputs``, also under
+``--dry-run`` and before ``--force`` deletes a finished folder). A killed run resumes from its newest checkpoint with the same loss curve; SIGTERM or
 Ctrl-C saves a checkpoint first and exits with 128 + the signal number. ``--dry-run`` prints the plan:
 parameters, FLOPs per token, steps, per-GPU memory under ZeRO-1 and ZeRO-2 and the ETA. Launched by
 ``deepspeed`` or ``torchrun``, the ranks must number train.expected_world_size.
@@ -19,11 +20,9 @@ Example::
 
 from __future__ import annotations
 
-import torch
-
 from dante import config as C
 from dante.artifacts import stage_dir, tokenizer_path
-from dante.checkpoint import check_vocab, training_resume_check
+from dante.checkpoint import check_vocab, seed_rngs, training_resume_check
 from dante.cli import run_stage
 from dante.distributed import init_distributed, start_ranks
 from dante.engine import Trainer
@@ -36,8 +35,10 @@ from dante.tokenizer import load_tokenizer
 STAGE = "04_pretrain"
 
 
-def load_inputs(stage, cfg):
-    """Check stages 2 and 3 and build the data sources; every problem is reported in one error."""
+def load_inputs(stage, cfg, args=None):
+    """``run_stage``'s validate hook: check stages 2 and 3 and build the data sources, read-only and before
+    --force resets anything (a wrong model.vocab_size leaves a finished 04_pretrain as it was); every problem
+    is reported in one error. The (train, val) sources are ``stage.plan`` for ``main``."""
     stage.require("02_tokenizer")
     stage.require("03_shards")
     tok_path = tokenizer_path(cfg.run)
@@ -59,8 +60,8 @@ def load_inputs(stage, cfg):
 
 def main(stage, cfg, args) -> None:
     dist = init_distributed(cfg.train.backend, cfg.train.expected_world_size)
-    data, val = load_inputs(stage, cfg)
-    torch.manual_seed(cfg.run.seed)  # every rank builds the same initial weights
+    data, val = stage.plan or load_inputs(stage, cfg)  # run_stage validated; a caller of main alone checks here
+    seed_rngs(cfg.run.seed)  # every rank builds the same initial weights; every RNG file has the same bytes
     model = Transformer(cfg.model)
     n_params = count_parameters(model)
     if dist.is_main:
@@ -96,5 +97,5 @@ def dry_run(cfg, args) -> None:
 
 
 if __name__ == "__main__":
-    raise SystemExit(run_stage(STAGE, __doc__.split("\n\n")[0], main, dry_run=dry_run, resume_check=training_resume_check,
-                               setup=start_ranks))
+    raise SystemExit(run_stage(STAGE, __doc__.split("\n\n")[0], main, validate=load_inputs, dry_run=dry_run,
+                               resume_check=training_resume_check, setup=start_ranks))

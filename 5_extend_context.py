@@ -23,7 +23,7 @@ import gc
 import torch
 
 from dante import config as C
-from dante.checkpoint import WEIGHTS, load_model, training_resume_check
+from dante.checkpoint import WEIGHTS, load_model, seed_rngs, training_resume_check
 from dante.cli import run_stage
 from dante.distributed import init_distributed, start_ranks
 from dante.engine import Trainer
@@ -39,11 +39,21 @@ def log(msg: str) -> None:
     print(f"[{STAGE}] {msg}", flush=True)
 
 
-def main(stage, cfg: C.ExtendStageConfig, args) -> None:
-    plan = make_plan(cfg)  # every check before any weight is loaded
+def validate(stage, cfg: C.ExtendStageConfig, args):
+    """``run_stage``'s validate hook: every check of config and inputs (``make_plan``: extend.*, the stage 4
+    checkpoint verified against its checksums, shards, tokenizer), read-only and before --force resets
+    anything; the plan is ``stage.plan`` for ``main`` and ``args.plan`` for ``dry_run``."""
+    plan = make_plan(cfg)
     for name in ("02_tokenizer", "03_shards", "04_pretrain"):
         stage.require(name)
     stage.add_input("base_checkpoint", plan.base_checkpoint / WEIGHTS)
+    args.plan = plan
+    return plan
+
+
+def main(stage, cfg: C.ExtendStageConfig, args) -> None:
+    plan = stage.plan or validate(stage, cfg, args)  # run_stage validated; a caller of main alone checks here
+    seed_rngs(cfg.run.seed)  # nothing draws from them, but the checkpoints' RNG files then have the same bytes
     dist = init_distributed(cfg.train.backend, cfg.train.expected_world_size)
     if dist.is_main:
         for line in plan.describe():
@@ -103,12 +113,12 @@ def main(stage, cfg: C.ExtendStageConfig, args) -> None:
 
 
 def dry_run(cfg: C.ExtendStageConfig, args) -> None:
-    plan = make_plan(cfg)
+    plan = getattr(args, "plan", None) or make_plan(cfg)  # made by validate
     for line in plan.describe() + preflight_report(plan.model_cfg, cfg.train).splitlines():
         log(line)
     log("dry run: all checks passed; no weights loaded")
 
 
 if __name__ == "__main__":
-    raise SystemExit(run_stage(STAGE, DESCRIPTION, main, dry_run=dry_run, resume_check=training_resume_check,
-                               setup=start_ranks))
+    raise SystemExit(run_stage(STAGE, DESCRIPTION, main, validate=validate, dry_run=dry_run,
+                               resume_check=training_resume_check, setup=start_ranks))

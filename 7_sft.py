@@ -24,7 +24,7 @@ import signal
 
 from dante import config as C
 from dante.artifacts import read_manifest
-from dante.checkpoint import WEIGHTS, load_model, plan_resume, training_resume_check
+from dante.checkpoint import WEIGHTS, load_model, plan_resume, seed_rngs, training_resume_check
 from dante.cli import run_stage
 from dante.distributed import init_distributed, start_ranks
 from dante.engine import Trainer
@@ -44,9 +44,18 @@ def log(msg: str) -> None:
     print(f"[{STAGE}] {msg}", flush=True)
 
 
+def validate(stage, cfg: C.SFTStageConfig, args):
+    """``run_stage``'s validate hook: every check of config and inputs (``plan_sft``: 06_sft_data, the init
+    checkpoint verified against its checksums, the tokenizer), read-only and before --force resets anything.
+    Planned for train.expected_world_size ranks and the configured grad_accum; ``main`` plans again once a
+    resume has fixed the accumulation (another rank count keeps the checkpoint's global batch)."""
+    args.plan = plan_sft(cfg, cfg.train.expected_world_size, stage.require)
+    return args.plan
+
+
 def dry_run(cfg: C.SFTStageConfig, args) -> None:
     world = cfg.train.expected_world_size
-    plan = plan_sft(cfg, world, lambda s: read_manifest(cfg.run, s))
+    plan = getattr(args, "plan", None) or plan_sft(cfg, world, lambda s: read_manifest(cfg.run, s))  # made by validate
     for line in plan.describe(cfg):
         log(line)
     print(preflight_report(plan.model_cfg, dataclasses.replace(cfg.train, max_steps=plan.total_steps), world))
@@ -55,11 +64,13 @@ def dry_run(cfg: C.SFTStageConfig, args) -> None:
 
 def main(stage, cfg: C.SFTStageConfig, args) -> None:
     dist = init_distributed(cfg.train.backend, cfg.train.expected_world_size)
+    seed_rngs(cfg.run.seed)  # nothing draws from them, but the checkpoints' RNG files then have the same bytes
     # resuming on another number of GPUs changes grad_accum, which the SFT order and step count depend on
     resume = plan_resume(stage.dir, C.to_dict(cfg), cfg.train.micro_batch, cfg.train.grad_accum, dist.rank,
                          dist.world_size)
     run = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, grad_accum=resume.grad_accum))
-    plan = plan_sft(run, dist.world_size, stage.require)  # every check before the weights are loaded
+    # the weights were verified by validate, and load_model verifies them again right below
+    plan = plan_sft(run, dist.world_size, stage.require, verify=False)
     saved = stage.load_progress()
     check_same_init(saved, plan)
     if dist.is_main:
@@ -116,5 +127,5 @@ def main(stage, cfg: C.SFTStageConfig, args) -> None:
 
 
 if __name__ == "__main__":
-    raise SystemExit(run_stage(STAGE, __doc__.splitlines()[0], main, dry_run=dry_run, resume_check=training_resume_check,
-                               setup=start_ranks))
+    raise SystemExit(run_stage(STAGE, __doc__.splitlines()[0], main, validate=validate, dry_run=dry_run,
+                               resume_check=training_resume_check, setup=start_ranks))

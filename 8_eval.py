@@ -5,7 +5,9 @@ Reads runs/<name>/02_tokenizer/ and the checkpoints of eval.checkpoints (stage n
 05_extend, 07_sft: absent stages are skipped with a note; or checkpoint folders), held-out text
 (eval.heldout), stage 3's validation shards when present, and lm-eval tasks (eval.tasks). Writes
 runs/<name>/08_eval/. Each finished checkpoint is kept in progress.json, so an interrupted run resumes
-with the next one. All logic is in dante/evaluation/.
+with the next one. Every input is checked before anything is written (``validate``; the checkpoints'
+files against the sha256 recorded in their meta.json), so a rejected --force changes nothing. All logic
+is in dante/evaluation/.
 
 Examples:
     python 8_eval.py --config configs/tiny/eval.yaml
@@ -41,12 +43,21 @@ def log(msg: str) -> None:
     print(f"[{STAGE}] {msg}", flush=True)
 
 
-def main(stage, cfg: C.EvalStageConfig, args) -> None:
+def validate(stage, cfg: C.EvalStageConfig, args) -> eval_stage.EvalPlan:
+    """Every check of config and inputs, read-only (run_stage calls it before --force resets 08_eval): the
+    plan (tokenizer, checkpoint files, held-out text, tasks, lengths) and the manifests of the stages read."""
     plan = eval_stage.make_plan(cfg)  # every check before the first model is loaded
-    stage.require("02_tokenizer")
+    stage.require(C.TOKENIZER)
     for ref in plan.refs:
         if ref.label in C.STAGES:  # a stage of this run (a checkpoint given by path may be from a running stage)
             stage.require(ref.label)
+    args.eval_plan = plan  # --dry-run describes this plan rather than redoing every check
+    return plan
+
+
+def main(stage, cfg: C.EvalStageConfig, args) -> None:
+    plan = stage.plan
+    for ref in plan.refs:
         stage.add_input(f"checkpoint:{ref.label}", ref.path / "model.safetensors")
     for note in plan.notes:
         log(f"note: {note}")
@@ -67,7 +78,8 @@ def main(stage, cfg: C.EvalStageConfig, args) -> None:
 
 
 def dry_run(cfg: C.EvalStageConfig, args) -> None:
-    for line in eval_stage.make_plan(cfg).describe():
+    plan = getattr(args, "eval_plan", None) or eval_stage.make_plan(cfg)
+    for line in plan.describe():
         log(line)
     log("dry run: all checks passed; no model loaded")
 
@@ -103,9 +115,13 @@ def expand_checkpoints(argv: list[str]) -> list[str]:
     return argv[:i] + ["--set", f"eval.checkpoints=[{items}]"] + argv[j:]
 
 
-if __name__ == "__main__":
-    argv = sys.argv[1:]
+def cli(argv: list[str]) -> int:
+    """The whole command line (what ``__main__`` runs; the tests call it in-process)."""
     if "--chat" in argv:
-        raise SystemExit(chat(argv))
-    raise SystemExit(run_stage(STAGE, DESCRIPTION, main, extra_args=add_args, dry_run=dry_run,
-                               argv=expand_checkpoints(argv)))
+        return chat(argv)
+    return run_stage(STAGE, DESCRIPTION, main, extra_args=add_args, validate=validate, dry_run=dry_run,
+                     argv=expand_checkpoints(argv))
+
+
+if __name__ == "__main__":
+    raise SystemExit(cli(sys.argv[1:]))

@@ -385,10 +385,9 @@ class TorchBackend(_BackendBase):
         self.module.train(on)
 
     def save_train_state(self, path: Path) -> None:
-        from dante.artifacts import atomic_path
+        from dante.checkpoint import save_torch_object
 
-        with atomic_path(path / "optimizer.pt") as tmp:
-            torch.save(self.optimizer.state_dict(), tmp)
+        save_torch_object(path / "optimizer.pt", self.optimizer.state_dict())  # deterministic bytes
 
     def load_train_state(self, path: Path, saved_world_size: int | None = None) -> None:
         from dante.checkpoint import WEIGHTS, load_weights_into

@@ -13,9 +13,11 @@ Layout (docs/DESIGN.md, "Checkpoints")::
         train_state/           the training backend's state: DeepSpeed ``save_checkpoint`` shards in
                                deepspeed/ (optimizer partitions per rank, module), or the torch optimizer;
                                universal/ once a resume on another rank count converted them; plus
-                               rng-rank<r>.pt, the python/numpy/torch(/cuda) RNG states of every rank
+                               rng-rank<r>.safetensors, the python/numpy/torch(/cuda) RNG states of every
+                               rank as plain tensors (rng-rank<r>.pt, pickled, in older checkpoints)
         meta.json              step, tokens seen, loss, sampler state, stage config, the batch split
-                               (micro_batch, grad_accum, ranks) and past changes of rank count; written LAST
+                               (micro_batch, grad_accum, ranks), past changes of rank count, and the size
+                               and sha256 of every other file of the folder ("files"); written LAST
     <stage>/checkpoints/latest text file naming the newest complete step folder, replaced atomically
 
 Design choices
@@ -26,6 +28,15 @@ Design choices
   train_state/ rather than in meta.json, which rank 0 alone writes. Dante's training draws no random
   numbers itself (no dropout; the data sampler is counter-based, see dante/pretrain_data.py); the states are
   kept so that anything random added later resumes exactly too.
+- Verified reads: meta.json records the size and sha256 of every file of the step folder when it is
+  written; ``verify_checkpoint`` checks them before anything is loaded (the weights and model_config.json
+  for ``load_model``, every file for a resume), and a damaged or truncated file, or a meta.json that is
+  not valid JSON, is a CheckpointError naming the file and the fix, never a safetensors or JSON traceback.
+  Checkpoints written before checksums are accepted with a note (not verified).
+- Deterministic bytes: the same state saves to the same bytes (safetensors headers sorted, RNG states as
+  plain tensors, torch.save through a buffer so that no temp-file name lands in the archive), so a run
+  resumed after a kill ends with checkpoint files identical to an uninterrupted run's (meta.json differs
+  in its "saved" time only).
 - Consolidated fp32: under ZeRO the fp32 master weights are split across ranks; ``full_state_dict``
   (the backend's) gathers each parameter's fp32 master, so model.safetensors holds the optimizer's
   weights, not the bf16 copy used in forward.
@@ -57,13 +68,16 @@ Example::
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import pickle
 import random
 import re
 import shutil
+import sys
 from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, Sequence
@@ -71,12 +85,14 @@ from typing import Any, Protocol, Sequence
 import numpy as np
 import torch
 import torch.distributed as torch_dist
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from dante import config as C
 from dante.artifacts import (
     MANIFEST,
     atomic_path,
+    atomic_write_bytes,
     atomic_write_json,
     atomic_write_text,
     diff_configs,
@@ -88,7 +104,7 @@ from dante.artifacts import (
     stage_dir,
     stage_done,
 )
-from dante.errors import StageError, UserError, raise_problems
+from dante.errors import StageError, UserError, problems_message, raise_problems
 from dante.model import Transformer
 from dante.tokenizer import SPECIAL_TOKENS
 
@@ -121,7 +137,7 @@ def training_resume_check(old: dict, new: dict, state: dict) -> str | None:
         if saved and is_complete(Path(saved)):
             train = new.get("train", {})
             try:
-                resume_grad_accum(read_json(Path(saved) / META), train.get("micro_batch"), train.get("grad_accum"),
+                resume_grad_accum(read_meta(Path(saved)), train.get("micro_batch"), train.get("grad_accum"),
                                   int(os.environ.get("WORLD_SIZE", "1")), Path(saved))
             except CheckpointError as e:
                 return str(e)
@@ -201,23 +217,192 @@ def resolve_checkpoint(path: str | Path) -> Path:
 
 
 # ---------------------------------------------------------------------------------------------------
-# RNG states
+# Deterministic bytes: safetensors with a sorted header, RNG states as plain tensors
 # ---------------------------------------------------------------------------------------------------
 
 
-def capture_rng() -> dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+def _sorted_header(path: Path) -> None:
+    """Rewrite the JSON header of the safetensors file ``path`` in place with ``__metadata__`` first and its keys
+    sorted, the tensors in file order: the writer keeps metadata in a hash map, so its order (and with it the
+    file's bytes) changed from one save of the same tensors to the next. Same keys and values, so the same
+    length; the header's padding (spaces, allowed by the format) fills any difference."""
+    with open(path, "r+b") as f:
+        n = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(n))
+        meta = header.pop("__metadata__", None)
+        ordered = {"__metadata__": dict(sorted(meta.items()))} if meta else {}
+        ordered.update(sorted(header.items(), key=lambda kv: (kv[1]["data_offsets"][0], kv[0])))
+        text = json.dumps(ordered, separators=(",", ":"), ensure_ascii=True).encode("ascii")
+        if len(text) > n:  # cannot happen with the same content; keep the writer's bytes rather than break the file
+            return
+        f.seek(8)
+        f.write(text + b" " * (n - len(text)))
+
+
+def save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    """safetensors at ``path``, atomically, byte-identical for identical tensors and metadata."""
+    with atomic_path(path) as tmp:
+        mode = tmp.stat().st_mode  # the artifacts' mode (0666 & ~umask), which atomic_path gave the temp file
+        save_file(tensors, str(tmp), metadata=metadata)  # replaces the file: it would end up 0600
+        os.chmod(tmp, mode)
+        _sorted_header(tmp)
+
+
+def save_torch_object(path: Path, obj: Any) -> None:
+    """``torch.save`` to ``path`` atomically with deterministic bytes: torch names the archive inside the file
+    after the file it writes to, so saving straight to the temp file put its random name into the bytes;
+    a buffer is always named "archive"."""
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+RNG_FILE = "rng-rank{rank}.safetensors"
+_OLD_RNG_FILE = "rng-rank{rank}.pt"  # checkpoints written before the RNG states were plain tensors (pickled)
+
+
+def seed_rngs(seed: int) -> None:
+    """Seed Python's ``random``, NumPy's global generator and torch's (CPU and every GPU) with ``seed``.
+
+    What the training stages call first: Python seeds ``random`` from the OS at start-up, so an unseeded
+    generator made every run's RNG file (and so its checkpoint) differ although nothing drew from it."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def capture_rng() -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(tensors, metadata) of every generator a rank has: Python ``random``, NumPy's global one, torch's CPU and
+    CUDA ones. Plain integer tensors and strings, so the file is safetensors (no pickle) and its bytes depend
+    on the states only."""
+    version, py_state, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    tensors = {"python.state": torch.tensor(py_state, dtype=torch.int64),
+               "numpy.keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)),
+               "torch.cpu": torch.get_rng_state().clone()}
     if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"torch.cuda.{i}"] = s.cpu().clone()
+    metadata = {"python.version": str(version), "python.gauss": repr(gauss), "numpy.kind": str(kind),
+                "numpy.pos": str(int(pos)), "numpy.has_gauss": str(int(has_gauss)), "numpy.cached": repr(float(cached))}
+    return tensors, metadata
 
 
-def restore_rng(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+def restore_rng(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    gauss = metadata["python.gauss"]
+    random.setstate((int(metadata["python.version"]), tuple(int(x) for x in tensors["python.state"].tolist()),
+                     None if gauss == "None" else float(gauss)))
+    np.random.set_state((metadata["numpy.kind"], tensors["numpy.keys"].numpy().astype(np.uint32),
+                         int(metadata["numpy.pos"]), int(metadata["numpy.has_gauss"]), float(metadata["numpy.cached"])))
+    torch.set_rng_state(tensors["torch.cpu"])
+    cuda = [tensors[k] for k in sorted((k for k in tensors if k.startswith("torch.cuda.")), key=lambda k: int(k.rsplit(".", 1)[1]))]
+    if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(cuda)
+
+
+def save_rng(path: Path) -> None:
+    tensors, metadata = capture_rng()
+    save_tensors(path, tensors, metadata)
+
+
+def load_rng(path: Path) -> None:
+    """Restore the RNG states of ``path`` (safetensors, or the pickled .pt of older checkpoints)."""
+    if path.suffix == ".pt":
+        state = torch.load(path, weights_only=False)
+        random.setstate(state["python"])
+        np.random.set_state(state["numpy"])
+        torch.set_rng_state(state["torch"])
+        if "cuda" in state and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda"])
+        return
+    with safe_open(str(path), framework="pt") as f:
+        metadata = f.metadata() or {}
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    restore_rng(tensors, metadata)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Integrity: every file's size and sha256 recorded in meta.json, checked before anything is read
+# ---------------------------------------------------------------------------------------------------
+
+#: what a reader of the weights needs (load_model, stages 5, 7, 8, 9); a resume checks every recorded file
+MODEL_FILES = (WEIGHTS, MODEL_CONFIG)
+
+
+def _sha256_many(paths: list[Path]) -> list[str]:
+    """sha256 of each path, several files at once: hashlib releases the GIL, and a checkpoint is a few large
+    files (weights, one optimizer partition per rank) that one thread would hash one after the other."""
+    if len(paths) < 2:
+        return [file_sha256(p) for p in paths]
+    with ThreadPoolExecutor(max_workers=min(8, len(paths))) as pool:
+        return list(pool.map(file_sha256, paths))
+
+
+def record_files(step_dir: Path) -> dict[str, dict]:
+    """{relative path: {"bytes", "sha256"}} of every file of a step folder but meta.json, sorted: what meta.json
+    records when the checkpoint is written (rank 0, after every rank's files are on disk). Cost: one read of
+    the checkpoint (~36 GB for a 2B model with its AdamW state; seconds to a minute, by the disk)."""
+    files = sorted(p for p in step_dir.rglob("*") if p.is_file() and p.name != META)
+    return {p.relative_to(step_dir).as_posix(): {"bytes": p.stat().st_size, "sha256": digest}
+            for p, digest in zip(files, _sha256_many(files))}
+
+
+def _redo_hint(step_dir: Path) -> str:
+    stage, _ = stage_of(step_dir.resolve())
+    redo = f"`python {script_for(stage)} --config ... --force`" if stage else "its training stage with --force"
+    return (f"  HINT: restore {step_dir} from a backup; or, if its stage is unfinished, delete the folder and rerun "
+            f"the stage: it resumes from the checkpoint before it; or redo {redo}")
+
+
+def read_meta(step_dir: Path) -> dict:
+    """The meta.json of a complete step folder; CheckpointError (file, problem, fix) when it is unreadable."""
+    path = Path(step_dir) / META
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise CheckpointError(f"{path} is missing: {step_dir} is not a complete checkpoint.\n{_redo_hint(step_dir)}") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path} is damaged: not valid JSON ({e}); truncated or overwritten since it was "
+                              f"written.\n{_redo_hint(step_dir)}") from None
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{path} is damaged: not a checkpoint record (a JSON object).\n{_redo_hint(step_dir)}")
+    return meta
+
+
+def verify_checkpoint(step_dir: str | Path, files: Sequence[str] | None = None) -> list[str]:
+    """Check the files of a checkpoint against the sizes and sha256 recorded in its meta.json; returns notes.
+
+    ``files``: the relative paths to check (``MODEL_FILES`` for a reader of the weights), None for every
+    recorded one (a resume). Raises CheckpointError listing every missing, truncated or changed file, with the
+    ways out. Cost: one read of each file checked (sha256 at ~1-2 GB/s: a few seconds for a 2B model's fp32
+    weights). A checkpoint written before checksums were recorded (no "files" in meta.json) is accepted with
+    a note saying that it was not verified: refusing it would strand every older run, and its loaders still
+    turn a truncated file into a CheckpointError.
+    """
+    step_dir = Path(step_dir)
+    meta = read_meta(step_dir)
+    recorded = meta.get("files")
+    if not isinstance(recorded, dict):
+        return [f"{step_dir} records no checksums (written before they were): its files were not verified"]
+    problems, to_hash = [], []
+    for name in (sorted(recorded) if files is None else files):
+        want, path = recorded.get(name), step_dir / name
+        if not isinstance(want, dict) or not {"bytes", "sha256"} <= set(want):
+            problems.append(f"{name}: not listed in {META}")
+        elif not path.is_file():
+            problems.append(f"{name}: missing")
+        elif path.stat().st_size != want["bytes"]:
+            problems.append(f"{name}: {path.stat().st_size} bytes, {want['bytes']} when written (truncated or "
+                            "partly copied)")
+        else:
+            to_hash.append((name, path, want["sha256"]))
+    for (name, _, want), got in zip(to_hash, _sha256_many([p for _, p, _ in to_hash])):
+        if got != want:
+            problems.append(f"{name}: sha256 {got[:16]}..., {want[:16]}... when written "
+                            "(changed since: a bit flip on disk, a bad copy or an edit)")
+    if problems:
+        raise CheckpointError(problems_message(f"checkpoint {step_dir} is damaged", problems) + "\n" + _redo_hint(step_dir))
+    return []
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -230,13 +415,16 @@ def save_weights(path: Path, state_dict: dict[str, torch.Tensor], tie_embeddings
     tensors = {k: v.detach().float().contiguous().cpu() for k, v in state_dict.items()}
     if tie_embeddings:
         tensors.pop("output.weight", None)
-    with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata={"format": "pt", "dante_format_version": str(FORMAT_VERSION)})
+    save_tensors(path, tensors, {"format": "pt", "dante_format_version": str(FORMAT_VERSION)})
 
 
 def load_weights_into(model: torch.nn.Module, path: Path, tie_embeddings: bool) -> None:
-    """Load model.safetensors into ``model`` strictly (only the stored-once tied matrix may be absent)."""
-    state = load_file(str(path))
+    """Load model.safetensors into ``model`` strictly (only the stored-once tied matrix may be absent); a file
+    that is not safetensors (truncated, overwritten) is a CheckpointError, not the reader's own error."""
+    try:
+        state = load_file(str(path))
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"{path} is unreadable ({e}): truncated or damaged.\n{_redo_hint(path.parent)}") from None
     result = model.load_state_dict(state, strict=False)
     missing = [k for k in result.missing_keys if not (tie_embeddings and k == "output.weight")]
     if missing or result.unexpected_keys:
@@ -249,9 +437,12 @@ def load_model(path_or_stage_dir: str | Path, device: str | torch.device = "cpu"
 
     ``path_or_stage_dir``: a stage folder (runs/x/04_pretrain), its checkpoints/ folder, or a step folder.
     The model is built on the meta device and filled from the file: no time spent on a throwaway init.
+    Verified first (``verify_checkpoint`` of MODEL_FILES): a damaged file is a CheckpointError naming it.
     """
     step_dir = resolve_checkpoint(path_or_stage_dir)
-    model_cfg = read_model_config(step_dir)
+    for note in verify_checkpoint(step_dir, MODEL_FILES):
+        print(f"note: {note}", file=sys.stderr, flush=True)
+    model_cfg = read_model_config(step_dir, verified=True)
     with torch.device("meta"):
         model = Transformer(model_cfg)
     model.to_empty(device=device)
@@ -259,7 +450,7 @@ def load_model(path_or_stage_dir: str | Path, device: str | torch.device = "cpu"
         model.output.weight = model.tok_embeddings.weight
     model.init_rope()
     load_weights_into(model, step_dir / WEIGHTS, model_cfg.tie_embeddings)
-    return model, model_cfg, read_json(step_dir / META)
+    return model, model_cfg, read_meta(step_dir)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -292,8 +483,7 @@ class CheckpointManager:
             (step_dir / TRAIN_STATE).mkdir(parents=True)
         b.barrier()
         b.save_train_state(step_dir / TRAIN_STATE)
-        with atomic_path(step_dir / TRAIN_STATE / f"rng-rank{b.rank}.pt") as tmp:
-            torch.save(capture_rng(), tmp)
+        save_rng(step_dir / TRAIN_STATE / RNG_FILE.format(rank=b.rank))
         weights = b.full_state_dict()  # collective: every rank takes part in gathering the fp32 masters
         if self.is_main:
             save_weights(step_dir / WEIGHTS, weights, model_cfg.tie_embeddings)
@@ -301,7 +491,7 @@ class CheckpointManager:
         b.barrier()  # every rank's shards are on disk before the checkpoint is declared complete
         if self.is_main:
             full_meta = {"format_version": FORMAT_VERSION, "step": step, "world_size": b.world_size,
-                         "saved": now_iso(), **meta}
+                         "saved": now_iso(), **meta, "files": record_files(step_dir)}
             atomic_write_json(step_dir / META, full_meta)  # LAST: its presence means "complete"
             atomic_write_text(self.root / LATEST, step_dir.name + "\n")
             self._prune(keep=step_dir)
@@ -330,12 +520,14 @@ class CheckpointManager:
         """
         step_dir, meta = plan.step_dir, plan.meta
         self.backend.load_train_state(step_dir / TRAIN_STATE, saved_world_size=plan.saved_world_size)
-        rng_file = step_dir / TRAIN_STATE / f"rng-rank{self.backend.rank}.pt"
+        rng_file = step_dir / TRAIN_STATE / RNG_FILE.format(rank=self.backend.rank)
+        if not rng_file.is_file():
+            rng_file = step_dir / TRAIN_STATE / _OLD_RNG_FILE.format(rank=self.backend.rank)
         if not rng_file.is_file() and self.backend.rank >= plan.saved_world_size:
             return meta
         try:
-            restore_rng(torch.load(rng_file, weights_only=False))
-        except (OSError, pickle.UnpicklingError, KeyError) as e:
+            load_rng(rng_file)
+        except (OSError, pickle.UnpicklingError, KeyError, ValueError, SafetensorError) as e:
             raise CheckpointError(f"{rng_file} is unreadable ({e}); delete {step_dir} to resume from the one before") from None
         return meta
 
@@ -403,9 +595,17 @@ def checkpoint_ref(path: str | Path, label: str | None = None) -> CheckpointRef:
     return CheckpointRef(label=str(path) if label is None else label, path=step_dir, stage=stage, stage_dir=folder)
 
 
-def read_model_config(step_dir: Path) -> C.ModelConfig:
-    """The ModelConfig a checkpoint was saved with (model_config.json; no weights read)."""
-    return C.from_dict(C.ModelConfig, read_json(step_dir / MODEL_CONFIG))
+def read_model_config(step_dir: Path, verified: bool = False) -> C.ModelConfig:
+    """The ModelConfig a checkpoint was saved with (model_config.json, checked against its recorded checksum
+    unless the caller just ``verify_checkpoint``-ed it; no weights read)."""
+    step_dir = Path(step_dir)
+    if not verified:
+        verify_checkpoint(step_dir, [MODEL_CONFIG])
+    path = step_dir / MODEL_CONFIG
+    try:
+        return C.from_dict(C.ModelConfig, read_json(path))
+    except (OSError, ValueError, TypeError) as e:  # ValueError: bad JSON (old checkpoints: nothing recorded)
+        raise CheckpointError(f"{path} is unreadable ({e}).\n{_redo_hint(step_dir)}") from None
 
 
 def find_checkpoints(run: C.RunConfig, entries: list[str], setting: str = "eval.checkpoints"
@@ -669,7 +869,9 @@ def plan_resume(stage_dir: str | Path, stage_config: dict, micro_batch: int, gra
             latest = latest_checkpoint(root)
             decision = {"name": None, "grad_accum": grad_accum, "removed": removed}
             if latest is not None:
-                meta = read_json(latest / META)
+                meta = read_meta(latest)
+                for note in verify_checkpoint(latest):  # every recorded file, before any rank reads one
+                    print(f"note: {note}", file=sys.stderr, flush=True)
                 check_resumable(meta, stage_config, latest)
                 accum, note = resume_grad_accum(meta, micro_batch, grad_accum, world_size, latest)
                 decision.update(name=latest.name, meta=meta, grad_accum=accum, note=note)

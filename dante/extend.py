@@ -52,8 +52,17 @@ import numpy as np
 import torch
 
 from dante import config as C
-from dante.artifacts import atomic_write_json, atomic_write_text, read_json, read_manifest, stage_dir, tokenizer_path
-from dante.checkpoint import META, WEIGHTS, checkpoint_ref, load_weights_into, read_model_config, tokenizer_problems
+from dante.artifacts import atomic_write_json, atomic_write_text, read_manifest, stage_dir, tokenizer_path
+from dante.checkpoint import (
+    MODEL_FILES,
+    WEIGHTS,
+    checkpoint_ref,
+    load_weights_into,
+    read_meta,
+    read_model_config,
+    tokenizer_problems,
+    verify_checkpoint,
+)
 from dante.errors import StageError, UserError, problems_message
 from dante.evaluation import long_context as lc
 from dante.evaluation.loading import resolve_autocast
@@ -229,11 +238,12 @@ def make_plan(cfg: C.ExtendStageConfig) -> ExtendPlan:
     pretrain_dir = stage_dir(cfg.run, C.PRETRAIN)
     try:
         ref = checkpoint_ref(pretrain_dir, label=C.PRETRAIN)
+        verify_checkpoint(ref.path, MODEL_FILES)  # load_weights_as reads the weights later, unchecked
     except UserError as e:
         raise StageError(f"04_pretrain has no usable checkpoint: {e}") from None
     base_checkpoint = ref.path
     base_cfg = read_model_config(base_checkpoint)
-    base_meta = read_json(base_checkpoint / META)
+    base_meta = read_meta(base_checkpoint)
     original = trained_length(base_cfg, base_meta)
     model_cfg, problems = try_extend(base_cfg, cfg.extend, original)
     notes: list[str] = []

@@ -3,9 +3,10 @@
 ``metrics.jsonl`` has one JSON object per line, ``{"kind": "train", "step", "loss", "lr", "grad_norm",
 "tokens", "tokens_per_sec", "mfu", "step_time_s", "elapsed_s"}`` every ``log_every`` steps and
 ``{"kind": "val", "step", "val_loss", "val_ppl", "val_tokens"}`` after each validation; TensorBoard gets
-the same scalars under ``<stage>/tensorboard``. On resume both are cut back to the resumed step, so the
-files always describe one continuous run (the lines of steps that were trained but never checkpointed
-before a crash are replaced by their re-run).
+the same scalars under ``<stage>/tensorboard``. On resume both are cut back to the resumed step (TensorBoard
+through ``purge_step``; a start from step 0 removes earlier events), so the files always describe one
+continuous run with no step twice (the lines of steps that were trained but never checkpointed before a
+crash are replaced by their re-run).
 
 Display: a tqdm bar with loss, lr, tok/s, MFU and ETA when stderr is a terminal; otherwise (a log file,
 a cluster job) one plain line per ``log_every`` steps, which greps better than carriage-return updates.
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -79,8 +81,11 @@ class MetricsLogger:
         try:
             from torch.utils.tensorboard import SummaryWriter
 
-            # purge_step drops events past the resume point that a crashed run had already written
-            self._tb = SummaryWriter(str(Path(stage_dir) / TENSORBOARD), purge_step=start_step + 1 if start_step else None)
+            tb_dir = Path(stage_dir) / TENSORBOARD
+            if not start_step:  # a start from step 0: events of an earlier attempt describe nothing that is kept
+                shutil.rmtree(tb_dir, ignore_errors=True)
+            # purge_step: readers drop the events of steps past the resume point that a killed run had written
+            self._tb = SummaryWriter(str(tb_dir), purge_step=start_step + 1 if start_step else None)
         except ImportError:  # tensorboard is a listed dependency; without it only metrics.jsonl is written
             print(f"[{desc}] tensorboard is not installed: writing metrics.jsonl only", file=sys.stderr)
         if sys.stderr.isatty():

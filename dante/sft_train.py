@@ -46,6 +46,7 @@ Example::
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
@@ -57,10 +58,12 @@ from dante import config as C
 from dante.artifacts import MANIFEST, file_sha256, stage_dir, tokenizer_path
 from dante.checkpoint import (
     META,
+    MODEL_FILES,
     checkpoint_ref,
     newest_finished,
     read_model_config,
     tokenizer_problems,
+    verify_checkpoint,
 )
 from dante.errors import StageError, UserError, raise_problems
 from dante.sft_packing import PackedSFT, epoch_order, load_packed, num_sft_batches, sft_batches, sft_micro_batch
@@ -180,8 +183,11 @@ class SFTPlan:
         ]
 
 
-def plan_sft(cfg: C.SFTStageConfig, world_size: int, require: Callable[[str], dict]) -> SFTPlan:
+def plan_sft(cfg: C.SFTStageConfig, world_size: int, require: Callable[[str], dict], verify: bool = True) -> SFTPlan:
     """Resolve and check every input of stage 7; one UserError lists all problems.
+
+    ``verify``: check the init checkpoint's weights and config against the checksums of its meta.json (one
+    read of the weights; CheckpointError naming a damaged file); off where ``load_model`` follows at once.
 
     ``require(stage)`` returns a completed stage's manifest or raises StageError (``Stage.require`` in the
     stage, ``artifacts.read_manifest`` in --dry-run).
@@ -201,6 +207,9 @@ def plan_sft(cfg: C.SFTStageConfig, world_size: int, require: Callable[[str], di
             missing.append(str(e))
     raise_problems(UserError, "stage 7 inputs are missing", missing)
     ref = checkpoint_ref(stage_dir(cfg.run, init_stage), label=init_stage)
+    if verify:  # every file load_model reads, against the checksums in its meta.json
+        for note in verify_checkpoint(ref.path, MODEL_FILES):
+            print(f"note: {note}", file=sys.stderr, flush=True)
     checkpoint, model_cfg = ref.path, read_model_config(ref.path)
     tok_path = tokenizer_path(cfg.run)
     tokenizer = load_tokenizer(tok_path)

@@ -457,5 +457,121 @@ def test_pretrain_script_checks_inputs_then_trains_and_finishes(shard_run, tmp_p
     assert "already complete" in capsys.readouterr().out
 
 
+# ---------------------------------------------------------------------------------------------------
+# The real script as a subprocess: validation before --force, byte-identical files after kills
+# ---------------------------------------------------------------------------------------------------
+
+SLOW_PRETRAIN = """
+import os, runpy, sys, time
+from dante.pretrain_data import TieredMemmapDataset
+original = TieredMemmapDataset.batch
+def slow(self, *args):
+    time.sleep(float(os.environ["DANTE_TEST_DELAY"]))
+    return original(self, *args)
+TieredMemmapDataset.batch = slow
+sys.argv = ["4_pretrain.py"] + sys.argv[1:]
+runpy.run_path("4_pretrain.py", run_name="__main__")
+"""
+
+
+def own_inputs(shard_run, root: Path) -> tuple[Path, Path]:
+    """A copy of the module's 02_tokenizer and 03_shards under ``root`` and a stage 4 config for it."""
+    import shutil
+
+    import yaml
+
+    run, vocab = shard_run
+    for name in ("02_tokenizer", "03_shards"):
+        shutil.copytree(Path(run.root) / run.name / name, root / run.name / name)
+    cfg = root / "pretrain.yaml"
+    cfg.write_text(yaml.safe_dump({
+        "run": {"name": run.name, "root": str(root), "seed": 5},
+        "model": {**MODEL, "vocab_size": vocab, "max_seq_len": 64},
+        "train": {**TRAIN, "max_steps": 6, "checkpoint_every": 2, "eval_every": 2, "tier_weights": {1: 2.0, 2: 1.0}},
+    }))
+    return cfg, root / run.name / "04_pretrain"
+
+
+def pretrain_process(*argv: str, delay: float = 0.0) -> subprocess.Popen:
+    """4_pretrain.py in its own process (with ``delay`` seconds per micro-batch, so that a kill lands mid-run)."""
+    args = ["-c", SLOW_PRETRAIN] if delay else [str(REPO / "4_pretrain.py")]
+    return subprocess.Popen([sys.executable, *args, *argv], cwd=REPO, env=clean_env(DANTE_TEST_DELAY=str(delay)),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def tree_state(folder: Path) -> dict[str, tuple]:
+    """Every entry under ``folder``: (mode, bytes) of files, mode of folders: what "unchanged" means."""
+    return {p.relative_to(folder).as_posix(): (p.stat().st_mode, p.read_bytes() if p.is_file() else None)
+            for p in sorted(folder.rglob("*"))}
+
+
+def test_force_with_a_wrong_vocab_size_leaves_the_finished_stage_byte_identical(shard_run, tmp_path):
+    cfg, stage = own_inputs(shard_run, tmp_path)
+    assert run_pretrain_script("--config", str(cfg)) == 0
+    before = tree_state(stage)
+    proc = pretrain_process("--config", str(cfg), "--force", "--set", "model.vocab_size=999")
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 2, out
+    assert "model.vocab_size=999 but the tokenizer has" in out and "Traceback" not in out, out
+    assert tree_state(stage) == before  # validated before --force reset anything
+
+
+def _kill_at(proc: subprocess.Popen, stage: Path, step: int, extra_s: float) -> None:
+    wait_for_step(stage, proc, step)
+    time.sleep(extra_s)
+    proc.kill()
+    proc.wait(timeout=60)
+    proc.stdout.close()
+
+
+def test_sigkill_twice_then_resume_gives_byte_identical_checkpoint_files(shard_run, tmp_path):
+    """Killed before its first checkpoint, then at a seeded random point after it (possibly mid-save), rerun
+    with only train.log_every changed (allowed: it does not change the training): the final checkpoint's
+    files equal an uninterrupted run's byte for byte (meta.json: but for its "saved" time, run.root and the
+    logging key),
+    and TensorBoard holds every step once."""
+    import random as _random
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    ref_cfg, reference = own_inputs(shard_run, tmp_path / "reference")  # uninterrupted, in this process
+    assert run_pretrain_script("--config", str(ref_cfg)) == 0
+    cfg, stage = own_inputs(shard_run, tmp_path / "killed")
+
+    rng = _random.Random(13)
+    delay = 0.12  # per micro-batch: 2 per step
+    _kill_at(pretrain_process("--config", str(cfg), delay=delay), stage, 1, rng.uniform(0, 0.1))
+    assert ckpt.latest_checkpoint(stage / ckpt.CHECKPOINTS) is None  # before the first checkpoint (step 2)
+    kill_step = rng.randint(3, 5)
+    _kill_at(pretrain_process("--config", str(cfg), delay=delay), stage, kill_step, rng.uniform(0, 0.3))
+    resumed_from = ckpt.latest_checkpoint(stage / ckpt.CHECKPOINTS)
+    assert resumed_from is not None and not (stage / "manifest.json").exists()
+
+    start = ckpt.read_meta(resumed_from)["step"]
+    proc = pretrain_process("--config", str(cfg), "--set", "train.log_every=2")
+    out, _ = proc.communicate(timeout=180)
+    assert proc.returncode == 0, out
+    assert "resuming unfinished run" in out and f"resumed from checkpoint step {start}" in out, out
+
+    final = "checkpoints/step-0000006"
+    ours, theirs = tree_state(stage / final), tree_state(reference / final)
+    assert sorted(ours) == sorted(theirs)
+    for rel in sorted(ours, key=lambda r: r.endswith(ckpt.META)):  # meta.json last: it records the others
+        if rel.endswith(ckpt.META):
+            a, b = (json.loads(t[rel][1]) for t in (ours, theirs))
+            for m in (a, b):
+                m.pop("saved")
+                m["config"]["train"].pop("log_every")
+                m["config"]["run"].pop("root")  # the two runs' folders
+            assert a == b
+        else:
+            assert ours[rel] == theirs[rel], rel
+    events = EventAccumulator(str(stage / "tensorboard"))
+    events.Reload()
+    logged = list(range(1, start + 1)) + [s for s in range(start + 1, 7) if s % 2 == 0]  # log_every 1, then 2
+    assert [e.step for e in events.Scalars("train/loss")] == logged
+    assert [e.step for e in events.Scalars("val/loss")] == [2, 4, 6]
+
+
 if __name__ == "__main__":
     sys.exit(driver_main(sys.argv[1:]))

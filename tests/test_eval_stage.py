@@ -19,6 +19,7 @@ from dante import config as C
 from dante import fertility
 from dante.artifacts import Stage, atomic_write_text, load_texts
 from dante.checkpoint import CheckpointManager, find_checkpoints
+from dante.errors import UserError
 from dante.evaluation.chat import chat_loop
 from dante.evaluation.loading import load_for_eval
 
@@ -114,8 +115,7 @@ SCRIPT = load_script()
 
 def run_script(args, capsys):
     """8_eval.py in-process, exactly as its __main__ block runs it."""
-    code = SCRIPT.run_stage("08_eval", SCRIPT.DESCRIPTION, SCRIPT.main, extra_args=SCRIPT.add_args,
-                            dry_run=SCRIPT.dry_run, argv=SCRIPT.expand_checkpoints(args))
+    code = SCRIPT.cli(args)
     out = capsys.readouterr()
     return code, out.out + out.err
 
@@ -276,3 +276,93 @@ def test_registered_lm_eval_model_loads_from_paths(run, tok):
     assert lm.batch_size == 2 and lm.max_length == 256
     [(ll, greedy)] = lm.loglikelihood([Instance("loglikelihood", {}, ("Il cielo", " è azzurro"), 0)])
     assert ll < 0 and isinstance(greedy, bool)
+
+
+# -- damaged inputs: refused before anything is touched (issue 13) ------------------------------------
+
+
+def quick_config(tmp_path, run: C.RunConfig) -> Path:
+    """The cheapest real evaluation: one held-out language, a few hundred tokens, no tasks, no generation."""
+    return write_config(tmp_path, run, checkpoints=["04_pretrain"], heldout={"it": "data/sample/heldout/it.jsonl.gz"},
+                        tasks=[], max_eval_tokens=300, generation={"max_new_tokens": 0},
+                        long_eval={"lengths": [], "trials": 0})
+
+
+def folder_bytes(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def _truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: max(1, path.stat().st_size // 2)])
+
+
+def _flip_byte(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # a weight changed: the file still parses, only its sha256 can tell
+    path.write_bytes(bytes(data))
+
+
+STEP = "04_pretrain/checkpoints/step-0000007"
+
+
+@pytest.mark.parametrize("damaged, damage", [(f"{STEP}/meta.json", _truncate), (f"{STEP}/model_config.json", _truncate),
+                                             (f"{STEP}/model.safetensors", _truncate),
+                                             (f"{STEP}/model.safetensors", _flip_byte),
+                                             ("02_tokenizer/tokenizer.json", _truncate)])
+def test_damaged_input_is_one_clear_error_and_force_keeps_the_finished_report(tmp_path, run, capsys, damaged, damage):
+    """A truncated checkpoint or tokenizer file, or a bit flip in the weights (checked against the sha256
+    recorded in meta.json): exit 2 naming the file and the way out (never a JSONDecodeError/SafetensorError
+    traceback), and ``--force`` leaves a finished 08_eval as it was."""
+    cfg = quick_config(tmp_path, run)
+    code, out = run_script(["--config", str(cfg)], capsys)
+    assert code == 0, out
+    out_dir = Path(run.root) / run.name / "08_eval"
+    before = folder_bytes(out_dir)
+    path = Path(run.root) / run.name / damaged
+    damage(path)
+    for extra in ([], ["--force"], ["--dry-run"]):
+        code, out = run_script(["--config", str(cfg), *extra], capsys)
+        if not extra:  # finished with the same config: the no-op comes before any input is read
+            assert code == 0 and "nothing to do" in out
+            continue
+        assert code == 2, out
+        assert str(path.parent) in out and path.name in out and "HINT: restore" in out and "Traceback" not in out, out
+        if damage is _flip_byte:
+            assert "model.safetensors: sha256" in out and "changed since" in out, out
+        assert folder_bytes(out_dir) == before
+
+
+def test_damaged_checkpoint_is_refused_when_loaded_for_evaluation(run, tok):
+    """load_for_eval (the lm-eval adapter, --chat) verifies too: a bit flip after planning is still caught."""
+    _flip_byte(Path(run.root) / run.name / STEP / "model.safetensors")
+    with pytest.raises(UserError, match=r"(?s)is damaged.*model.safetensors: sha256"):
+        load_for_eval(find_checkpoints(run, ["04_pretrain"])[0][0], tok, device="cpu")
+
+
+def test_tokenizer_changed_since_stage_2_is_refused(tmp_path, tok, capsys):
+    """Stage 2 records the tokenizer's sha256; a file that is still valid JSON but not those bytes is refused."""
+    from dante.artifacts import file_sha256
+
+    run = C.RunConfig(name="sha", root=str(tmp_path / "runs"))
+    stage = make_stage(run, "02_tokenizer")
+    path = stage.dir / "tokenizer.json"
+    tok.save(str(path))
+    stage.finish(outputs={"tokenizer": "tokenizer.json", "tokenizer_sha256": file_sha256(path)})  # as stage 2 does
+    add_checkpoint(run, "04_pretrain", tok, max_seq_len=256, seed=1)
+    cfg = quick_config(tmp_path, run)
+    code, out = run_script(["--config", str(cfg), "--dry-run"], capsys)
+    assert code == 0, out
+    path.write_bytes(path.read_bytes() + b"\n")  # still a valid tokenizer.json: only the checksum can tell
+    code, out = run_script(["--config", str(cfg), "--dry-run"], capsys)
+    assert code == 2 and f"{path} changed since stage 2 wrote it" in out and "2_train_tokenizer.py" in out, out
+
+
+def test_batch_size_is_output_neutral_on_a_finished_report(tmp_path, run, capsys):
+    """eval.batch_size does not change a score (dante.evaluation.scoring: bit-identical at any batch size,
+    tests/test_eval.py): a finished report rerun with another batch size is a no-op, not a refusal."""
+    cfg = quick_config(tmp_path, run)
+    assert run_script(["--config", str(cfg)], capsys)[0] == 0
+    code, out = run_script(["--config", str(cfg), "--set", "eval.batch_size=1"], capsys)
+    assert code == 0 and "nothing to do" in out, out
+    code, out = run_script(["--config", str(cfg), "--set", "eval.max_eval_tokens=200"], capsys)
+    assert code == 2 and "eval.max_eval_tokens" in out, out

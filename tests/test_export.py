@@ -27,7 +27,7 @@ from dante import config as C
 from dante import export
 from dante.artifacts import Stage, atomic_write_json, read_json, stage_dir
 from dante.chat_format import ChatEncoder
-from dante.errors import UserError
+from dante.errors import StageError, UserError
 from dante.export import hf_format, verify
 from dante.export import stage as stage_module  # the name "stage" is a parameter below
 from dante.model import Transformer
@@ -88,7 +88,8 @@ def make_run(root: Path, tokenizer_file: Path, model: Transformer, stage: str = 
     ckpt.save_weights(step_dir / ckpt.WEIGHTS, state, model.cfg.tie_embeddings)
     atomic_write_json(step_dir / ckpt.MODEL_CONFIG, model_cfg_dict or C.to_dict(model.cfg))
     atomic_write_json(step_dir / ckpt.META, {"format_version": 1, "step": 10, "tokens_seen": 12_345, "loss": 3.21,
-                                            "world_size": 1, "config": C.to_dict(stage_cls(run=run))})
+                                            "world_size": 1, "config": C.to_dict(stage_cls(run=run)),
+                                            "files": ckpt.record_files(step_dir)})  # as CheckpointManager.save
     (step_dir.parent / ckpt.LATEST).write_text(step_dir.name + "\n")
     st.finish()
     return run
@@ -390,6 +391,127 @@ def test_cli_push_offline_is_one_clear_error(tmp_path, tokenizer_file, heldout_f
     push = subprocess.run(script, capture_output=True, text=True, env=env, cwd=REPO, timeout=120)
     assert push.returncode == 2, push.stderr
     assert "cannot reach the Hugging Face Hub" in push.stderr and "Traceback" not in push.stderr
+
+
+# -- reliability (issue 13): checks before --force, damaged inputs named, deterministic bytes -----------------
+
+
+def folder_bytes(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: max(1, path.stat().st_size // 2)])
+
+
+def flip_byte(path: Path) -> None:
+    """One byte in the middle of the file inverted: the file still parses (a weight changed), only its
+    checksum can tell."""
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def test_force_with_a_bad_input_leaves_the_finished_export_byte_identical(tmp_path, tokenizer_file, heldout_file):
+    """The real script: a finished 09_export, then ``--force`` with the checkpoint stage gone and with a
+    bit-flipped model.safetensors (its sha256 in meta.json no longer matches). Each exits 2 with a message
+    naming what to do, and not one byte of the finished export changed (the checks run in ``validate``,
+    before --force resets the folder)."""
+    import yaml
+
+    run = make_run(tmp_path, tokenizer_file, random_model())
+    cfg = export_cfg(run, heldout_file, verify=False)
+    cfg_file = tmp_path / "export.yaml"
+    cfg_file.write_text(yaml.safe_dump(C.to_dict(cfg)))
+    run_export(cfg)
+    out = stage_dir(run, "09_export")
+    before = folder_bytes(out)
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "DS_ACCELERATOR": "cpu"}
+
+    def force():
+        r = subprocess.run([sys.executable, str(REPO / "9_export_hf.py"), "--config", str(cfg_file), "--force"],
+                           capture_output=True, text=True, env=env, cwd=REPO, timeout=120)
+        assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+        assert folder_bytes(out) == before
+        return r.stderr
+
+    pretrain = stage_dir(run, "04_pretrain")
+    pretrain.rename(tmp_path / "moved")
+    err = force()
+    assert "04_pretrain is missing" in err and "python 4_pretrain.py" in err
+    (tmp_path / "moved").rename(pretrain)
+    weights = pretrain / ckpt.CHECKPOINTS / ckpt.step_dir_name(10) / ckpt.WEIGHTS
+    flip_byte(weights)
+    err = force()
+    assert f"checkpoint {weights.parent} is damaged" in err and "model.safetensors: sha256" in err, err
+    assert "HINT: restore" in err
+
+
+@pytest.mark.parametrize("damaged, checksums", [(ckpt.META, True), (ckpt.MODEL_CONFIG, True), (ckpt.WEIGHTS, True),
+                                                (ckpt.MODEL_CONFIG, False), (ckpt.WEIGHTS, False), ("tokenizer.json", True)])
+def test_a_truncated_input_is_named_with_its_fix(tmp_path, tokenizer_file, heldout_file, damaged, checksums):
+    """Truncated: refused with the file and a fix, by its recorded size, or (a checkpoint written before
+    checksums were recorded) because it no longer parses; never a JSONDecodeError or SafetensorError."""
+    run = make_run(tmp_path, tokenizer_file, random_model())
+    step_dir = stage_dir(run, "04_pretrain") / ckpt.CHECKPOINTS / ckpt.step_dir_name(10)
+    if not checksums:
+        meta = read_json(step_dir / ckpt.META)
+        del meta["files"]
+        atomic_write_json(step_dir / ckpt.META, meta)
+    folder = stage_dir(run, "02_tokenizer") if damaged == "tokenizer.json" else step_dir
+    truncate(folder / damaged)
+    with pytest.raises(UserError) as err:
+        export.preflight(export_cfg(run, heldout_file))
+    message = str(err.value)
+    assert str(folder) in message and damaged in message and "HINT: restore" in message, message
+
+
+def test_a_bad_export_checkpoint_is_named_as_the_user_set_it(tmp_path, tokenizer_file, heldout_file):
+    run = make_run(tmp_path, tokenizer_file, random_model())
+    for bad in (str(tmp_path / "nope"), "08_eval", "05_extend"):
+        with pytest.raises((UserError, StageError)) as err:
+            export.preflight(export_cfg(run, heldout_file, checkpoint=bad))
+        message = str(err.value)
+        assert "export.checkpoint" in message or "5_extend_context.py" in message, message
+        assert "eval.checkpoints" not in message
+
+
+def test_sft_sources_and_eval_report_are_checked_before_the_work(tmp_path, tokenizer_file, heldout_file):
+    """What the verification and the card read later (stage 6's local conversations, stage 8's report.json)
+    is checked in preflight, so a missing or damaged file is refused before --force deletes anything."""
+    run = make_run(tmp_path, tokenizer_file, random_model(), stage="07_sft")
+    gone = tmp_path / "gone.jsonl"
+    source = C.SFTSourceConfig(name="chat", kind="local", path=str(gone))
+    Stage.open(C.SFTDataStageConfig(run=run, sft_data=C.SFTDataConfig(sources=[source])), "06_sft_data").finish()
+    eval_stage = Stage.open(C.EvalStageConfig(run=run), "08_eval")
+    (eval_stage.dir / "report.json").write_text('{"summary": {')
+    eval_stage.finish()
+    with pytest.raises(UserError) as err:
+        export.preflight(export_cfg(run, heldout_file))
+    message = str(err.value)
+    assert f"sft_data.sources[0] (chat): no file matches {str(gone)!r}" in message
+    assert "report.json is unreadable" in message and "8_eval.py" in message
+    with pytest.raises(UserError) as err:  # without the verification stage 6's files are not read
+        export.preflight(export_cfg(run, heldout_file, verify=False))
+    assert "sft_data" not in str(err.value) and "report.json" in str(err.value)
+
+
+def test_the_same_run_exports_byte_identical_files(tmp_path, tokenizer_file, heldout_file):
+    """Sharded bf16 safetensors, index, config, tokenizer files, card and a GGUF: the same bytes on a second
+    export; the manifest differs only in its timing fields."""
+    run = make_run(tmp_path, tokenizer_file, random_model())
+    cfg = export_cfg(run, heldout_file, verify=False, dtype="bfloat16", max_shard_size="200KB", gguf=True,
+                     gguf_types=["f16"], gguf_pre_tokenizer="llama-bpe")
+    out = stage_dir(run, "09_export")
+    run_export(cfg)
+    first = folder_bytes(out)
+    run_export(cfg, force=True)
+    second = folder_bytes(out)
+    assert first.keys() == second.keys() and "model-00002-of-00002.safetensors" in first and "t-f16.gguf" in first
+    assert [name for name in first if first[name] != second[name]] == ["manifest.json"]
+    timing = ("started", "finished")
+    m1, m2 = ({k: v for k, v in json.loads(m["manifest.json"]).items() if k not in timing} for m in (first, second))
+    assert m1 == m2
 
 
 def test_profile_configs_are_valid(monkeypatch):

@@ -229,7 +229,8 @@ def extend_config(run: C.RunConfig, path: Path, extend: dict | None = None, long
 def run_extend(argv: list[str]) -> int:
     """5_extend_context.py's main through the real CLI (run_stage), in this process; returns the exit code."""
     ns = runpy.run_path(str(ROOT / "5_extend_context.py"), run_name="extend_test")
-    return run_stage("05_extend", "stage 5", ns["main"], dry_run=ns["dry_run"], argv=argv)
+    return run_stage("05_extend", "stage 5", ns["main"], validate=ns["validate"], dry_run=ns["dry_run"],
+                     resume_check=ns["training_resume_check"], argv=argv)
 
 
 def curve(stage_path: Path) -> list[tuple]:
@@ -410,6 +411,26 @@ def test_bad_input_gives_clear_errors_and_marks_nothing_done(pipeline, capsys):
     err = capsys.readouterr().err
     assert "04_pretrain has no usable checkpoint" in err and "no complete checkpoint" in err
     assert not (out / "manifest.json").exists() and not (out / CHECKPOINTS).exists()
+
+
+def test_force_with_a_bad_new_max_seq_len_leaves_the_finished_stage_byte_identical(extended, pipeline):
+    """The real script as a subprocess: --force validates extend.* and the inputs before resetting 05_extend."""
+    from tests.test_engine import tree_state
+
+    run = copy_run(pipeline, "forced", without=())
+    shutil.copytree(stage_dir(extended["run"], "05_extend"), stage_dir(run, "05_extend"))
+    cfg = extend_config(run, pipeline["root"] / "forced.yaml")
+    out = stage_dir(run, "05_extend")
+    before = tree_state(out)
+    env = {**{k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
+                                                               "MASTER_PORT")},
+           "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
+    proc = subprocess.run([sys.executable, str(ROOT / "5_extend_context.py"), "--config", str(cfg), "--force",
+                           "--set", "extend.new_max_seq_len=1024"], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=180)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "disagrees with extend.factor=2.0" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+    assert tree_state(out) == before
 
 
 def test_dry_run_checks_and_plans_without_weights(pipeline, capsys):

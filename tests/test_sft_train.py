@@ -90,7 +90,8 @@ def tiny_model_cfg(vocab_size: int, **over) -> ModelConfig:
 def run_script(script: str, stage: str, argv: list[str], **kw) -> int:
     """A numbered script's main through the real CLI (run_stage), in this process; returns the exit code."""
     ns = runpy.run_path(str(ROOT / script), run_name=f"{stage}_test")
-    return run_stage(stage, stage, ns["main"], dry_run=ns.get("dry_run"), argv=argv, **kw)
+    return run_stage(stage, stage, ns["main"], validate=ns.get("validate"), dry_run=ns.get("dry_run"), argv=argv,
+                     resume_check=ns.get("training_resume_check"), **kw)
 
 
 def write_init_checkpoint(run: RunConfig, stage: str, model_cfg: ModelConfig, seed: int = 0) -> Path:
@@ -468,6 +469,22 @@ def test_missing_or_unfinished_checkpoints_are_clear_errors(pipeline, capsys):
     # auto without any stage 5 and without stage 4
     shutil.rmtree(stage_dir(run, "05_extend"))
     assert "04_pretrain is missing" in stage7_error(run, capsys)
+
+
+def test_force_with_a_damaged_init_checkpoint_leaves_the_finished_stage_byte_identical(sft_run, pipeline, capsys):
+    """validate verifies the init weights against meta.json's checksums before --force resets 07_sft."""
+    from tests.test_engine import tree_state
+
+    run = copy_stages(pipeline, "forced", ("02_tokenizer", "05_extend", "06_sft_data", "07_sft"))
+    weights = latest_checkpoint(stage_dir(run, "05_extend") / "checkpoints") / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-3] ^= 0x01  # one bit of the last tensor: a valid safetensors file with a wrong weight
+    weights.write_bytes(bytes(data))
+    before = tree_state(stage_dir(run, "07_sft"))
+    code = run_script("7_sft.py", "07_sft", ["--config", str(sft_config_file(run)), "--force"])
+    err = capsys.readouterr().err
+    assert code == 2 and "is damaged" in err and "model.safetensors: sha256" in err and "--force" in err, err
+    assert tree_state(stage_dir(run, "07_sft")) == before
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -90,6 +90,7 @@ OUTPUT_NEUTRAL_KEYS: tuple[str, ...] = (
     "train.assumed_tokens_per_sec",
     "train.peak_tflops",
     "train.expected_world_size",
+    "eval.batch_size",  # 08_eval: scores are bit-identical at any batch size (dante/evaluation/scoring.py)
 )
 
 

@@ -1,8 +1,9 @@
 """Stage 8 as a library: plan (every check, no weights), evaluate one checkpoint (chat: ``chat.py``).
 
 ``make_plan`` runs every check that needs no weights before anything expensive starts, and reports all
-problems in one error: the config values; that 02_tokenizer is done; which checkpoints exist (absent
-stages are skipped with a note, at least one must remain); that each checkpoint belongs with the run's
+problems in one error: the config values; that 02_tokenizer is done and its tokenizer.json is the file it
+wrote; which checkpoints exist (absent stages are skipped with a note, at least one must remain) and that
+their files are readable (``loading.checkpoint_problems``); that each checkpoint belongs with the run's
 tokenizer (``dante.checkpoint.tokenizer_problems``); held-out files that exist and hold text; local benchmark
 files and lm-eval task names; and that every long-context length fits at least one checkpoint (a length
 no checkpoint supports is an error; a length beyond one checkpoint's context is skipped for that
@@ -29,13 +30,12 @@ from typing import Any, Callable
 
 from dante import config as C
 from dante.artifacts import load_texts, stage_dir, stage_done
-from dante.artifacts import tokenizer_path as run_tokenizer_path
 from dante.chat_format import ChatEncoder
 from dante.checkpoint import CheckpointRef, find_checkpoints, read_model_config, tokenizer_problems
 from dante.errors import StageError, UserError, raise_problems
 from dante.evaluation import long_context as lc
 from dante.evaluation.generation import SamplingParams, generate
-from dante.evaluation.loading import LoadedModel
+from dante.evaluation.loading import LoadedModel, checkpoint_problems, run_tokenizer
 from dante.evaluation.perplexity import (
     encode_texts,
     perplexity_of_token_docs,
@@ -43,7 +43,7 @@ from dante.evaluation.perplexity import (
     val_shard_documents,
 )
 from dante.shards import list_shards
-from dante.tokenizer import BOS_ID, EOS_ID, SPECIAL_TOKENS, load_tokenizer
+from dante.tokenizer import BOS_ID, EOS_ID, SPECIAL_TOKENS
 
 
 @dataclass
@@ -119,17 +119,20 @@ def make_plan(cfg: C.EvalStageConfig, with_tasks: bool = True) -> EvalPlan:
     """Every check that needs no model weights; raises UserError/StageError listing all problems."""
     e = cfg.eval
     problems = config_problems(e)
-    tokenizer_path = run_tokenizer_path(cfg.run)  # StageError naming 2_train_tokenizer.py when missing
-    tokenizer = load_tokenizer(tokenizer_path)
+    # StageError naming 2_train_tokenizer.py when missing; UserError naming the file when damaged
+    tokenizer_path, tokenizer = run_tokenizer(cfg.run)
     refs, notes = find_checkpoints(cfg.run, list(e.checkpoints))
     if not refs:
         raise StageError("no checkpoint to evaluate: " + "; ".join(notes) +
                          "\n  HINT: run `python 4_pretrain.py --config configs/<profile>/pretrain.yaml` first, or list "
                          "checkpoint folders in eval.checkpoints / --checkpoints.")
+    heldout, heldout_problems = read_heldout(e)
+    unreadable = [p for ref in refs for p in checkpoint_problems(ref, notes)]
+    if unreadable:  # the checks below read these files: report now, with the problems found so far
+        raise_problems(UserError, "stage 8 cannot start", problems + unreadable + heldout_problems)
     model_cfgs = {ref.label: read_model_config(ref.path) for ref in refs}
     for ref in refs:
         problems += tokenizer_problems(ref, model_cfgs[ref.label], tokenizer, tokenizer_path)
-    heldout, heldout_problems = read_heldout(e)
     problems += heldout_problems
     heldout_tokens = {lang: encode_texts(tokenizer, texts) for lang, texts in heldout.items()}
     shards_dir = None

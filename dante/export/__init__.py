@@ -14,7 +14,8 @@ One file per reason to change:
 - ``gguf_verify``: the proof in llama.cpp itself (ids and logits), when ``llama_cpp`` is importable.
 - ``model_card``: the folder's ``README.md``, every number read from the run's files.
 - ``hub``: the upload (``--push-to-hub``).
-- ``stage``: the stage itself: preflight, ``export_stage``, the ``--dry-run`` plan, ``FORMAT_VERSION``.
+- ``stage``: the stage itself: ``preflight`` (every check, the ``validate`` hook), ``export_stage``, the
+  ``--dry-run`` plan, ``FORMAT_VERSION``.
 
 Example::
 
@@ -25,8 +26,16 @@ Example::
 from __future__ import annotations
 
 from dante.export.hub import push_to_hub
-from dante.export.stage import FORMAT_VERSION, config_problems, export_stage, plan_lines
+from dante.export.stage import (
+    FORMAT_VERSION,
+    ExportPlan,
+    config_problems,
+    export_stage,
+    plan_lines,
+    preflight,
+    record_inputs,
+)
 from dante.export.verify import BUILTIN_CONVERSATIONS, VerificationError
 
-__all__ = ["FORMAT_VERSION", "export_stage", "plan_lines", "config_problems", "push_to_hub",
-           "VerificationError", "BUILTIN_CONVERSATIONS"]
+__all__ = ["FORMAT_VERSION", "ExportPlan", "preflight", "record_inputs", "export_stage", "plan_lines", "config_problems",
+           "push_to_hub", "VerificationError", "BUILTIN_CONVERSATIONS"]

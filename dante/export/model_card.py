@@ -20,6 +20,7 @@ from typing import Any
 from dante import config as C
 from dante import report_format
 from dante.artifacts import read_json, stage_dir, stage_done
+from dante.errors import UserError
 from dante.export.gguf import refusal_lines
 from dante.export.run_inputs import Source, finished_manifest, training_lineage
 from dante.model import ffn_hidden_dim_of, head_dim_of
@@ -107,16 +108,31 @@ def card_facts(cfg: C.ExportStageConfig, source: Source, tokenizer, n_params: in
     if sft_data:
         facts["sft_data"] = [{"name": s.get("name"), "format": s.get("format"), "lang": s.get("lang"),
                               "origin": s.get("hf_id") or s.get("path")} for s in sft_data["config"]["sft_data"]["sources"]]
-    report_path = stage_dir(cfg.run, C.EVAL) / "report.json"
+    report = evaluation_report(cfg)
     facts["evaluation"] = None
-    if stage_done(cfg.run, C.EVAL) and report_path.is_file():
-        report = read_json(report_path)
+    if report is not None:
         facts["evaluation"] = {
             "summary": report.get("summary", {}),
             "checkpoints": [{k: c.get(k) for k in ("label", "stage", "step", "max_seq_len")}
                             for c in report.get("checkpoints", [])],
         }
     return facts
+
+
+def evaluation_report(cfg: C.ExportStageConfig) -> dict | None:
+    """Stage 8's report.json when stage 8 finished (the card's results), else None; a damaged one is named."""
+    path = stage_dir(cfg.run, C.EVAL) / "report.json"
+    if not (stage_done(cfg.run, C.EVAL) and path.is_file()):
+        return None
+    try:
+        report = read_json(path)
+    except (OSError, ValueError) as e:
+        report = e
+    if not isinstance(report, dict):
+        raise UserError(f"{path} is unreadable ({report if isinstance(report, Exception) else 'not a JSON object'}): "
+                        "the model card takes its results from it.\n"
+                        f"  HINT: rerun `python 8_eval.py --config configs/<profile>/eval.yaml --force`")
+    return report
 
 
 def _version(facts: dict, dist: str) -> str:

@@ -2,7 +2,10 @@
 
 One place for stage 9's view of earlier stages, so the rest of ``dante/export/`` works on plain values.
 Which checkpoint is which (``CheckpointRef``, ``find_checkpoints``, ``newest_finished``, ``stage_lineage``)
-is ``dante.checkpoint``'s notion, used here as it is.
+is ``dante.checkpoint``'s notion, used here as it is. Every file is checked as it is read
+(``dante.evaluation.loading``: the tokenizer against stage 2's recorded sha256, the checkpoint's files
+against the sizes and sha256 its meta.json recorded), so a damaged input is a UserError naming the file and
+the fix; ``preflight`` reads them all before ``--force`` touches 09_export.
 
 Example::
 
@@ -17,8 +20,8 @@ from pathlib import Path
 
 from dante import checkpoint as ckpt
 from dante import config as C
-from dante.artifacts import load_texts, read_json, read_manifest, stage_done
-from dante.artifacts import tokenizer_path as run_tokenizer_path
+from dante import sft_data as sft
+from dante.artifacts import load_texts, read_manifest, stage_done
 from dante.checkpoint import (
     CHECKPOINT_STAGES,
     CheckpointRef,
@@ -27,7 +30,8 @@ from dante.checkpoint import (
     read_model_config,
     stage_lineage,
 )
-from dante.errors import UserError
+from dante.errors import ConfigError, StageError, UserError, raise_problems
+from dante.evaluation.loading import checkpoint_problems
 
 
 @dataclass
@@ -59,12 +63,9 @@ def resolve_checkpoint(cfg: C.ExportStageConfig) -> Source:
     if choice in CHECKPOINT_STAGES:
         read_manifest(cfg.run, choice)  # an unfinished stage: the error names the script to run
     (ref,), _ = find_checkpoints(cfg.run, [choice], setting="export.checkpoint")
-    return Source(ref=ref, model_cfg=read_model_config(ref.path), meta=read_json(ref.path / ckpt.META))
-
-
-def tokenizer_path(cfg: C.ExportStageConfig) -> Path:
-    """Stage 2's tokenizer file (as its manifest names it), the tokenizer every checkpoint of the run used."""
-    return run_tokenizer_path(cfg.run)
+    raise_problems(UserError, f"export.checkpoint={cfg.export.checkpoint!r}: the checkpoint cannot be read",
+                   checkpoint_problems(ref))
+    return Source(ref=ref, model_cfg=read_model_config(ref.path, verified=True), meta=ckpt.read_meta(ref.path))
 
 
 def finished_manifest(cfg: C.ExportStageConfig, stage: str) -> dict | None:
@@ -85,8 +86,28 @@ def training_lineage(cfg: C.ExportStageConfig, source: Source) -> list[tuple[str
         if step.stage not in CHECKPOINT_STAGES or step.stage == source.stage:
             continue
         step_dir = ckpt.latest_checkpoint(step.folder / ckpt.CHECKPOINTS)
-        chain.append((step.stage, read_json(step_dir / ckpt.META) if step_dir else {}))
+        chain.append((step.stage, ckpt.read_meta(step_dir) if step_dir else {}))
     return chain[::-1]
+
+
+def sft_source_problems(cfg: C.ExportStageConfig, source: Source) -> list[str]:
+    """What keeps the chat-template check of an SFT export from reading stage 6's local sources (their real
+    conversations are compared besides the built-in ones): its manifest's config, and files that are gone."""
+    if not (source.is_chat and cfg.export.verify and stage_done(cfg.run, C.SFT_DATA)):
+        return []
+    fix = ("HINT: restore the files (relative paths start at the working directory: run stage 9 where stage 6 "
+           "ran), or --set export.verify=false to skip the whole verification (not recommended)")
+    try:
+        sources = C.from_dict(C.SFTDataStageConfig, read_manifest(cfg.run, C.SFT_DATA)["config"]).sft_data.sources
+    except (StageError, ConfigError, KeyError, TypeError) as e:
+        return [f"06_sft_data: its manifest cannot give the sources of the chat-template check ({e}); {fix}"]
+    missing = []
+    for i, src in enumerate(sources):
+        files = sft.local_files(src.path) if src.kind == "local" else []
+        if src.kind == "local" and (not files or not all(f.is_file() for f in files)):
+            missing.append(f"06_sft_data: sft_data.sources[{i}] ({src.name}): no file matches {src.path!r}, which "
+                           f"the chat-template check reads; {fix}")
+    return missing
 
 
 def generation_defaults(cfg: C.ExportStageConfig) -> C.GenerationConfig:

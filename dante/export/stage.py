@@ -15,7 +15,14 @@ custom code:
 
 Design choices
 - ``preflight`` runs every check before any weight is loaded and reports all problems in one error: the
-  export config, the checkpoint, what Llama can express (``hf_format``), the tokenizer's vocabulary.
+  export config, the checkpoint (its files readable), what Llama can express (``hf_format``), the
+  tokenizer (stage 2's recorded sha256, its vocabulary), the held-out text, stage 6's sources of the
+  chat-template check, the card's inputs (stage 8's report, the training lineage). ``9_export_hf.py`` runs
+  it as ``run_stage``'s ``validate`` hook, so a rejected ``--force`` leaves a finished 09_export as it was;
+  ``export_stage`` uses the plan it returns.
+- Deterministic bytes: the same run exported twice gives identical files but for the manifest's
+  ``started``/``finished`` (measured with GGUF and sharded bf16: tests/test_export.py); no timestamp is
+  written into a model file or the card.
 - eos: an SFT checkpoint ends its turns with <|eot|> (stage 6 teaches exactly that), so its tokenizer eos
   is <|eot|>, as Llama 3 Instruct does, for tools that stop on ``tokenizer.eos_token``; a base model ends
   documents with <|end_of_text|>. ``generation_config.json`` lists both ids either way.
@@ -33,7 +40,9 @@ Example::
 from __future__ import annotations
 
 import math
+import re
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -41,11 +50,11 @@ import torch
 
 from dante import checkpoint as ckpt
 from dante import config as C
-from dante.artifacts import PROGRESS, Stage, atomic_write_json, atomic_write_text, read_manifest, stage_dir
+from dante.artifacts import PROGRESS, Stage, atomic_write_json, atomic_write_text, stage_dir
 from dante.chat_format import CHAT_TEMPLATE
 from dante.checkpoint import tokenizer_problems
-from dante.errors import UserError, problems_message, raise_problems
-from dante.evaluation.loading import resolve_device
+from dante.errors import StageError, UserError, problems_message
+from dante.evaluation.loading import resolve_device, run_tokenizer
 from dante.export.gguf import (
     carried_pre_type,
     gguf_config_problems,
@@ -64,10 +73,17 @@ from dante.export.hf_format import (
     to_hf_state_dict,
     weight_problems,
 )
-from dante.export.model_card import card_facts, render_model_card, short_number
-from dante.export.run_inputs import Source, generation_defaults, load_heldout, resolve_checkpoint, tokenizer_path
+from dante.export.model_card import card_facts, evaluation_report, render_model_card, short_number
+from dante.export.run_inputs import (
+    Source,
+    generation_defaults,
+    load_heldout,
+    resolve_checkpoint,
+    sft_source_problems,
+    training_lineage,
+)
 from dante.export.verify import verification_windows, verify_export
-from dante.tokenizer import EOS, EOS_ID, EOT, EOT_ID, load_tokenizer
+from dante.tokenizer import EOS, EOS_ID, EOT, EOT_ID
 
 FORMAT_VERSION = 1
 
@@ -113,38 +129,91 @@ def _refuse_foreign_files(stage: Stage) -> None:
                         "  HINT: pass --force to delete it and export again, or choose another run.name.")
 
 
-def preflight(cfg: C.ExportStageConfig) -> tuple[Source, Path, Any]:
-    """Every check before the work (no weights loaded): config, checkpoint, Llama expressibility of the config
-    and of the file's tensors, tokenizer (vocabulary, special ids, lineage). One error listing everything."""
-    raise_problems(UserError, "invalid export configuration", config_problems(cfg))
-    read_manifest(cfg.run, C.TOKENIZER)
+@dataclass
+class ExportPlan:
+    """What ``preflight`` checked and read: the inputs ``export_stage`` works on."""
+
+    source: Source
+    tokenizer_path: Path
+    tokenizer: Any
+    texts_by_lang: dict[str, list[str]]
+    """export.heldout's documents by language (empty when neither the verification nor a forced GGUF needs them)."""
+
+
+def preflight(cfg: C.ExportStageConfig) -> ExportPlan:
+    """Every check before the work (no weights loaded), read-only: config, checkpoint files, Llama
+    expressibility of the config and of the file's tensors, tokenizer (recorded sha256, vocabulary, special
+    ids, lineage), held-out text, stage 6's sources, the card's inputs. One error listing everything."""
+    problems = config_problems(cfg)
+    tok_path = tokenizer = source = None
+    for read in ("tokenizer", "checkpoint"):
+        try:
+            if read == "tokenizer":
+                tok_path, tokenizer = run_tokenizer(cfg.run)
+            else:
+                source = resolve_checkpoint(cfg)
+        except (UserError, StageError) as e:
+            problems += _problems_of(e)
     if cfg.export.verify:
-        resolve_device(cfg.export.verify_device)  # cuda asked for but absent: say so now
-    source = resolve_checkpoint(cfg)
-    tok_path = tokenizer_path(cfg)
-    tokenizer = load_tokenizer(tok_path)
-    problems = llama_problems(source.model_cfg)
-    if not problems:  # the tensors, from the file's header (a Llama config is needed to know what to expect)
-        problems += weight_problems(source.path / ckpt.WEIGHTS, source.model_cfg)
-    problems += tokenizer_problems(source.ref, source.model_cfg, tokenizer, tok_path)
-    problems += gguf_problems(cfg.export, source.model_cfg, tokenizer)
+        try:
+            resolve_device(cfg.export.verify_device)  # cuda asked for but absent: say so now
+        except UserError as e:
+            problems.append(str(e))
+    texts_by_lang = {}
+    needs_text = cfg.export.verify or (cfg.export.gguf and bool(cfg.export.gguf_pre_tokenizer))
+    if needs_text and not any("export.heldout" in p for p in problems):
+        try:
+            texts_by_lang = load_heldout(cfg)
+        except UserError as e:
+            problems.append(str(e))
+    if source is not None:
+        llama = llama_problems(source.model_cfg)
+        problems += llama
+        if not llama:  # the tensors, from the file's header (a Llama config is needed to know what to expect)
+            problems += weight_problems(source.path / ckpt.WEIGHTS, source.model_cfg)
+        if tokenizer is not None:
+            problems += tokenizer_problems(source.ref, source.model_cfg, tokenizer, tok_path)
+            problems += gguf_problems(cfg.export, source.model_cfg, tokenizer)
+        problems += sft_source_problems(cfg, source)
+        try:  # what the model card reads at the end: a damaged file must not stop a finished export there
+            training_lineage(cfg, source)
+            evaluation_report(cfg)
+        except UserError as e:
+            problems.append(str(e))
     if problems:
-        raise UserError(problems_message(f"cannot export {source.path} as a Hugging Face Llama model", problems))
-    return source, tok_path, tokenizer
+        what = source.path if source is not None else f"the checkpoint of export.checkpoint={cfg.export.checkpoint!r}"
+        raise UserError(problems_message(f"cannot export {what} as a Hugging Face Llama model", problems))
+    return ExportPlan(source=source, tokenizer_path=tok_path, tokenizer=tokenizer, texts_by_lang=texts_by_lang)
 
 
-def export_stage(stage: Stage, cfg: C.ExportStageConfig) -> dict:
-    """Stage 9 end to end: checks, files, verification, model card, manifest (last)."""
-    source, tok_path, tokenizer = preflight(cfg)
+def _problems_of(e: Exception) -> list[str]:
+    """The problems of an error to list among others: its bullets when it is a ``problems_message`` (one
+    list, not a list inside a list; a bullet keeps its indented continuation lines), else the whole message."""
+    headline, _, body = str(e).partition("\n")
+    if not (headline.endswith(":") and body.startswith("  - ")):
+        return [str(e)]
+    return [item.rstrip("\n") for item in re.split(r"^  - ", body, flags=re.MULTILINE) if item.strip()]
+
+
+def record_inputs(stage: Stage, plan: ExportPlan) -> None:
+    """The manifests and files the export reads, as the manifest lists them (read-only: ``validate`` may call it)."""
+    stage.require(C.TOKENIZER)
+    if plan.source.stage:
+        stage.require(plan.source.stage)
+    stage.add_input("checkpoint", plan.source.path / ckpt.WEIGHTS)
+    stage.add_input("tokenizer", plan.tokenizer_path)
+
+
+def export_stage(stage: Stage, cfg: C.ExportStageConfig, plan: ExportPlan | None = None) -> dict:
+    """Stage 9 end to end: checks (``plan``: what ``preflight`` returned in ``validate``; run here when None),
+    files, verification, model card, manifest (last)."""
+    if plan is None:
+        plan = preflight(cfg)
+        record_inputs(stage, plan)
+    source, tok_path, tokenizer, texts_by_lang = plan.source, plan.tokenizer_path, plan.tokenizer, plan.texts_by_lang
     _refuse_foreign_files(stage)
     # from here on the folder holds our files: a rerun with this config resumes (redoes) the export
     stage.save_progress({"checkpoint": str(source.path), "writing": True})
-    stage.require(C.TOKENIZER)
-    if source.stage:
-        stage.require(source.stage)
-    stage.add_input("checkpoint", source.path / ckpt.WEIGHTS)
-    stage.add_input("tokenizer", tok_path)
-    texts_by_lang = load_heldout(cfg) if cfg.export.verify else {}
 
     model, m, _ = ckpt.load_model(source.path)
     out = stage.dir
@@ -237,9 +306,10 @@ def export_gguf(cfg: C.ExportStageConfig, out: Path, model, source: Source, toke
     return result
 
 
-def plan_lines(cfg: C.ExportStageConfig) -> list[str]:
+def plan_lines(cfg: C.ExportStageConfig, plan: ExportPlan | None = None) -> list[str]:
     """What the export would write, from the checkpoint's config alone (no weights loaded)."""
-    source, tok_path, _ = preflight(cfg)
+    plan = plan or preflight(cfg)
+    source, tok_path = plan.source, plan.tokenizer_path
     shapes = expected_hf_shapes(source.model_cfg)
     n_params = sum(math.prod(s) for s in shapes.values())
     nbytes = n_params * {"float32": 4, "bfloat16": 2, "float16": 2}[cfg.export.dtype]
@@ -257,7 +327,7 @@ def plan_lines(cfg: C.ExportStageConfig) -> list[str]:
                      f"{cfg.export.dtype}, shards <= {cfg.export.max_shard_size}) + model.safetensors.index.json")
     lines += [f"  {n}" for n in names]
     if cfg.export.gguf:
-        pre = cfg.export.gguf_pre_tokenizer or carried_pre_type(load_tokenizer(tok_path))
+        pre = cfg.export.gguf_pre_tokenizer or carried_pre_type(plan.tokenizer)
         lines += [f"  {cfg.run.name}-{t}.gguf  (llama.cpp / Ollama, tokenizer.ggml.pre={pre}"
                   + (", forced: mismatch measured)" if cfg.export.gguf_pre_tokenizer else ")") for t in cfg.export.gguf_types]
     lines.append("verification: " + ("on (logits, greedy, tokenizer" + (", chat template)" if source.is_chat else ")")
