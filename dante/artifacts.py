@@ -469,8 +469,9 @@ def tokenizer_path(run: C.RunConfig) -> Path:
     if isinstance(want, str) and file_sha256(path) != want:
         raise StageError(f"{path} changed after 02_tokenizer finished (its sha256 differs from the one in "
                          f"{folder / MANIFEST}): every token id it gives may differ.\n"
-                         f"  HINT: restore the file, or rerun `python {script_for('02_tokenizer')} --force` "
-                         f"(and then stages 3 onwards).")
+                         f"  HINT: restore the file from a copy of this run; or retrain it with "
+                         f"`python {script_for('02_tokenizer')} --force` and redo every stage after it "
+                         f"(checkpoints trained with the old tokenizer do not fit a new one).")
     return path
 
 

@@ -354,7 +354,7 @@ def test_tokenizer_changed_since_stage_2_is_refused(tmp_path, tok, capsys):
     assert code == 0, out
     path.write_bytes(path.read_bytes() + b"\n")  # still a valid tokenizer.json: only the checksum can tell
     code, out = run_script(["--config", str(cfg), "--dry-run"], capsys)
-    assert code == 2 and f"{path} changed since stage 2 wrote it" in out and "2_train_tokenizer.py" in out, out
+    assert code == 2 and f"{path} changed after 02_tokenizer finished" in out and "2_train_tokenizer.py" in out, out
 
 
 def test_batch_size_is_output_neutral_on_a_finished_report(tmp_path, run, capsys):

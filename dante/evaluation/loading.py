@@ -31,7 +31,7 @@ from safetensors import SafetensorError, safe_open
 
 from dante import checkpoint as ckpt
 from dante import config as C
-from dante.artifacts import file_sha256, read_manifest, script_for
+from dante.artifacts import script_for
 from dante.artifacts import tokenizer_path as run_tokenizer_path
 from dante.checkpoint import CheckpointError, CheckpointRef, checkpoint_ref, load_model, tokenizer_problems
 from dante.errors import UserError, raise_problems
@@ -50,20 +50,14 @@ class LoadedModel:
 
 def run_tokenizer(run: C.RunConfig) -> tuple[Path, Any]:
     """(path, tokenizer) of stage 2's tokenizer for ``run``: the file as stage 2's manifest names it, checked
-    against the sha256 recorded there (when recorded), then loaded. StageError when stage 2 has not finished
+    against the sha256 recorded there (``tokenizer_path``), then loaded. StageError when stage 2 has not finished
     (``tokenizer_path``); UserError naming the file, the problem and the way out when it is damaged."""
-    path = run_tokenizer_path(run)
-    recorded = read_manifest(run, C.TOKENIZER).get("outputs", {}).get("tokenizer_sha256")
+    path = run_tokenizer_path(run)  # checks the file against the sha256 stage 2 recorded
     # Retraining is not the fix of a damaged file when checkpoints exist: a new tokenizer's ids mean other
     # strings, so the checkpoints of this run would no longer belong to it (tokenizer_problems refuses that).
     fix = (f"  HINT: restore {path} from a copy of this run; or retrain it with "
            f"`python {script_for(C.TOKENIZER)} --config configs/<profile>/{C.PROFILE_FILES[C.TOKENIZER]} --force` "
            f"and redo the stages after it (checkpoints trained with the old tokenizer do not fit a new one)")
-    if isinstance(recorded, str) and recorded:
-        actual = file_sha256(path)
-        if actual != recorded:
-            raise UserError(f"{path} changed since stage 2 wrote it: sha256 {actual[:16]}..., its manifest records "
-                            f"{recorded[:16]}... (damaged on disk, truncated, or replaced).\n{fix}")
     try:
         return path, load_tokenizer(path)
     except UserError as e:

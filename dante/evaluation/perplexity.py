@@ -40,7 +40,7 @@ from typing import Iterable, Iterator, Sequence
 import numpy as np
 
 from dante.evaluation.scoring import ScoreRequest, score_requests
-from dante.shards import ShardReader, list_shards
+from dante.shards import open_split
 from dante.tokenizer import byte_symbols
 
 LN2 = math.log(2.0)
@@ -212,7 +212,8 @@ def split_special(tokens: np.ndarray, special_ids: Sequence[int]) -> list[list[i
 def val_shard_documents(shards_dir: str | Path, n_special: int = 6) -> dict[int, Iterator[list[int]]]:
     """{tier: lazy iterator over the documents of its validation shards} of a stage 3 folder (special ids
     are 0..n_special-1, docs/DESIGN.md). Stage 5 uses it for its long-context sequences too."""
-    def docs(paths: list) -> Iterator[list[int]]:
-        yield from iter_shard_documents((ShardReader(p).tokens for p in paths), range(n_special))
+    def docs(readers: list) -> Iterator[list[int]]:
+        yield from iter_shard_documents((r.tokens for r in readers), range(n_special))
 
-    return {tier: docs(paths) for tier, paths in list_shards(shards_dir, "val").items()}
+    # open_split: headers, sizes, stage 3's checksums and the id range checked (once per file version)
+    return {tier: docs(readers) for tier, readers in open_split(shards_dir, "val").items()}
