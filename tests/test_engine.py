@@ -539,11 +539,11 @@ def test_sigkill_twice_then_resume_gives_byte_identical_checkpoint_files(shard_r
     cfg, stage = own_inputs(shard_run, tmp_path / "killed")
 
     rng = _random.Random(13)
-    delay = 0.12  # per micro-batch: 2 per step
+    delay = 0.15  # per micro-batch, 2 per step: each kill below lands within the step after the one it waits for
     _kill_at(pretrain_process("--config", str(cfg), delay=delay), stage, 1, rng.uniform(0, 0.1))
     assert ckpt.latest_checkpoint(stage / ckpt.CHECKPOINTS) is None  # before the first checkpoint (step 2)
     kill_step = rng.randint(3, 5)
-    _kill_at(pretrain_process("--config", str(cfg), delay=delay), stage, kill_step, rng.uniform(0, 0.3))
+    _kill_at(pretrain_process("--config", str(cfg), delay=delay), stage, kill_step, rng.uniform(0, 0.2))
     resumed_from = ckpt.latest_checkpoint(stage / ckpt.CHECKPOINTS)
     assert resumed_from is not None and not (stage / "manifest.json").exists()
 
