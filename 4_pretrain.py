@@ -47,10 +47,11 @@ def load_inputs(stage, cfg, args=None):
     shards, t = stage_dir(cfg.run, "03_shards"), cfg.train
     data = val = None
     try:
-        data = TieredMemmapDataset.from_stage_dir(shards, t.tier_weights, t.seq_len, t.micro_batch, cfg.run.seed)
+        data = TieredMemmapDataset.from_stage_dir(shards, t.tier_weights, t.seq_len, t.micro_batch, cfg.run.seed,
+                                                   vocab_size=cfg.model.vocab_size)
     except DataError as e:
         problems += e.problems
-    val = ValidationWindows.from_stage_dir(shards, t.seq_len, t.micro_batch)
+    val = ValidationWindows.from_stage_dir(shards, t.seq_len, t.micro_batch, vocab_size=cfg.model.vocab_size)
     if t.eval_every and len(val) == 0:
         problems.append(f"no validation window of {t.seq_len + 1} tokens in {shards} (val shards missing or too short); "
                         "set train.eval_every=0 or give stage 3 a larger shards.val_fraction")

@@ -72,7 +72,7 @@ from dante.evaluation.stage import read_heldout  # stage 8's reader and checks o
 from dante.model import Transformer
 from dante.pretrain_data import DataError, TieredMemmapDataset, ValidationWindows
 from dante.report_format import markdown_table as md_table
-from dante.shards import ShardReader, list_shards
+from dante.shards import open_split
 from dante.tokenizer import BOS_ID, EOS_ID, SPECIAL_TOKENS, load_tokenizer
 
 SCALED_MODES = ("yarn", "linear")
@@ -211,8 +211,9 @@ def _eval_docs_from_heldout(heldout: dict, tokenizer, problems: list[str]) -> li
 
 def _eval_docs_from_val_shards(shards_dir: Path) -> list[np.ndarray]:
     specials = list(range(len(SPECIAL_TOKENS)))
-    return [doc for paths in list_shards(shards_dir, "val").values() for p in paths
-            for doc in split_special(ShardReader(p).tokens, specials)]
+    # open_split: headers, sizes, stage 3's checksums and the id range checked (once per file version)
+    return [doc for readers in open_split(shards_dir, "val").values() for r in readers
+            for doc in split_special(r.tokens, specials)]
 
 
 def long_rows(docs: list, length: int, max_rows: int, bos_id: int, eos_id: int) -> tuple[list[list[int]], int]:
@@ -274,11 +275,12 @@ def make_plan(cfg: C.ExtendStageConfig) -> ExtendPlan:
     shards_dir = stage_dir(cfg.run, C.SHARDS)
     data = val_data = None
     try:
-        data = TieredMemmapDataset.from_stage_dir(shards_dir, t.tier_weights, t.seq_len, t.micro_batch, cfg.run.seed)
+        data = TieredMemmapDataset.from_stage_dir(shards_dir, t.tier_weights, t.seq_len, t.micro_batch, cfg.run.seed,
+                                                   vocab_size=model_cfg.vocab_size if model_cfg else None)
     except DataError as e:
         problems += e.problems
     if t.eval_every:
-        val_data = ValidationWindows.from_stage_dir(shards_dir, t.seq_len, t.micro_batch)
+        val_data = ValidationWindows.from_stage_dir(shards_dir, t.seq_len, t.micro_batch, vocab_size=model_cfg.vocab_size if model_cfg else None)
         if len(val_data) == 0:
             notes.append(f"validation loss off: the validation shards hold no window of {t.seq_len + 1} tokens")
             val_data = None

@@ -191,7 +191,8 @@ def test_two_ranks_through_the_launcher_equal_one_rank_with_double_accumulation(
         assert meta["world_size"] == 2 and meta["step"] == manifest["counts"]["steps"], stage
         shards = list((ckpt / "train_state" / "deepspeed").glob("*optim_states.pt"))
         assert len(shards) == 2, (stage, shards)  # each rank saved its ZeRO partition into the one folder
-        assert sorted(p.name for p in (ckpt / "train_state").glob("rng-rank*.pt")) == ["rng-rank0.pt", "rng-rank1.pt"]
+        assert sorted(p.name for p in (ckpt / "train_state").glob("rng-rank*.safetensors")) == [
+            "rng-rank0.safetensors", "rng-rank1.safetensors"]
         engine = manifest["training"] if stage == "04_pretrain" else manifest["engine"]  # TrainResult.extra
         assert engine["world_size"] == 2 and engine["precision"]["grad_accumulation"] == "fp32", stage
         assert engine["precision"]["grad_reduction"] == "fp32" and engine["precision"]["zero_stage"] == 1, stage
