@@ -185,13 +185,22 @@ def describe_path(path: str | Path, hash_limit: int = 64 << 20) -> dict:
 # ---------------------------------------------------------------------------------------------------
 
 
+_PACKAGES = ("torch", "numpy", "tokenizers", "tiktoken", "zstandard", "transformers", "datasets", "deepspeed",
+             "torchao", "safetensors")
+
+
 def software_versions() -> dict[str, str]:
-    """Versions of the packages already imported (importing more here would slow every stage)."""
+    """Installed versions of the packages the stages use, from their metadata (no import: stages 1-3 do not
+    load torch). The same set in every manifest: listing only the modules a process happened to import
+    made a resumed run's manifest differ from an uninterrupted one's."""
+    from importlib import metadata
+
     out = {"python": platform.python_version()}
-    for name in ("torch", "numpy", "tokenizers", "transformers", "datasets", "deepspeed", "torchao", "safetensors"):
-        mod = sys.modules.get(name)
-        if mod is not None:
-            out[name] = str(getattr(mod, "__version__", "?"))
+    for name in _PACKAGES:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
     return out
 
 
@@ -620,6 +629,20 @@ class Stage:
         self.resumed = resumed
         if not resumed:
             self.save_progress({})
+
+    def tidy_finished(self) -> None:
+        """On a finished stage's no-op rerun: remove what a kill between the manifest's rename and the end of
+        ``finish`` left (``progress.json``) and stale temporaries, if no other process holds the stage."""
+        try:
+            acquire_stage_lock(self.cfg.run, self.name)
+        except StageError:
+            return  # another process is at work on it: leave everything alone
+        try:
+            if (self.dir / MANIFEST).is_file():
+                (self.dir / PROGRESS).unlink(missing_ok=True)
+                remove_debris(self.dir)
+        finally:
+            release_stage_lock(self.cfg.run, self.name)
 
     def discard_if_untouched(self) -> bool:
         """Remove the folder this run created when the stage stopped before recording any work (only an

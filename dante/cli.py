@@ -108,10 +108,11 @@ def run_stage(
     1. the config (``load_config``: types, unknown keys, the stage's own checks);
     2. a finished stage: same config -> no-op (exit 0); a config that differs in a key that matters ->
        refused (exit 2) naming the keys; --force goes on;
-    3. ``validate(stage, cfg, args)``: every input the stage reads (manifests, files, vocabulary, the
+    3. ``setup(cfg)`` (not in a dry run): the training stages start their ranks; a wrong world size is
+       refused here;
+    4. ``validate(stage, cfg, args)``: every input the stage reads (manifests, files, vocabulary, the
        checkpoint), read-only, all problems in one error; what it returns is ``stage.plan`` for ``main``;
-    4. ``--dry-run`` prints the plan (``dry_run(cfg, args)``) and stops;
-    5. ``setup(cfg)`` (the training stages start their ranks: a wrong world size is refused here);
+    5. ``--dry-run`` prints the plan (``dry_run(cfg, args)``) and stops;
     6. ``Stage.open``: the stage lock, then --force resets the folder, debris is removed, resume decided;
     7. ``main`` does the work and calls ``stage.finish(...)`` itself (the manifest last).
 
@@ -119,7 +120,7 @@ def run_stage(
     reported as such (exit 2), naming the path and the way out; rerunning resumes.
     """
     args = parse_args(stage, description, extra_args, argv)
-    st = None
+    st = planned = None
     try:
         cfg = load_stage_config(stage, args)
         if args.print_config:
@@ -128,6 +129,8 @@ def run_stage(
         planned = Stage.prepare(cfg, stage, format_version)
         if not args.dry_run:
             planned.check_not_finished(args.force)
+            if setup is not None:  # the launch itself first: a wrong world size is named before any input
+                setup(cfg)
         if validate is not None:
             planned.plan = validate(planned, cfg, args)
         if args.dry_run:
@@ -139,8 +142,6 @@ def run_stage(
             else:
                 dry_run(cfg, args)
             return 0
-        if setup is not None:
-            setup(cfg)
         problems = check_writable(run_dir(cfg.run))
         if problems:
             raise UserError("\n".join(problems))
@@ -153,6 +154,7 @@ def run_stage(
     except StageAlreadyDone as e:
         if is_main_process():  # every rank of a launch finds it done; one line is enough
             print(f"[{stage}] {e}")
+            planned.tidy_finished()
         return 0
     except (ConfigError, StageError, UserError) as e:
         if st is not None:

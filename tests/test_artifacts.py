@@ -372,3 +372,17 @@ def test_tokenizer_path_refuses_a_file_changed_after_stage_2(tmp_path):
     (st.dir / "tokenizer.json").write_text('{"model": "y"}')  # still parses: only the checksum can tell
     with pytest.raises(A.StageError, match=r"(?s)changed after 02_tokenizer finished.*2_train_tokenizer.py --force"):
         A.tokenizer_path(run)
+
+
+def test_a_no_op_rerun_tidies_what_a_kill_after_the_manifest_left(tmp_path):
+    from dante.cli import run_stage
+
+    def main(stage, cfg, args):
+        stage.finish()
+
+    assert run_stage("01_corpus", "t", main, argv=_corpus_args(tmp_path)) == 0
+    folder = tmp_path / "runs" / "t" / "01_corpus"
+    (folder / A.PROGRESS).write_text("{}")  # killed between the manifest's rename and progress.json's unlink
+    (folder / ".manifest.json.x1.tmp").write_text("{")
+    assert run_stage("01_corpus", "t", main, argv=_corpus_args(tmp_path)) == 0
+    assert sorted(p.name for p in folder.iterdir()) == [A.MANIFEST]

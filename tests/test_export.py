@@ -508,7 +508,8 @@ def test_the_same_run_exports_byte_identical_files(tmp_path, tokenizer_file, hel
     run_export(cfg, force=True)
     second = folder_bytes(out)
     assert first.keys() == second.keys() and "model-00002-of-00002.safetensors" in first and "t-f16.gguf" in first
-    assert [name for name in first if first[name] != second[name]] == ["manifest.json"]
+    # the manifest's timing fields have a resolution of one second: equal when both runs fit in one
+    assert [name for name in first if first[name] != second[name]] in ([], ["manifest.json"])
     timing = ("started", "finished")
     m1, m2 = ({k: v for k, v in json.loads(m["manifest.json"]).items() if k not in timing} for m in (first, second))
     assert m1 == m2

@@ -109,6 +109,15 @@ def _snapshot(d: Path) -> dict[str, bytes]:
 TIMING_FIELDS = ("started", "finished", "throughput", "resumed")
 
 
+def _json_diff(a: bytes | None, b: bytes | None, prefix: str = "") -> list[str]:
+    """Dotted keys where two JSON documents differ (for the failure message)."""
+    x, y = (json.loads(a) if isinstance(a, bytes) else a), (json.loads(b) if isinstance(b, bytes) else b)
+    if isinstance(x, dict) and isinstance(y, dict):
+        return [d for k in sorted(set(x) | set(y)) for d in _json_diff(x.get(k), y.get(k), f"{prefix}{k}.")] \
+            if x != y else []
+    return [] if x == y else [f"{prefix[:-1]}: {str(x)[:80]} != {str(y)[:80]}"]
+
+
 def _all_files(d: Path) -> dict[str, bytes]:
     """Every file under ``d`` by relative path; manifest.json without its timing fields."""
     out = {}
@@ -164,7 +173,8 @@ def test_sigkill_at_random_points_then_rerun_gives_identical_files(tmp_path, cap
         assert rc == 0, (point, out)
         again = _all_files(out_dir)
         assert sorted(again) == sorted(reference), point
-        assert [k for k in reference if again[k] != reference[k]] == [], point
+        changed = [k for k in reference if again[k] != reference[k]]
+        assert changed == [], (point, changed, _json_diff(again.get("manifest.json"), reference.get("manifest.json")))
     assert killed_mid_run >= 1, "every kill came after the end; make the input larger"
 
 
