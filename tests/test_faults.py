@@ -1,35 +1,37 @@
 """Fault injection (issue 13): SIGKILL the real stage scripts at seeded points, rerun the same command, and
 require every output file to equal an uninterrupted run's; a kill during --force; two runs of one stage
-at once; and a few cases of tools/bad_inputs.py so the bad-input table cannot rot.
+at once; one file mode for every artifact; and a few cases of tools/bad_inputs.py so the bad-input table
+of docs/RELIABILITY.md cannot rot.
 
 How it is built, to stay within a few minutes on CPU:
 
 * One tiny run state (stages 1, 2, 3, 4, 6 and the stage 7 reference; the configs of
   ``tools/bad_inputs.tiny_configs``) is built once per module with the real scripts as subprocesses, in
-  ``work/runs/f``; each stage's folder right after it finished is its
-  uninterrupted reference. Every trial later copies the reference inputs of its stage back into the SAME
-  path ``work/runs/f`` and runs there, because manifests and configs record absolute paths: a trial in
-  another folder could never be byte-identical.
+  ``work/runs/f``; each stage's folder right after it finished is its uninterrupted reference. Every
+  trial copies the inputs of its stage back into the SAME path ``work/runs/f`` and runs there, because
+  manifests and configs record absolute paths: a trial in another folder could never be byte-identical.
 * Kills are real SIGKILLs of the whole process group (stage 3's worker pool included), sent two ways:
   by this process at a seeded time inside the stage's working window (measured on the reference run),
   and by the script itself at a seeded file operation: a ``sitecustomize`` written into a temp folder on
   PYTHONPATH counts the script's ``os.replace``/``os.rename``/``os.unlink`` calls and kills the group
-  before or after the k-th one. That is how "before the first checkpoint" and "during the final write"
-  (the manifest's temporary written and synced, not yet renamed; or renamed, with progress.json still
-  there) are hit every time instead of by luck. The hook changes no behaviour of the script until the
-  kill; it is in this file, not in dante/, because it exists only to choose the moment.
+  before or after the k-th one. That is how "before the first checkpoint", "right after the first
+  complete checkpoint", "while --force deletes the old folder" and "during the final write" (the
+  manifest's temporary written and synced, not yet renamed; or renamed, with progress.json still there)
+  are hit every time instead of by luck. The hook changes nothing the script does until the kill; it
+  lives here, not in dante/, because it exists only to choose the moment.
 * Stages 4 and 7 run on ``train.backend=torch``: the same engine, checkpoints and resume path as the
   DeepSpeed backend, at 7 s a run instead of 21 s (DeepSpeed's import and engine set-up on this CPU);
   one stage 4 trial uses DeepSpeed, the backend of configs/tiny, so its checkpoint files are covered too.
 
-What "identical" means (``snapshot``): every file under the run folder (inputs and outputs; the stage
-locks in ``.locks/`` aside) byte for byte, except three kinds whose bytes hold wall-clock facts by design
-and differ between two uninterrupted runs: manifests (compared without ``TIMING_KEYS``), metrics.jsonl
-(rows compared without ``METRIC_TIMING``), and TensorBoard event files, compared as the (step, tag, value)
-sequence TensorBoard shows (a restart's ``purge_step`` applied as TensorBoard applies it), because each
-event carries its wall time and each file's name the time, host and pid of the writer.
+What "identical" means (``snapshot``): every file under the run folder (the stage's inputs and outputs;
+the stage locks in ``.locks/`` aside) byte for byte, except three kinds whose bytes hold wall-clock facts
+by design and differ between two uninterrupted runs: manifests and checkpoint meta.json (compared without
+``TIMING_KEYS``), metrics.jsonl (rows without ``METRIC_TIMING``), and TensorBoard event files, compared
+as the (step, tag, value) sequence TensorBoard shows (a restart's ``purge_step`` applied as TensorBoard
+applies it, wall-clock tags aside), because each event carries its wall time and each file's name the
+time, host and pid of the writer.
 
-Run: ``DS_ACCELERATOR=cpu python -m pytest tests/test_faults.py -q``
+Run: ``DS_ACCELERATOR=cpu python -m pytest tests/test_faults.py -q`` (about 5 minutes on 2 idle cores).
 """
 
 from __future__ import annotations

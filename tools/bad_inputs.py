@@ -161,6 +161,10 @@ class Case:
     needs: tuple[str, ...]
     argv: Callable[[Ctx], list[str]]
     prepare: Callable[[Ctx], None] | None = None
+    expect: tuple[str, ...] = ()
+    """Words the message must contain (issue 13 item 8: the file, or the command that fixes it)."""
+    reject: tuple[str, ...] = ()
+    """Words it must not contain (the misleading message the issue reported)."""
     keeps_work: bool = False
     """The problem shows only while working, and the finished parts are kept on purpose, for the rerun to
     resume (stage 1 keeps the sources that completed): a change on disk is then allowed, a manifest not."""
@@ -175,11 +179,23 @@ class Outcome:
     changed: list[str] = field(default_factory=list)
     manifests: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    stderr: str = ""
+
+    @property
+    def problems(self) -> list[str]:
+        """Why the case is not ok (empty: ok)."""
+        out = [] if self.exit == 2 else [f"exit {self.exit}"]
+        out += [] if self.message else ["no message"]
+        out += ["traceback"] if self.traceback else []
+        out += ["manifest written"] if self.manifests else []
+        out += ["disk changed"] if self.changed and not self.case.keeps_work else []
+        out += [f"message lacks {w!r}" for w in self.case.expect if w not in self.stderr]
+        out += [f"message says {w!r}" for w in self.case.reject if w in self.stderr]
+        return out
 
     @property
     def ok(self) -> bool:
-        return (self.exit == 2 and bool(self.message) and not self.traceback and not self.manifests
-                and (not self.changed or self.case.keeps_work))
+        return not self.problems
 
 
 def tree_hashes(run: Path) -> dict[str, str]:
@@ -232,7 +248,7 @@ def run_case(case: Case, base: Path, work: Path) -> Outcome:
     manifests = [k for k in changed if k.endswith("manifest.json") and k in after]
     return Outcome(case, proc.returncode, first_message(proc.stderr, proc.stdout),
                    "Traceback (most recent call last)" in proc.stderr, changed, manifests,
-                   round(time.monotonic() - t0, 1))
+                   round(time.monotonic() - t0, 1), proc.stderr)
 
 
 def build_base(base: Path, stages: tuple[str, ...] = BUILT) -> None:
@@ -339,7 +355,7 @@ def cases() -> list[Case]:
     return [
         # --- stage 1
         Case("1-malformed-jsonl", S1, "a corpus JSONL with a broken line", BEFORE[S1],
-             lambda c: ["--config", corpus_with(c, broken_copy(c))], keeps_work=True),
+             lambda c: ["--config", corpus_with(c, broken_copy(c))], expect=("broken.jsonl.gz",), keeps_work=True),
         Case("1-missing-source", S1, "a local source file that does not exist", BEFORE[S1],
              lambda c: ["--config", corpus_with(c, c.dir / "nowhere.jsonl.gz")]),
         Case("1-dry-run-missing-source", S1, "`--dry-run` with a missing local source", BEFORE[S1],
@@ -351,9 +367,9 @@ def cases() -> list[Case]:
         Case("1-bad-enum", S1, "`--set corpus.non_utf8=maybe` (not an allowed value)", BEFORE[S1],
              plain(S1, "--set", "corpus.non_utf8=maybe")),
         Case("1-index-out-of-range", S1, "`--set corpus.sources.7.min_chars=50` (no source 7)", BEFORE[S1],
-             plain(S1, "--set", "corpus.sources.7.min_chars=50")),
+             plain(S1, "--set", "corpus.sources.7.min_chars=50"), reject=("expected a list, got dict",)),
         Case("1-index-wrong-type", S1, "`--set corpus.sources.0.min_chars=fifty`", BEFORE[S1],
-             plain(S1, "--set", "corpus.sources.0.min_chars=fifty")),
+             plain(S1, "--set", "corpus.sources.0.min_chars=fifty"), reject=("expected a list, got dict",)),
         Case("1-no-config", S1, "no `--config`", BEFORE[S1], lambda c: []),
         Case("1-config-missing", S1, "`--config` names a file that does not exist", BEFORE[S1],
              lambda c: ["--config", str(c.dir / "nope.yaml")]),
@@ -375,7 +391,7 @@ def cases() -> list[Case]:
              lambda c: truncate(sorted((c.run / S1).rglob("shard-*.jsonl.gz"))[0])),
         # --- stage 3
         Case("3-tokenizer-truncated", S3, "a truncated tokenizer.json (item 8)", BEFORE[S3], plain(S3),
-             lambda c: truncate(c.run / S2 / "tokenizer.json")),
+             lambda c: truncate(c.run / S2 / "tokenizer.json"), expect=("2_train_tokenizer.py",)),
         Case("3-no-tokenizer", S3, "no 02_tokenizer", (S1,), plain(S3)),
         Case("3-corpus-shard-flipped", S3, "64 flipped bytes in a 01_corpus shard", BEFORE[S3], plain(S3),
              lambda c: flip_bytes(sorted((c.run / S1).rglob("shard-*.jsonl.gz"))[0])),
@@ -446,9 +462,9 @@ def cases() -> list[Case]:
         Case("9-weights-truncated", S9, "a truncated model.safetensors (item 3)", BEFORE[S9], plain(S9),
              lambda c: truncate(c.checkpoint(S7) / "model.safetensors")),
         Case("9-tokenizer-truncated", S9, "a truncated tokenizer.json (item 8)", BEFORE[S9], plain(S9),
-             lambda c: truncate(c.run / S2 / "tokenizer.json")),
+             lambda c: truncate(c.run / S2 / "tokenizer.json"), expect=("2_train_tokenizer.py",)),
         Case("9-bad-checkpoint-name", S9, "`--set export.checkpoint=06_sft_data` (item 8: name the right key)",
-             BEFORE[S9], plain(S9, "--set", "export.checkpoint=06_sft_data")),
+             BEFORE[S9], plain(S9, "--set", "export.checkpoint=06_sft_data"), reject=("eval.checkpoints",)),
         Case("9-bad-dtype", S9, "`--set export.dtype=int4`", BEFORE[S9], plain(S9, "--set", "export.dtype=int4")),
     ]
 
@@ -488,7 +504,9 @@ of its message (the `ERROR:` line, or the exception line of a traceback); *tb* w
 printed; *disk* whether any file under the run folder changed (sha256 of every file before and after; the
 lock files aside); *manifest* whether a manifest was written. A row is **ok** when the command exits 2
 with a message, no traceback, nothing changed and no manifest (a case marked *keeps work* may leave the
-finished parts of an interrupted run for the rerun to resume, never a manifest).
+finished parts of an interrupted run for the rerun to resume, never a manifest), and, where the issue
+asked for particular words (the file, the fixing command) or against misleading ones, the message has
+them; a failing row says why.
 
 Not simulated: a full disk (it needs a small file system, i.e. a loop or tmpfs mount as root);
 `run_stage` reports ENOSPC and EDQUOT as a clear error naming the path.
@@ -501,7 +519,7 @@ def _cell(text: str) -> str:
 
 def render(outcomes: list[Outcome], command: str, seconds: float) -> str:
     ok = sum(o.ok for o in outcomes)
-    rows = ["| case | stage | bad input | exit | message | tb | disk | manifest | ok |",
+    rows = ["| case | stage | bad input | exit | message | tb | disk | manifest | verdict |",
             "|---|---|---|---|---|---|---|---|---|"]
     for o in outcomes:
         disk = "unchanged" if not o.changed else f"changed: {', '.join(o.changed[:3])}" + (
@@ -509,7 +527,7 @@ def render(outcomes: list[Outcome], command: str, seconds: float) -> str:
         what = o.case.what + (" (*keeps work*)" if o.case.keeps_work else "")
         rows.append(f"| `{o.case.id}` | {o.case.stage[:2]} | {_cell(what)} | {o.exit} | {_cell(o.message)} | "
                     f"{'yes' if o.traceback else 'no'} | {_cell(disk)} | {'yes' if o.manifests else 'no'} | "
-                    f"{'ok' if o.ok else '**FAIL**'} |")
+                    f"{'ok' if o.ok else '**FAIL**: ' + ', '.join(o.problems)} |")
     return (INTRO + f"\n{ok} of {len(outcomes)} cases ok. Regenerate with `{command}` "
             f"({seconds:.0f} s on this machine).\n\n" + "\n".join(rows) + "\n")
 
