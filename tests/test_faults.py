@@ -31,7 +31,8 @@ as the (step, tag, value) sequence TensorBoard shows (a restart's ``purge_step``
 applies it, wall-clock tags aside), because each event carries its wall time and each file's name the
 time, host and pid of the writer.
 
-Run: ``DS_ACCELERATOR=cpu python -m pytest tests/test_faults.py -q`` (about 5 minutes on 2 idle cores).
+Run: ``DS_ACCELERATOR=cpu python -m pytest tests/test_faults.py -q`` (10 minutes measured on 2 CPU cores shared
+with other jobs; the stage 4 and 7 kill tests are half of it).
 """
 
 from __future__ import annotations
