@@ -1,15 +1,18 @@
 """Stage 1: stream the corpus sources, clean them and write compressed document shards.
 
-Reads the sources declared in ``corpus.sources`` (hub datasets or local jsonl/txt/parquet files, all
-through the ``datasets`` streaming path), applies NFC normalization, the min_chars filter, stage-wide
-exact deduplication and per-source character budgets, and writes ``runs/<run>/01_corpus/<source>/
-shard-NNNNN.jsonl.gz`` plus ``manifest.json`` (per-source statistics, totals per language). A killed
-run resumes from the last completed shard; ``--dry-run`` prints the plan without touching the network.
+Reads the sources declared in ``corpus.sources`` (hub datasets streamed through ``datasets``, local
+jsonl/txt/parquet files in deterministic chunks), applies NFC normalization and the min_chars filter on
+``corpus.workers`` processes, then stage-wide exact deduplication and per-source character budgets in one
+committer, and writes ``runs/<run>/01_corpus/<source>/shard-NNNNN.jsonl.zst`` plus ``manifest.json``
+(per-source statistics, totals per language): the same bytes for any worker count. A killed run resumes
+from the last completed shard; ``--dry-run`` checks the local sources and prints the plan without
+touching the network.
 The logic lives in ``dante/corpus.py``.
 
 Example::
 
     python 1_download_corpus.py --config configs/tiny/corpus.yaml
+    python 1_download_corpus.py --config configs/tiny/corpus.yaml --set corpus.workers=2
     python 1_download_corpus.py --config configs/dante-2b/corpus.yaml --dry-run
 """
 
@@ -39,5 +42,5 @@ def dry_run(cfg, args) -> None:
 
 if __name__ == "__main__":
     raise SystemExit(run_stage("01_corpus", __doc__.split("\n\n")[0], main,
-                               format_version=corpus.FORMAT_VERSION, dry_run=dry_run,
+                               format_version=corpus.FORMAT_VERSION, dry_run=dry_run, validate=corpus.validate,
                                resume_check=corpus.resume_check))

@@ -6,8 +6,10 @@ Reads ``01_corpus/`` (its manifest and document shards); writes ``02_tokenizer/`
 stream, character-balanced by ``tokenizer.language_mix`` and proportional to size within a language (the
 manifest lists target vs actual characters per source); every other tokenizer is trained on the very same
 sample with the same vocabulary size. An interrupted run keeps
-the tokenizers it finished (progress.json) and resumes after them. Logic: dante/tokenizer.py,
-dante/fertility.py.
+the tokenizers it finished (progress.json) and resumes after them. Every input is checked before anything
+is written (``validate``: the config, 01_corpus's manifest and shards, enough text for the sample, the
+held-out files); ``--dry-run`` runs those checks and states the sample, the expected time and the peak
+memory from measured rates (``dante.tokenizer.preflight_lines``). Logic: dante/tokenizer.py, dante/fertility.py.
 
     python 2_train_tokenizer.py --config configs/tiny/tokenizer.yaml
 """
@@ -18,10 +20,10 @@ import sys
 import time
 
 from dante import fertility
-from dante.artifacts import atomic_write_text, file_sha256, stage_dir
+from dante.artifacts import atomic_write_text, file_sha256, read_manifest, stage_dir
 from dante.cli import run_stage
 from dante.corpus import corpus_files
-from dante.errors import UserError, raise_problems
+from dante.errors import StageError, UserError, raise_problems
 from dante.pretokenizers import ab_specs, parse_spec
 from dante.tokenizer import (
     as_spec,
@@ -30,6 +32,8 @@ from dante.tokenizer import (
     load_tokenizer,
     n_fixed_tokens,
     plan_sample,
+    preflight_lines,
+    sample_shortfalls,
     tokenizer_facts,
     train_tokenizer,
 )
@@ -42,8 +46,10 @@ def main_spec(t):
     return parse_spec(t.pretokenizer, t.digits, t.accents)
 
 
-def check_inputs(cfg, corpus_manifest):
-    """Everything that can be wrong before training, reported together."""
+def validate(stage, cfg, args):
+    """Every check that needs no training, before anything is written (also for --dry-run), reported
+    together: the A/B and reference settings, ``01_corpus`` (its manifest, every shard it lists, enough text
+    for the sample) and the held-out files. Returns what ``main`` trains from (``stage.plan``)."""
     t, refs = cfg.tokenizer, []
     base = parse_spec(t.baseline_pretokenizer) if t.baseline else None
     ab, problems, notes = ab_specs(t.ab_presets, main_spec(t), base)
@@ -67,14 +73,19 @@ def check_inputs(cfg, corpus_manifest):
                             f"(HINT: `python tools/fetch_reference_tokenizers.py`, or set optional: true)")
         else:
             refs.append(r)
-    heldout = {}
+    heldout, files, plan = {}, [], {}
     try:
         heldout = fertility.load_heldout(t.heldout)
     except UserError as e:
         problems.append(str(e))
+    try:  # 01_corpus: manifest, the shards it lists, and enough characters per language for the sample
+        corpus = stage.require("01_corpus")
+        files = corpus_files(stage_dir(cfg.run, "01_corpus"), corpus)
+        plan = plan_sample(corpus["outputs"]["sources"], t.language_mix, t.sample_chars)
+        problems += sample_shortfalls(plan)
+    except (StageError, UserError) as e:
+        problems.append(str(e))
     raise_problems(UserError, "tokenizer stage cannot start", problems)
-    files = corpus_files(stage_dir(cfg.run, "01_corpus"), corpus_manifest)
-    plan = plan_sample(corpus_manifest["outputs"]["sources"], t.language_mix, t.sample_chars)
     return files, plan, refs, heldout, notes, ab
 
 
@@ -98,8 +109,7 @@ def train_or_resume(stage, key, path, pretokenizer, files, plan, cfg):
 
 def main(stage, cfg, args):
     t = cfg.tokenizer
-    corpus = stage.require("01_corpus")
-    files, plan, refs, heldout, notes, ab = check_inputs(cfg, corpus)
+    files, plan, refs, heldout, notes, ab = stage.plan
     spec = main_spec(t)
     dante, dante_info = train_or_resume(stage, "dante", stage.dir / "tokenizer.json", spec, files, plan, cfg)
     counters = [fertility.hf_counter("dante", spec.name, dante, spec.gguf_verdict())]
@@ -134,11 +144,17 @@ def main(stage, cfg, args):
 
 
 def dry_run(cfg, args):
+    """The plan, the sample and the preflight: expected time and memory from measured rates (validate has
+    already checked every input)."""
     t = cfg.tokenizer
+    ab = ab_specs(t.ab_presets, main_spec(t), parse_spec(t.baseline_pretokenizer) if t.baseline else None)[0]
+    n_tok = 1 + int(t.baseline) + len(ab)
     print(f"# dry run: {main_spec(t).name} tokenizer (GGUF: {main_spec(t).gguf_verdict()}), vocab {t.vocab_size}, "
-          f"sample {t.sample_chars:,} chars {t.language_mix}, baseline {t.baseline_pretokenizer if t.baseline else 'off'}, "
-          f"A/B {', '.join(t.ab_presets) or 'none'}, {len(t.references)} reference(s)")
+          f"baseline {t.baseline_pretokenizer if t.baseline else 'off'}, A/B {', '.join(s.name for s in ab) or 'none'}, "
+          f"{len(t.references)} reference(s)")
+    plan = plan_sample(read_manifest(cfg.run, "01_corpus")["outputs"]["sources"], t.language_mix, t.sample_chars)
+    print("\n".join(f"# {line}" for line in preflight_lines(t.sample_chars, plan, n_tok)))
 
 
 if __name__ == "__main__":
-    sys.exit(run_stage(STAGE, __doc__.split("\n")[0], main, dry_run=dry_run))
+    sys.exit(run_stage(STAGE, __doc__.split("\n")[0], main, validate=validate, dry_run=dry_run))

@@ -2,8 +2,10 @@
 
 Reads ``01_corpus/`` and ``02_tokenizer/tokenizer.json``; writes ``03_shards/t<tier>-<split>-<nnnnn>.bin``
 + ``.idx`` (format: dante/shards.py) and ``manifest.json`` with token/doc/char counts per tier, language
-and source. Every core encodes (one process per stage-1 file, ``encode_batch``); a killed run resumes
-at shard granularity and writes byte-identical shards. ``--verify`` re-reads a finished stage: headers,
+and source, per-chunk checksums of every file and the encoder used. Every core encodes (one process per
+stage-1 file; tiktoken when it is proven to give tokenizers' ids on this run's documents, else
+``tokenizers``); a killed run resumes at shard granularity and writes byte-identical shards. Inputs are
+checked before ``--force`` deletes anything; a second copy on the same run exits 2 naming the holder. ``--verify`` re-reads a finished stage: headers,
 sizes, checksums, id range and decode/encode round trips on a sample of documents, naming bad files.
 Logic: ``dante.shards.tokenize_stage`` and ``verify_stage``.
 
@@ -16,7 +18,7 @@ from __future__ import annotations
 import sys
 
 from dante.cli import run_command, run_stage
-from dante.shards import tokenize_stage, verify_stage
+from dante.shards import tokenize_stage, validate_stage, verify_stage
 
 STAGE = "03_shards"
 
@@ -43,4 +45,4 @@ def add_args(ap):
 if __name__ == "__main__":
     if "--verify" in sys.argv[1:]:
         sys.exit(run_command(STAGE, "verify token shards", verify, extra_args=add_args))
-    sys.exit(run_stage(STAGE, __doc__.split("\n")[0], main, extra_args=add_args))
+    sys.exit(run_stage(STAGE, __doc__.split("\n")[0], main, extra_args=add_args, validate=validate_stage))

@@ -26,8 +26,12 @@ def log(msg: str) -> None:
     print(f"[{STAGE}] {msg}", flush=True)
 
 
+def validate(stage, cfg, args):
+    """Sources and tokenizer checked before anything is written; the encoder is ``stage.plan``."""
+    return sft.check_sft_inputs(stage, cfg)
+
+
 def dry_run(cfg, args) -> None:
-    sft.require_readable_sources(cfg.sft_data)
     s = cfg.sft_data
     print(f"# {STAGE} plan: block_size {s.block_size}, overlong={s.overlong}, user_weight {s.user_weight}, "
           f"heldout {s.heldout_fraction}")
@@ -42,4 +46,4 @@ def main(stage, cfg, args) -> None:
 
 if __name__ == "__main__":
     raise SystemExit(run_stage(STAGE, __doc__.splitlines()[0], main, format_version=sft.FORMAT_VERSION,
-                               dry_run=dry_run))
+                               validate=validate, dry_run=dry_run))

@@ -1,6 +1,6 @@
 """Stage-3 throughput: the parallel shard writer next to a one-process ``encode`` loop, same input.
 
-Both read the same stage-1 shards (gzip + JSON) and encode every document with the same tokenizer;
+Both read the same stage-1 shards (zstd or, from older runs, gzip; JSON lines) and encode every document with the same tokenizer;
 the loop calls ``Tokenizer.encode`` once per document in this process and keeps only the count, while
 stage 3 (``dante.shards.tokenize_corpus``) runs one process per input file with ``encode_batch`` and
 writes real shards into a temporary folder. MB are UTF-8 bytes of text. The machine's load average is

@@ -453,7 +453,8 @@ def tokenizer_path(run: C.RunConfig) -> Path:
     in its manifest. StageError (naming 2_train_tokenizer.py) when stage 2 has not finished, its manifest
     names no tokenizer, or the file is gone.
     """
-    name = read_manifest(run, C.TOKENIZER).get("outputs", {}).get("tokenizer")
+    outputs = read_manifest(run, C.TOKENIZER).get("outputs", {})
+    name = outputs.get("tokenizer")
     folder = stage_dir(run, C.TOKENIZER)
     if not isinstance(name, str) or not name:
         raise StageError(f"{folder / MANIFEST} names no tokenizer file (outputs.tokenizer); "
@@ -462,6 +463,14 @@ def tokenizer_path(run: C.RunConfig) -> Path:
     if not path.is_file():
         raise StageError(f"{path} is missing although 02_tokenizer is complete; "
                          f"rerun `python {script_for('02_tokenizer')} --force`.")
+    # A tokenizer damaged in a way that still parses (a flipped byte in a token) would silently change every
+    # id: stage 2 records the file's sha256, checked at every read (~10 ms for a 64K-id file).
+    want = outputs.get("tokenizer_sha256")
+    if isinstance(want, str) and file_sha256(path) != want:
+        raise StageError(f"{path} changed after 02_tokenizer finished (its sha256 differs from the one in "
+                         f"{folder / MANIFEST}): every token id it gives may differ.\n"
+                         f"  HINT: restore the file, or rerun `python {script_for('02_tokenizer')} --force` "
+                         f"(and then stages 3 onwards).")
     return path
 
 
@@ -570,9 +579,16 @@ class Stage:
         acquire_stage_lock(cfg.run, name)
         self.check_not_finished(force)
         cfg_dict = C.to_dict(cfg)
+        if is_main_process():  # a reset a kill interrupted: finish deleting it
+            for old in d.parent.glob(f".{name}.deleting-*"):
+                shutil.rmtree(old, ignore_errors=True)
         if force and d.exists():
             if is_main_process():
-                shutil.rmtree(d)
+                # renamed away in one atomic step, then deleted: a kill part-way through the delete leaves
+                # neither a "complete" stage with files missing nor stale files in a fresh folder
+                trash = d.parent / f".{name}.deleting-{secrets.token_hex(4)}"
+                os.replace(d, trash)
+                shutil.rmtree(trash)
         self.fresh = not d.exists()
         remove_debris(d)
         resumed = False

@@ -27,6 +27,11 @@ Design choices
   shards: 100x). Proportional choice makes every token of a tier equally likely. Shards shorter than
   ``seq_len + 1`` cannot hold a window and are skipped (counted in ``summary()``).
 - Windows cross document boundaries (EOS/BOS are in the stream), the usual pretraining practice.
+- What is read is verified (``dante.shards.open_split``): headers and sizes at every open; stage 3's
+  per-chunk CRCs and the id range once per file version, remembered in ``03_shards/verified/`` (the first
+  open reads the shards once, ~840 MB/s of CRC-32 here; later opens cost a stat per file); and every served
+  batch's ids below ``vocab_size`` (one max per batch). A damaged shard is a UserError naming the file and
+  ``3_tokenize_shards.py --verify`` / ``--force``, never a silent run or an IndexError in the embedding.
 
 Example::
 
@@ -44,7 +49,7 @@ import numpy as np
 import torch
 
 from dante.errors import problems_message
-from dante.shards import ShardReader, list_shards
+from dante.shards import FIX_HINT, ShardError, open_split
 
 _MASK64 = (1 << 64) - 1
 
@@ -64,31 +69,48 @@ def row_range(micro_step: int, rank: int, world_size: int, micro_batch: int) -> 
     return range(first, first + micro_batch)
 
 
-def _windows_to_batch(windows: list[np.ndarray]) -> dict[str, torch.Tensor]:
-    rows_BT1 = torch.from_numpy(np.stack(windows).astype(np.int64))
+def _windows_to_batch(windows: list[np.ndarray], vocab_size: int | None = None,
+                      sources: list[str] | None = None) -> dict[str, torch.Tensor]:
+    stacked = np.stack(windows)
+    if vocab_size is not None and stacked.size and int(stacked.max()) >= vocab_size:
+        # a shard damaged after its verified-once marker (bit rot): refuse the batch, not an IndexError
+        # (or a device-side assert) in the embedding. One max over B x T ids: ~microseconds.
+        bad = [n for w, n in zip(windows, sources or [""] * len(windows)) if int(np.max(w)) >= vocab_size]
+        raise ShardError(f"{', '.join(sorted(set(bad)))}: a window holds token id {int(stacked.max())} >= vocab size "
+                         f"{vocab_size} (the shard changed since it was verified). {FIX_HINT}")
+    rows_BT1 = torch.from_numpy(stacked.astype(np.int64))
     return {"tokens": rows_BT1[:, :-1].contiguous(), "targets": rows_BT1[:, 1:].contiguous()}
 
 
-def _shards_of(stage_dir: str | Path, split: str) -> tuple[dict[int, list[np.ndarray]], dict[int, list[str]]]:
-    """{tier: [token arrays]}, {tier: [file names]} of one split of a stage 3 folder."""
-    paths = list_shards(stage_dir, split)
-    arrays = {tier: [ShardReader(p).tokens for p in ps] for tier, ps in paths.items()}
-    names = {tier: [Path(p).name for p in ps] for tier, ps in paths.items()}
-    return arrays, names
+def _shards_of(stage_dir: str | Path, split: str, vocab_size: int | None
+               ) -> tuple[dict[int, list[np.ndarray]], dict[int, list[str]], int]:
+    """{tier: [token arrays]}, {tier: [file names]} of one split of a stage 3 folder, and the id limit.
+
+    Every shard is checked on the way (``dante.shards.open_split``): headers and sizes at each open, the
+    per-chunk checksums and the id range once per file version (a marker in ``03_shards/verified/``),
+    so a damaged shard or ids >= ``vocab_size`` stop the stage with a UserError naming the file."""
+    readers = open_split(stage_dir, split, vocab_size)
+    arrays = {tier: [r.tokens for r in rs] for tier, rs in readers.items()}
+    names = {tier: [r.path.name for r in rs] for tier, rs in readers.items()}
+    limits = [r.header.vocab_size for rs in readers.values() for r in rs if r.header.vocab_size]
+    return arrays, names, min([vocab_size] if vocab_size else limits or [1 << 32])
 
 
 class TieredMemmapDataset:
     """Random (seq_len + 1)-token windows: tier by weight, window uniform within the tier."""
 
     def __init__(self, tiers: Mapping[int, Sequence[np.ndarray]], tier_weights: Mapping[int, float], seq_len: int,
-                 micro_batch: int, seed: int, shard_names: Mapping[int, Sequence[str]] | None = None):
+                 micro_batch: int, seed: int, shard_names: Mapping[int, Sequence[str]] | None = None,
+                 vocab_size: int | None = None):
         self.seq_len, self.micro_batch, self.seed = seq_len, micro_batch, seed
+        self.vocab_size = vocab_size  # every served id is checked below it (None: not checked)
         self.window = seq_len + 1
         problems = []
         active = sorted(t for t, w in tier_weights.items() if w > 0)
         if not active:
             problems.append("every tier weight is 0: give at least one tier a weight > 0")
         self._tiers: list[tuple[int, list[np.ndarray], np.ndarray]] = []
+        self._names: list[list[str]] = []  # per tier slot: the usable shards' names (for error messages)
         self.skipped_short: dict[int, int] = {}
         self._layout: dict[str, list[list]] = {}
         for tier in active:
@@ -99,6 +121,7 @@ class TieredMemmapDataset:
                                 f"(set train.tier_weights.{tier}=0 or add tier-{tier} sources to the corpus)")
                 continue
             usable = [a for a in arrays if len(a) >= self.window]
+            usable_names = [n for a, n in zip(arrays, names) if len(a) >= self.window]
             self.skipped_short[tier] = len(arrays) - len(usable)
             if not usable:
                 longest = max(len(a) for a in arrays)
@@ -107,6 +130,7 @@ class TieredMemmapDataset:
                 continue
             starts = np.array([len(a) - self.window + 1 for a in usable], dtype=np.int64)
             self._tiers.append((tier, usable, np.cumsum(starts)))
+            self._names.append(usable_names)
             self._layout[str(tier)] = [[n, int(len(a))] for n, a in zip(names, arrays)]
         if problems:
             raise DataError(problems)
@@ -117,9 +141,11 @@ class TieredMemmapDataset:
 
     @classmethod
     def from_stage_dir(cls, stage_dir: str | Path, tier_weights: Mapping[int, float], seq_len: int, micro_batch: int,
-                       seed: int) -> "TieredMemmapDataset":
-        arrays, names = _shards_of(stage_dir, "train")
-        return cls(arrays, tier_weights, seq_len, micro_batch, seed, shard_names=names)
+                       seed: int, vocab_size: int | None = None) -> "TieredMemmapDataset":
+        """The train shards of a stage 3 folder, verified (``_shards_of``); ``vocab_size``: the model's
+        (``model.vocab_size``), else the tokenizer's from the manifest."""
+        arrays, names, limit = _shards_of(stage_dir, "train", vocab_size)
+        return cls(arrays, tier_weights, seq_len, micro_batch, seed, shard_names=names, vocab_size=limit)
 
     # -- sampling -----------------------------------------------------------------------------------
     def _draw(self, step: int, row: int) -> tuple[int, int, int]:
@@ -140,11 +166,12 @@ class TieredMemmapDataset:
 
     def batch(self, step: int, micro_step: int, rank: int, world_size: int) -> dict[str, torch.Tensor]:
         """The micro-batch ``rank`` trains on at (step, micro_step): tokens and targets, (B, seq_len) int64."""
-        windows = []
+        windows, sources = [], []
         for row in row_range(micro_step, rank, world_size, self.micro_batch):
             slot, shard, offset = self._draw(step, row)
             windows.append(np.asarray(self._tiers[slot][1][shard][offset:offset + self.window]))
-        return _windows_to_batch(windows)
+            sources.append(self._names[slot][shard])
+        return _windows_to_batch(windows, self.vocab_size, sources)
 
     # -- facts and resume ---------------------------------------------------------------------------
     def summary(self) -> dict:
@@ -178,8 +205,10 @@ class ValidationWindows:
     tier is represented in proportion to its validation tokens) and dealt round-robin to ranks.
     """
 
-    def __init__(self, tiers: Mapping[int, Sequence[np.ndarray]], seq_len: int, micro_batch: int):
+    def __init__(self, tiers: Mapping[int, Sequence[np.ndarray]], seq_len: int, micro_batch: int,
+                 vocab_size: int | None = None):
         self.seq_len, self.micro_batch, self.window = seq_len, micro_batch, seq_len + 1
+        self.vocab_size = vocab_size
         self._index: list[tuple[np.ndarray, int]] = []
         for tier in sorted(tiers):
             for tokens in tiers[tier]:
@@ -187,9 +216,11 @@ class ValidationWindows:
                     self._index.append((tokens, offset))
 
     @classmethod
-    def from_stage_dir(cls, stage_dir: str | Path, seq_len: int, micro_batch: int) -> "ValidationWindows":
-        arrays, _ = _shards_of(stage_dir, "val")
-        return cls(arrays, seq_len, micro_batch)
+    def from_stage_dir(cls, stage_dir: str | Path, seq_len: int, micro_batch: int,
+                       vocab_size: int | None = None) -> "ValidationWindows":
+        """The val shards of a stage 3 folder, verified as ``TieredMemmapDataset.from_stage_dir``'s."""
+        arrays, _, limit = _shards_of(stage_dir, "val", vocab_size)
+        return cls(arrays, seq_len, micro_batch, vocab_size=limit)
 
     def __len__(self) -> int:
         return len(self._index)
@@ -208,4 +239,5 @@ class ValidationWindows:
         mine = chosen[rank::world_size]
         for begin in range(0, len(mine), self.micro_batch):
             picks = mine[begin:begin + self.micro_batch]
-            yield _windows_to_batch([np.asarray(t[o:o + self.window]) for t, o in (self._index[i] for i in picks)])
+            yield _windows_to_batch([np.asarray(t[o:o + self.window]) for t, o in (self._index[i] for i in picks)],
+                                    self.vocab_size)

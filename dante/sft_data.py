@@ -71,7 +71,7 @@ import numpy as np
 from dante import config as C
 from dante.artifacts import Stage, atomic_path, atomic_write_text, file_sha256, stable_unit, tokenizer_path
 from dante.chat_format import CHAT_TEMPLATE, HEADER_SEPARATOR, SPECIAL_IDS, ChatEncoder, EncodedConversation
-from dante.errors import UserError, problems_message, raise_problems
+from dante.errors import StageError, UserError, problems_message, raise_problems
 from dante.sft_packing import (
     CLS_ASSISTANT,
     CLS_PROMPT,
@@ -263,6 +263,31 @@ def local_files(pattern: str) -> list[Path]:
     return [Path(p) for p in sorted(glob(pattern))] if any(c in pattern for c in "*?[") else [Path(pattern)]
 
 
+def _first_line(path: Path) -> bool:
+    """True if the file holds a non-blank line (reads only up to it)."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as f:
+        return any(line.strip() for line in f)
+
+
+def _empty_source_problems(key: str, pattern: str, files: list[Path]) -> list[str]:
+    """A local source none of whose files holds a line (an empty file in a glob of others is harmless), or
+    a file that cannot even be opened (a gzip that is not one)."""
+    problems, any_rows = [], False
+    for f in files:
+        try:
+            any_rows = _first_line(f) or any_rows
+        except (OSError, EOFError) as e:
+            problems.append(f"{key}.path: {f} cannot be read ({e}); fix or replace the file")
+        if any_rows:
+            break
+    if not any_rows and not problems:
+        what = str(files[0]) if len(files) == 1 else f"all {len(files)} files matching {pattern!r}"
+        problems.append(f"{key}.path: {what} is empty (no JSON lines): the source would contribute nothing; "
+                        f"fill it or remove the source from sft_data.sources")
+    return problems
+
+
 def check_sources(sources: list, block_size: int) -> list[str]:
     """Problems found before any work: missing local files, `columns` keys the format does not have."""
     problems = []
@@ -276,14 +301,11 @@ def check_sources(sources: list, block_size: int) -> list[str]:
             files = local_files(src.path)
             if not files or not all(f.is_file() for f in files):
                 problems.append(f"{key}.path: no file matches {src.path!r} (relative paths start at the working directory)")
+            else:
+                problems += _empty_source_problems(key, src.path, files)
     if block_size < 16:
         problems.append(f"sft_data.block_size={block_size}: shorter than the chat template's own tokens; use >= 16")
     return problems
-
-
-def require_readable_sources(s: C.SFTDataConfig) -> None:
-    """``check_sources`` as one UserError listing every problem (before any work, and in --dry-run)."""
-    raise_problems(UserError, "the SFT sources cannot be read", check_sources(s.sources, s.block_size))
 
 
 def iter_source_rows(src: Any) -> Iterator[Any]:
@@ -292,19 +314,25 @@ def iter_source_rows(src: Any) -> Iterator[Any]:
     if src.kind == "local":
         for path in local_files(src.path):
             opener = gzip.open if path.suffix == ".gz" else open
-            with opener(path, "rb") as f:
-                for lineno, raw in enumerate(f, 1):
-                    if not raw.strip():
-                        continue
-                    if src.max_rows and n >= src.max_rows:
-                        return
-                    n += 1
-                    try:
-                        yield json.loads(raw.decode("utf-8"))
-                    except UnicodeDecodeError as e:
-                        yield DroppedRow("invalid_json", f"{path.name}:{lineno}: not UTF-8 ({e.reason} at byte {e.start})")
-                    except json.JSONDecodeError as e:
-                        yield DroppedRow("invalid_json", f"{path.name}:{lineno}: {e.msg}")
+            lineno = 0
+            try:
+                with opener(path, "rb") as f:
+                    for lineno, raw in enumerate(f, 1):
+                        if not raw.strip():
+                            continue
+                        if src.max_rows and n >= src.max_rows:
+                            return
+                        n += 1
+                        try:
+                            yield json.loads(raw.decode("utf-8"))
+                        except UnicodeDecodeError as e:
+                            yield DroppedRow("invalid_json", f"{path.name}:{lineno}: not UTF-8 ({e.reason} at byte {e.start})")
+                        except json.JSONDecodeError as e:
+                            yield DroppedRow("invalid_json", f"{path.name}:{lineno}: {e.msg}")
+            except (OSError, EOFError) as e:  # a gzip cut short or damaged: one bad row cannot be told from the rest
+                raise UserError(f"source {src.name!r}: {path} cannot be read after line {lineno} ({e}).\n"
+                                "  HINT: replace the file with a complete copy (`gzip -t` checks one), then rerun: "
+                                "the sources finished before it are kept.") from None
         return
     import datasets  # only hub sources need it (slow import)
 
@@ -453,7 +481,10 @@ def pack_splits(directory: str | Path, sources: list[EncodedSource], block_size:
             reasons.update(es.stats.get("dropped_by_reason", {}))
             for reason, ex in es.stats.get("drop_examples", {}).items():
                 examples.setdefault(reason, f"{es.name} {ex[0]}")
-        if reasons and reasons.most_common(1)[0][0] == "overlong":
+        if not reasons:  # hub sources that streamed nothing (an empty local file is refused before the work)
+            raise UserError(f"no conversation in any source: the sources {[es.name for es in sources]} yielded no rows.\n"
+                            "  HINT: check each source's hf_id/hf_config/split (or path) and max_rows.")
+        if reasons.most_common(1)[0][0] == "overlong":
             hint = f"raise sft_data.block_size (now {block_size}) or set sft_data.overlong: truncate"
         else:
             hint = "check each source's format and columns against its rows"
@@ -512,15 +543,30 @@ def pack_splits(directory: str | Path, sources: list[EncodedSource], block_size:
 
 
 # -- the stage (6_build_sft.py parses the command line and prints) --------------------------------------------
+def check_sft_inputs(stage: Stage, cfg: C.SFTDataStageConfig) -> ChatEncoder:
+    """Every read-only check of stage 6, all problems in one UserError: the sources (files exist and hold
+    rows, columns, block size) and stage 2 (its manifest and a loadable tokenizer). Returns the encoder;
+    ``6_build_sft.py`` runs it as the ``validate`` hook, before anything is written (and in --dry-run)."""
+    problems = check_sources(cfg.sft_data.sources, cfg.sft_data.block_size)
+    encoder = None
+    try:
+        stage.require(C.TOKENIZER)
+        tok_path = tokenizer_path(cfg.run)
+        stage.add_input("tokenizer", tok_path)
+        encoder = ChatEncoder(load_tokenizer(tok_path))
+    except (StageError, UserError) as e:
+        problems.append(str(e))
+    raise_problems(UserError, "stage 6 cannot start", problems)
+    return encoder
+
+
 def build_sft_stage(stage: Stage, cfg: C.SFTDataStageConfig, log: Callable[[str], None] = print) -> dict:
     """Run stage 6 into ``stage.dir``: encode each source (reusing those an interrupted run finished),
-    pack both splits, write the chat template and the manifest (returned)."""
+    pack both splits, write the chat template and the manifest (returned). The inputs are checked by
+    ``check_sft_inputs`` (its result is ``stage.plan`` when the script's validate hook ran it)."""
     s = cfg.sft_data
-    require_readable_sources(s)
-    stage.require(C.TOKENIZER)
+    encoder = stage.plan if isinstance(stage.plan, ChatEncoder) else check_sft_inputs(stage, cfg)
     tok_path = tokenizer_path(cfg.run)
-    stage.add_input("tokenizer", tok_path)
-    encoder = ChatEncoder(load_tokenizer(tok_path))
 
     state = stage.load_progress()
     tok_hash = file_sha256(tok_path)

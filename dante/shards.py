@@ -20,6 +20,17 @@ Design choices
 - Two CRC-32s in the header (tokens, index) let ``verify_stage`` find any corrupted byte, and tie each
   ``.idx`` to its ``.bin``; a truncated file fails the size check. Nothing time- or host-dependent goes
   into a shard, so a rerun writes byte-identical files.
+- The manifest also records a CRC-32 per 8 MiB chunk of every file (``outputs.checksums``), computed from
+  the bytes in memory as they are written. Readers (``open_split``: stages 4 and 5) check headers and sizes
+  at every open and the chunk CRCs plus the id range once per file version, remembered in
+  ``verified/<shard>.json`` keyed by (size, mtime_ns, checksums hash): the first open costs one read of the
+  shards (CRC-32 ~840 MB/s here), later ones a stat per file. Damage is a UserError naming the file, the
+  region and ``--verify`` / ``--force``.
+- Inputs are checked before anything on disk changes (``validate_stage``, run_stage's ``validate``): a
+  refused ``--force`` keeps the finished stage. One process per stage folder (the stage lock).
+- The encoder: ``tiktoken`` built from the same tokenizer.json (``dante.fast_encode``), several times
+  faster per core, used only after its ids equal ``tokenizers``' on this run's documents
+  (``choose_encoder``); otherwise ``tokenizers``, with the reason logged and recorded (manifest ``encoder``).
 - Train/validation split per document, by a keyed hash of its text (``stable_unit``): deterministic,
   independent of order and worker count; stage 1 deduplicates, so equal texts cannot straddle splits.
 - Parallelism and resume in two phases. (A) worker processes tokenize whole stage-1 shards (one input
@@ -39,14 +50,17 @@ Example::
 
 from __future__ import annotations
 
+import hashlib
+import json
 import multiprocessing as mp
 import os
 import shutil
 import struct
 import time
 import zlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Callable, Iterator
 
 import numpy as np
@@ -57,15 +71,17 @@ from dante.artifacts import (
     atomic_path,
     atomic_write_json,
     file_sha256,
+    load_texts,
     read_json,
     read_manifest,
     stable_unit,
     stage_dir,
     tokenizer_path,
 )
-from dante.corpus import FORMAT_VERSION as CORPUS_FORMAT
+from dante.corpus import READABLE_FORMATS as CORPUS_READABLE
 from dante.corpus import CorpusFile, corpus_files, iter_shard_texts
 from dante.errors import StageError, UserError, problems_message
+from dante.fast_encode import Unreproducible, build_tiktoken, encode_plain, prove_equal, token_byte_lengths
 from dante.tokenizer import EOS_ID, load_tokenizer
 
 FORMAT_VERSION = 1
@@ -80,8 +96,19 @@ _IDX_FIELDS = struct.Struct("<8sIIQQ")
 WORK_DIR = ".work"
 
 
-class ShardError(StageError):
-    """A shard file that is missing, truncated or corrupt (the message names the file)."""
+class ShardError(StageError, UserError):
+    """A shard file that is missing, truncated or corrupt (the message names the file). Both a StageError
+    (stage 3 rebuilds it) and a UserError (the readers of stages 4, 5 report it as bad input)."""
+
+
+#: Stage 3 records a CRC-32 per CHUNK_BYTES of every shard file in its manifest (``outputs.checksums``).
+#: 8 MiB: ~25 checksums for a 200 MB shard (a few KB of manifest for the 90B-token reference), small
+#: enough that a damaged region is located to 8 MiB, large enough that the per-call overhead is nil.
+#: zlib.crc32 ran at ~840 MB/s here (shared 2-core machine), so a full check reads at disk speed.
+CHUNK_BYTES = 8 << 20
+VERIFIED_DIR = "verified"
+FIX_HINT = ("HINT: `python 3_tokenize_shards.py --config <your shards.yaml> --verify` lists every damaged file; "
+            "`python 3_tokenize_shards.py --config <your shards.yaml> --force` rebuilds the shards.")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -136,8 +163,42 @@ def shard_name(tier: int, split: str, index: int) -> str:
     return f"t{tier}-{split}-{index:05d}.bin"
 
 
-def write_shard(path: Path, tokens: np.ndarray, doc_starts: np.ndarray, header: ShardHeader) -> None:
-    """Write ``.idx`` then ``.bin``, each atomically (the .bin's CRC of the index ties the pair)."""
+def chunk_crc32s(buffers: list, chunk_bytes: int = CHUNK_BYTES) -> list[int]:
+    """CRC-32 of every ``chunk_bytes`` of the concatenation of ``buffers`` (the last chunk may be shorter)."""
+    crcs, crc, filled = [], 0, 0
+    for buf in buffers:
+        view = memoryview(buf).cast("B")
+        pos = 0
+        while pos < len(view):
+            take = min(chunk_bytes - filled, len(view) - pos)
+            crc = zlib.crc32(view[pos:pos + take], crc)
+            filled += take
+            pos += take
+            if filled == chunk_bytes:
+                crcs.append(crc)
+                crc, filled = 0, 0
+    if filled or not crcs:
+        crcs.append(crc)
+    return crcs
+
+
+def file_chunk_crc32s(path: Path, chunk_bytes: int = CHUNK_BYTES) -> list[int]:
+    """``chunk_crc32s`` of a file, read one chunk at a time."""
+    crcs = []
+    with open(path, "rb") as f:
+        while True:
+            chunk = f.read(chunk_bytes)
+            if not chunk:
+                break
+            crcs.append(zlib.crc32(chunk))
+    return crcs or [0]
+
+
+def write_shard(path: Path, tokens: np.ndarray, doc_starts: np.ndarray, header: ShardHeader) -> dict:
+    """Write ``.idx`` then ``.bin``, each atomically (the .bin's CRC of the index ties the pair).
+
+    Returns {file name: {"bytes", "crc32": per-chunk CRCs}} of both files, computed from the bytes in
+    memory (no second read): what stage 3's manifest records for the readers."""
     doc_starts = np.ascontiguousarray(doc_starts, dtype="<u8")
     tokens = np.ascontiguousarray(tokens, dtype=np.dtype(header.dtype).newbyteorder("<"))
     header.n_tokens, header.n_doc_starts = int(tokens.size), int(doc_starts.size)
@@ -147,10 +208,16 @@ def write_shard(path: Path, tokens: np.ndarray, doc_starts: np.ndarray, header: 
         with open(tmp, "wb") as f:
             f.write(idx_head)
             f.write(doc_starts.data)
+    head = header.pack()
     with atomic_path(path) as tmp:
         with open(tmp, "wb") as f:
-            f.write(header.pack())
+            f.write(head)
             f.write(tokens.data)
+    return {
+        path.name: {"bytes": len(head) + tokens.nbytes, "crc32": chunk_crc32s([head, tokens.data])},
+        path.with_suffix(".idx").name: {"bytes": len(idx_head) + doc_starts.nbytes,
+                                        "crc32": chunk_crc32s([idx_head, doc_starts.data])},
+    }
 
 
 class ShardReader:
@@ -220,10 +287,114 @@ def list_shards(shards_dir: str | Path, split: str) -> dict[int, list[Path]]:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     d = Path(shards_dir)
     manifest = d / "manifest.json"
-    if not manifest.is_file():
-        raise StageError(f"{d} has no manifest.json. HINT: run `python 3_tokenize_shards.py --config ...` first.")
-    listed = read_json(manifest)["outputs"]["shards"][split]
+    try:
+        listed = _shards_manifest(d)["outputs"]["shards"][split]
+    except (KeyError, TypeError):
+        raise ShardError(f"{manifest} lists no {split} shards under outputs.shards. "
+                         f"HINT: rerun `python 3_tokenize_shards.py --force`.") from None
     return {int(tier): [d / n for n in names] for tier, names in sorted(listed.items(), key=lambda kv: int(kv[0]))}
+
+
+def _shards_manifest(shards_dir: Path) -> dict:
+    manifest = shards_dir / "manifest.json"
+    if not manifest.is_file():
+        raise StageError(f"{shards_dir} has no manifest.json. HINT: run `python 3_tokenize_shards.py --config ...` first.")
+    try:
+        return read_json(manifest)
+    except (ValueError, OSError, UnicodeDecodeError) as e:
+        raise ShardError(f"{manifest} is unreadable ({e}). HINT: rerun `python 3_tokenize_shards.py --force`.") from None
+
+
+def _verify_chunks(path: Path, recorded: dict) -> None:
+    """Compare a file's size and per-chunk CRCs with what stage 3 recorded; ShardError naming the region."""
+    size = path.stat().st_size
+    if size != recorded["bytes"]:
+        raise ShardError(f"{path}: {size} bytes, stage 3 wrote {recorded['bytes']} "
+                         f"({'truncated' if size < recorded['bytes'] else 'trailing bytes'})")
+    got = file_chunk_crc32s(path)
+    for i, (a, b) in enumerate(zip(got, recorded["crc32"])):
+        if a != b:
+            raise ShardError(f"{path}: checksum mismatch in bytes {i * CHUNK_BYTES:,}..{min(size, (i + 1) * CHUNK_BYTES):,} "
+                             f"(chunk {i + 1} of {len(got)}): the file is damaged")
+
+
+def verify_once(reader: ShardReader, recorded: dict | None, vocab_limit: int, shards_dir: Path) -> int:
+    """Prove a shard intact once; later opens cost a stat and a small JSON read. Returns its largest id.
+
+    The full check reads every byte: the per-chunk CRCs stage 3 recorded in its manifest (or, for shards
+    written without them, the two whole-file CRCs of the header) and the largest token id. Its result is
+    kept in ``<03_shards>/verified/<name>.json``, keyed by both files' (size, mtime_ns) and a hash of the
+    recorded checksums: any rewrite of a file, or a rebuilt stage 3, changes the key and the next open
+    checks again. Damage that changes neither size nor mtime (bit rot on the medium) after the first
+    check is not seen by later opens: ``3_tokenize_shards.py --verify`` reads everything again.
+    Cost of the first open: one read of the shards at ~840 MB/s (zlib.crc32, measured) or disk speed.
+    """
+    path, idx = reader.path, reader.idx_path
+    bin_st, idx_st = path.stat(), idx.stat()
+    key = {"bin": [bin_st.st_size, bin_st.st_mtime_ns], "idx": [idx_st.st_size, idx_st.st_mtime_ns],
+           "checksums": hashlib.sha256(json.dumps(recorded, sort_keys=True).encode()).hexdigest()[:32]
+           if recorded else "header-crc32"}
+    marker = shards_dir / VERIFIED_DIR / f"{path.name}.json"
+    try:
+        saved = read_json(marker)
+        if saved.get("key") == key:
+            max_id = int(saved["max_id"])
+            _check_ids(path, max_id, vocab_limit)
+            return max_id
+    except (OSError, ValueError, KeyError, TypeError):
+        pass  # no marker, or an unreadable one: check fully
+    if recorded:
+        _verify_chunks(path, recorded["bin"])
+        _verify_chunks(idx, recorded["idx"])
+    else:
+        reader.check_crc()
+    max_id = int(reader.tokens.max()) if reader.n_tokens else -1
+    _check_ids(path, max_id, vocab_limit)
+    try:
+        atomic_write_json(marker, {"key": key, "max_id": max_id})
+    except OSError:
+        pass  # read-only storage: every open checks fully (correct, only slower)
+    return max_id
+
+
+def _check_ids(path: Path, max_id: int, vocab_limit: int) -> None:
+    if max_id >= vocab_limit:
+        raise ShardError(f"{path}: holds token id {max_id}, not below the vocabulary size {vocab_limit} "
+                         f"(damaged ids, shards of another tokenizer, or a model.vocab_size smaller than the tokenizer's)")
+
+
+def open_split(shards_dir: str | Path, split: str, vocab_size: int | None = None) -> dict[int, list[ShardReader]]:
+    """{tier: [ShardReader]} of one split, every shard checked: header, sizes, checksums (``verify_once``)
+    and ids below ``vocab_size`` (the model's, from the caller; else the tokenizer's, from the manifest).
+
+    All damaged shards are reported in one ShardError (a UserError) naming each file, its problem and the
+    commands that fix it. This is what the training stages read shards through.
+    """
+    d = Path(shards_dir)
+    manifest = _shards_manifest(d)
+    out = manifest.get("outputs") or {}
+    sums = (out.get("checksums") or {}).get("files", {})
+    tok_vocab = out.get("vocab_size")
+    paths = list_shards(d, split)
+    readers: dict[int, list[ShardReader]] = {}
+    problems = []
+    for tier, ps in paths.items():
+        for p in ps:
+            try:
+                r = ShardReader(p)
+                limit = min([v for v in (vocab_size, tok_vocab, r.header.vocab_size) if v] or [1 << 32])
+                recorded = {"bin": sums[p.name], "idx": sums[p.with_suffix(".idx").name]} if p.name in sums else None
+                verify_once(r, recorded, limit, d)
+                readers.setdefault(tier, []).append(r)
+            except ShardError as e:
+                problems.append(str(e))
+    if problems:
+        msg = problems_message(f"{len(problems)} damaged or unusable {split} shard(s) in {d}", problems)
+        if vocab_size and tok_vocab and vocab_size < tok_vocab:
+            msg += (f"\n  note: model.vocab_size={vocab_size} is smaller than the tokenizer's {tok_vocab} ids: "
+                    f"if the shards are intact, set model.vocab_size={tok_vocab}.")
+        raise ShardError(msg + "\n  " + FIX_HINT)
+    return readers
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -240,15 +411,25 @@ class EncodeSettings:
     val_fraction: float
     batch_docs: int
     work_dir: str
+    encoder: str = "tokenizers"  # or "tiktoken": only after ``choose_encoder`` proved it equal
 
 
 _WORKER_TOKENIZER = {}
+_WORKER_TIKTOKEN = {}
 
 
 def _tokenizer_for(path: str):
     if path not in _WORKER_TOKENIZER:
         _WORKER_TOKENIZER[path] = load_tokenizer(path)  # plain_text: "<|eot|>" in a document stays text
     return _WORKER_TOKENIZER[path]
+
+
+def _tiktoken_for(path: str):
+    """(encoding, byte length per id); built once per process (forked workers inherit the parent's)."""
+    if path not in _WORKER_TIKTOKEN:
+        enc = build_tiktoken(path)
+        _WORKER_TIKTOKEN[path] = (enc, token_byte_lengths(enc, _tokenizer_for(path).get_vocab_size()))
+    return _WORKER_TIKTOKEN[path]
 
 
 def work_paths(work_dir: str | Path, index: int, split: str) -> tuple[Path, Path]:
@@ -267,11 +448,28 @@ def encode_corpus_file(cf: CorpusFile, st: EncodeSettings) -> dict:
     parts = {s: {"tokens": [], "lens": [], "docs": 0, "chars": 0, "bytes": 0} for s in SPLITS}
     batch: list[tuple[str, str]] = []
 
+    fallback_docs = 0
+
+    def encode(texts: list[str]) -> list:
+        nonlocal fallback_docs
+        if st.encoder != "tiktoken":
+            return [e.ids for e in tok.encode_batch_fast(texts, add_special_tokens=False)]
+        enc, byte_len = _tiktoken_for(st.tokenizer_path)
+        out = []
+        for text in texts:
+            ids = encode_plain(enc, text)
+            # a regex gap drops text silently in tiktoken: the ids must cover every byte of the document
+            if int(byte_len[ids].sum()) != len(text.encode("utf-8")):
+                ids = tok.encode(text, add_special_tokens=False).ids
+                fallback_docs += 1
+            out.append(ids)
+        return out
+
     def flush():
-        encoded = tok.encode_batch_fast([t for _, t in batch], add_special_tokens=False)
-        for (split, text), enc in zip(batch, encoded):
+        encoded = encode([t for _, t in batch])
+        for (split, text), enc_ids in zip(batch, encoded):
             p = parts[split]
-            ids = np.asarray(enc.ids, dtype=dtype)
+            ids = np.asarray(enc_ids, dtype=dtype)
             p["tokens"].append(ids)
             p["tokens"].append(np.asarray([st.eos_id], dtype=dtype))
             p["lens"].append(ids.size + 1)
@@ -287,7 +485,7 @@ def encode_corpus_file(cf: CorpusFile, st: EncodeSettings) -> dict:
             flush()
     if batch:
         flush()
-    stats = {"index": cf.index, "source": cf.source, "lang": cf.lang, "tier": cf.tier}
+    stats = {"index": cf.index, "source": cf.source, "lang": cf.lang, "tier": cf.tier, "fallback_docs": fallback_docs}
     for split, p in parts.items():
         tokens = np.concatenate(p["tokens"]) if p["tokens"] else np.zeros(0, dtype=dtype)
         tok_path, len_path = work_paths(st.work_dir, cf.index, split)
@@ -320,6 +518,7 @@ class StreamState:
     cursor_input: int = 0  # position (in this stream's list of inputs) of the first unwritten token
     cursor_token: int = 0  # offset into that input's tokens
     names: list[str] = field(default_factory=list)
+    checksums: dict = field(default_factory=dict)  # file name -> {"bytes", "crc32"} (write_shard's result)
 
     @property
     def key(self) -> str:
@@ -347,7 +546,7 @@ class ShardAssembler:
         self._pending = {k: -s.cursor_token for k, s in self.streams.items()}
 
     def state(self) -> dict:
-        return {k: dict(vars(s), names=list(s.names)) for k, s in self.streams.items()}
+        return {k: dict(vars(s), names=list(s.names), checksums=dict(s.checksums)) for k, s in self.streams.items()}
 
     def mark_done(self, index: int, stats: dict) -> None:
         self.counts[index] = {split: int(stats[split]["tokens"]) for split in SPLITS}
@@ -394,7 +593,8 @@ class ShardAssembler:
             n_tokens=n, n_doc_starts=0, tokens_crc32=0, index_crc32=0, tier=s.tier, split=s.split,
             shard_index=s.shards, eos_id=self.header_base["eos_id"], tokenizer_sha16=self.header_base["tokenizer_sha16"],
         )
-        write_shard(self.out_dir / name, tokens, np.concatenate(starts) if starts else np.zeros(0, np.uint64), header)
+        s.checksums.update(write_shard(self.out_dir / name, tokens,
+                                       np.concatenate(starts) if starts else np.zeros(0, np.uint64), header))
         s.shards += 1
         s.cursor_input, s.cursor_token = pos, offset
         s.names.append(name)
@@ -469,7 +669,7 @@ def tokenize_corpus(
 
 def collect_stats(files: list[CorpusFile], work_dir: Path) -> dict:
     """Docs/chars/bytes/tokens per split, by tier, language and source, from the phase-A markers."""
-    out: dict = {"total": {}, "by_tier": {}, "by_lang": {}, "by_source": {}}
+    out: dict = {"total": {}, "by_tier": {}, "by_lang": {}, "by_source": {}, "fallback_docs": 0}
 
     def add(group: dict, split: str, st: dict):
         g = group.setdefault(split, {"docs": 0, "chars": 0, "bytes": 0, "tokens": 0})
@@ -478,6 +678,7 @@ def collect_stats(files: list[CorpusFile], work_dir: Path) -> dict:
 
     for cf in files:
         m = read_json(done_marker(work_dir, cf.index))
+        out["fallback_docs"] += int(m.get("fallback_docs", 0))
         for split in SPLITS:
             add(out["total"], split, m[split])
             add(out["by_tier"].setdefault(str(cf.tier), {}), split, m[split])
@@ -503,6 +704,10 @@ def verify_shards(shards_dir: Path, manifest: dict, tokenizer, samples_per_shard
         path = shards_dir / name
         try:
             r = ShardReader(path)
+            sums = (out.get("checksums") or {}).get("files", {})
+            if name in sums:  # the per-chunk CRCs the readers trust, then the header's whole-file ones
+                _verify_chunks(path, sums[name])
+                _verify_chunks(r.idx_path, sums[r.idx_path.name])
             r.check_crc()
             h = r.header
             if h.vocab_size != out["vocab_size"] or h.eos_id != out["eos_id"] or np.dtype(h.dtype).name != out["dtype"]:
@@ -546,42 +751,167 @@ def tokenizer_sha16(path: Path) -> bytes:
 # ---------------------------------------------------------------------------------------------------
 
 
-def tokenize_stage(stage: Stage, cfg: C.ShardsStageConfig, log: Callable[[str], None] = print) -> dict:
-    """Run stage 3 into ``stage.dir``: check the inputs, tokenize (resuming), write the manifest (returned)."""
+@dataclass
+class ShardsPlan:
+    """What ``validate_stage`` checked, for ``tokenize_stage``: the inputs, read-only."""
+
+    files: list[CorpusFile]
+    tokenizer_path: Path
+    tokenizer_sha256: str
+    vocab_size: int
+    workers: int
+
+
+def validate_stage(stage: Stage, cfg: C.ShardsStageConfig, args=None) -> ShardsPlan:
+    """Every read-only check of stage 3's inputs, before anything on disk is touched (``run_stage``'s
+    ``validate`` hook, so a refused ``--force`` keeps the finished 03_shards): the 01_corpus and
+    02_tokenizer manifests, the stage-1 files they list, the tokenizer file against its recorded sha256,
+    its size against ``shards.dtype``, and an unfinished run made with another tokenizer. One UserError
+    lists every problem."""
+    s, problems = cfg.shards, []
+    files, tok_path, sha, vocab_size = [], None, "", 0
+    try:
+        corpus = stage.require(C.CORPUS)
+        if corpus.get("format_version") not in CORPUS_READABLE:  # version 1 (gzip shards) still reads
+            raise StageError(f"01_corpus has format version {corpus.get('format_version')}; this code reads "
+                             f"versions {', '.join(map(str, CORPUS_READABLE))}. HINT: rerun "
+                             f"`python 1_download_corpus.py --force` to rebuild it.")
+        files = corpus_files(stage_dir(cfg.run, C.CORPUS), corpus)
+    except (StageError, UserError) as e:
+        problems.append(str(e))
+    try:
+        stage.require(C.TOKENIZER)
+        tok_path = tokenizer_path(cfg.run)
+        vocab_size = load_tokenizer(tok_path).get_vocab_size(with_added_tokens=True)
+        check_dtype_fits(vocab_size, s.dtype, tok_path)
+        sha = file_sha256(tok_path)  # tokenizer_path checked it against stage 2's manifest
+        stage.add_input("tokenizer", tok_path)
+    except (StageError, UserError) as e:
+        problems.append(str(e))
+    progress = stage.dir / "progress.json"
+    if sha and not getattr(args, "force", False) and progress.is_file():
+        try:
+            recorded = (read_json(progress).get("state") or {}).get("tokenizer_sha256", sha)
+        except (ValueError, OSError):
+            recorded = sha  # Stage.open reports an unreadable progress.json with its own fix
+        if recorded != sha:  # resuming with another tokenizer would mix two encodings
+            problems.append(f"{stage.dir} holds an unfinished run made with another tokenizer. "
+                            f"HINT: add --force to start over.")
+    if problems:
+        raise UserError(problems_message("stage 3 cannot start", problems))
+    return ShardsPlan(files, tok_path, sha, vocab_size, s.workers or len(os.sched_getaffinity(0)))
+
+
+def proof_texts(cfg: C.ShardsStageConfig, files: list[CorpusFile], n_docs: int) -> list[tuple[str, str]]:
+    """(where, text) for ``choose_encoder``: the held-out files stage 2 was configured with (as many as
+    ``n_docs``), then up to ``n_docs`` stage-1 documents taken evenly from every source (its first files,
+    in order, so every language and source of this run is represented; read cost: ~n_docs documents)."""
+    out: list[tuple[str, str]] = []
+    try:
+        heldout = (read_manifest(cfg.run, C.TOKENIZER).get("config") or {}).get("tokenizer", {}).get("heldout") or {}
+    except StageError:
+        heldout = {}
+    for _, path in sorted(heldout.items()):
+        try:
+            texts = load_texts(path) if Path(path).is_file() else []
+        except (ValueError, OSError):
+            texts = []  # stage 2 reported its own held-out problems; here they are only extra evidence
+        out += [(f"held-out {path} document {i}", t) for i, t in enumerate(texts)]
+    out = out[:n_docs]
+    by_source: dict[str, list[CorpusFile]] = {}
+    for cf in files:
+        by_source.setdefault(cf.source, []).append(cf)
+    quota = -(-n_docs // max(1, len(by_source)))
+    for _, cfs in sorted(by_source.items()):
+        taken = 0
+        for cf in cfs:
+            for line_no, text in iter_shard_texts(cf.path):
+                out.append((f"{cf.path} line {line_no}", text))
+                taken += 1
+                if taken >= quota:
+                    break
+            if taken >= quota:
+                break
+    return out
+
+
+def choose_encoder(cfg: C.ShardsStageConfig, tok_path: Path, files: list[CorpusFile],
+                   log: Callable[[str], None] = print) -> dict:
+    """Which encoder stage 3 uses, and why (recorded in the manifest as ``encoder``).
+
+    ``shards.encoder=auto``: tiktoken when ``build_tiktoken`` can express the tokenizer AND its ids equal
+    ``tokenizers``' on every ``proof_texts`` document; otherwise ``tokenizers``, with the reason logged.
+    ``tiktoken`` demands the fast path (UserError with the reason when it is refused); ``tokenizers``
+    skips it."""
     s = cfg.shards
-    corpus = stage.require(C.CORPUS, CORPUS_FORMAT)
-    tok_manifest = stage.require(C.TOKENIZER)
-    tok_path = tokenizer_path(cfg.run)
-    tok = load_tokenizer(tok_path)
-    vocab_size = tok.get_vocab_size(with_added_tokens=True)
-    check_dtype_fits(vocab_size, s.dtype, tok_path)
-    stage.add_input("tokenizer", tok_path)
-    files = corpus_files(stage_dir(cfg.run, C.CORPUS), corpus)
-    workers = s.workers or len(os.sched_getaffinity(0))
+    info: dict = {"requested": s.encoder, "used": "tokenizers"}
+    if s.encoder == "tokenizers":
+        info["reason"] = "shards.encoder=tokenizers"
+        log("encoder: tokenizers (shards.encoder=tokenizers)")
+        return info
+    start = time.time()
+    try:
+        enc = _tiktoken_for(str(tok_path))[0]
+    except Unreproducible as e:
+        reason = f"tiktoken cannot reproduce {tok_path}: {e}"
+    else:
+        texts = proof_texts(cfg, files, s.encoder_check_docs)
+        info |= {"checked_docs": len(texts), "checked_chars": sum(len(t) for _, t in texts)}
+        problem = prove_equal(enc, _tokenizer_for(str(tok_path)), texts) if texts else "no document to check"
+        reason = problem and f"tiktoken's ids differ from tokenizers' on this run's documents: {problem}"
+    check_seconds = round(time.time() - start, 2)  # logged, not recorded: the manifest holds no timing here
+    if not reason:
+        import tiktoken
+
+        info |= {"used": "tiktoken", "tiktoken": tiktoken.__version__,
+                 "reason": f"ids equal to tokenizers' on all {info['checked_docs']} check documents "
+                           f"({info['checked_chars']:,} characters)"}
+        log(f"encoder: tiktoken ({info['reason']}, {check_seconds} s)")
+        return info
+    if s.encoder == "tiktoken":
+        raise UserError(f"shards.encoder=tiktoken, but {reason}.\n  HINT: --set shards.encoder=auto uses tokenizers "
+                        f"instead (same ids, slower).")
+    info["reason"] = reason
+    log(f"encoder: tokenizers; the tiktoken path is off because {reason}")
+    return info
+
+
+def tokenize_stage(stage: Stage, cfg: C.ShardsStageConfig, log: Callable[[str], None] = print) -> dict:
+    """Run stage 3 into ``stage.dir`` (opened): tokenize (resuming), write the manifest (returned).
+    The inputs are ``stage.plan`` (``validate_stage``'s result), checked again here when absent."""
+    s = cfg.shards
+    plan: ShardsPlan = stage.plan or validate_stage(stage, cfg)
+    files, tok_path, sha, vocab_size, workers = (plan.files, plan.tokenizer_path, plan.tokenizer_sha256,
+                                                 plan.vocab_size, plan.workers)
     settings = EncodeSettings(str(tok_path), s.dtype, EOS_ID, cfg.run.seed, s.val_fraction, s.batch_docs,
                               str(stage.dir / WORK_DIR))
     header = {"dtype": s.dtype, "vocab_size": vocab_size, "eos_id": EOS_ID, "tokenizer_sha16": tokenizer_sha16(tok_path)}
     log(f"{len(files)} input files, {workers} worker(s), {s.shard_tokens:,} tokens per shard")
-    sha = file_sha256(tok_path)
-    if tok_manifest["outputs"].get("tokenizer_sha256", sha) != sha:
-        raise UserError(f"{tok_path} changed after stage 2 finished (sha256 differs from its manifest). "
-                        f"HINT: rerun `python 2_train_tokenizer.py --force`.")
     progress = stage.load_progress()
-    if progress.get("tokenizer_sha256", sha) != sha:  # resuming with another tokenizer would mix two encodings
-        raise UserError(f"{stage.dir} holds an unfinished run made with another tokenizer. HINT: add --force to start over.")
-    stage.save_progress({"tokenizer_sha256": sha, "streams": progress.get("streams", {})})  # before any work file
+    encoder = progress.get("encoder")
+    if encoder:  # a resumed run keeps the encoder it started with: one run, one encoding path
+        log(f"encoder: {encoder['used']} (chosen when this run started: {encoder['reason']})")
+    else:
+        encoder = choose_encoder(cfg, tok_path, files, log)
+    settings = replace(settings, encoder=encoder["used"])
+    stage.save_progress({"tokenizer_sha256": sha, "encoder": encoder, "streams": progress.get("streams", {})})
     start = time.time()
     streams = tokenize_corpus(
         files, settings, stage.dir, s.shard_tokens, header, workers, progress.get("streams", {}),
-        lambda state: stage.save_progress({"tokenizer_sha256": sha, "streams": state}), log=log,
+        lambda state: stage.save_progress({"tokenizer_sha256": sha, "encoder": encoder, "streams": state}), log=log,
     )
     seconds = time.time() - start
     stats = collect_stats(files, stage.dir / WORK_DIR)
+    encoder = dict(encoder, fallback_docs=stats.pop("fallback_docs"))
+    if encoder["fallback_docs"]:
+        log(f"warning: {encoder['fallback_docs']} document(s) re-encoded with tokenizers (tiktoken's ids missed bytes)")
     shutil.rmtree(stage.dir / WORK_DIR)  # after the stats: only shards and the manifest remain
     shards: dict[str, dict] = {split: {} for split in SPLITS}
+    checksums: dict[str, dict] = {}
     for st in streams.values():
         if st["names"]:
             shards[st["split"]][str(st["tier"])] = st["names"]
+        checksums.update(st["checksums"])
     total = stats["total"]
     if s.val_fraction > 0 and not total.get("val", {}).get("tokens"):
         log(f"warning: no document fell in the validation split (val_fraction={s.val_fraction})")
@@ -591,10 +921,27 @@ def tokenize_stage(stage: Stage, cfg: C.ShardsStageConfig, log: Callable[[str], 
         f"{seconds:.1f} s ({n_bytes / 1e6 / seconds:.2f} MB/s, {n_tokens / seconds:,.0f} tokens/s this run)")
     return stage.finish(
         outputs={"format": "dante-shards", "shard_format_version": FORMAT_VERSION, "dtype": s.dtype,
-                 "vocab_size": vocab_size, "eos_id": EOS_ID, "shard_tokens": s.shard_tokens, "shards": shards},
+                 "vocab_size": vocab_size, "eos_id": EOS_ID, "shard_tokens": s.shard_tokens, "shards": shards,
+                 "checksums": {"algorithm": "crc32", "chunk_bytes": CHUNK_BYTES,
+                               "files": dict(sorted(checksums.items()))}},
         counts=stats,
-        extra={"throughput": {"seconds": round(seconds, 2), "workers": workers, "resumed": stage.resumed}},
+        extra={"encoder": encoder,
+               "throughput": {"seconds": round(seconds, 2), "workers": workers, "resumed": stage.resumed,
+                              "tokens_per_second": round(n_tokens / max(seconds, 1e-9))}},
     )
+
+
+def tokenize_run(cfg: C.ShardsStageConfig, force: bool = False, log: Callable[[str], None] = print) -> dict:
+    """Stage 3 as one call, for benchmarks (``bench/``): the script's order (validate, then open with the
+    lock and ``force``'s reset, then tokenize). Returns the manifest: ``throughput`` (seconds, workers,
+    tokens_per_second), ``encoder`` (used, reason), ``counts``. StageAlreadyDone when finished and not
+    ``force``. The CLI equivalent: ``3_tokenize_shards.py --config ... --set shards.encoder=tokenizers
+    --set shards.workers=1 --force``."""
+    planned = Stage.prepare(cfg, C.SHARDS)
+    planned.check_not_finished(force)
+    planned.plan = validate_stage(planned, cfg, SimpleNamespace(force=force))
+    stage = Stage.open(cfg, C.SHARDS, force=force, prepared=planned)
+    return tokenize_stage(stage, cfg, log)
 
 
 def verify_stage(cfg: C.ShardsStageConfig) -> int:

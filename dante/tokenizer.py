@@ -29,6 +29,10 @@ Dante is a byte-level BPE (Hugging Face ``tokenizers``) built for Italian + Engl
   ``tokenizer.json`` keeps the standard behaviour (specials recognized in text) for chat templates in
   ``transformers``; ``to_transformers(..., split_special_tokens=True)`` gives the safe mode there.
 
+- **Preflight**: ``training_estimate`` / ``preflight_lines`` turn the sample size and the number of
+  tokenizers into expected seconds and peak memory, from rates measured on the development machine (the
+  figures and the commands that measured them are beside the constants).
+
 Example::
 
     tok = train_tokenizer(texts, vocab_size=8192)        # Dante regex + pinned letters
@@ -258,18 +262,24 @@ def train_tokenizer(
 def load_tokenizer(path: str | Path, plain_text: bool = True) -> Tokenizer:
     """Load a Dante ``tokenizer.json``; with ``plain_text`` special-token strings in text stay text.
 
-    Raises UserError when the file is missing or is not a Dante tokenizer (specials not at ids 0..5).
+    Raises UserError naming the file and the command that rebuilds it when the file is missing, cannot be
+    parsed (truncated by a full disk or a copy cut short, garbled bytes) or is not a Dante tokenizer
+    (specials not at ids 0..5).
     """
     p = Path(path)
+    rebuild = "HINT: rebuild it with `python 2_train_tokenizer.py --config configs/<profile>/tokenizer.yaml --force`"
     if not p.is_file():
         raise UserError(f"tokenizer not found: {p}. HINT: run `python 2_train_tokenizer.py --config ...` first.")
     try:
         tok = Tokenizer.from_file(str(p))
-    except Exception as e:  # tokenizers raises a bare Exception on malformed JSON
-        raise UserError(f"{p} is not a valid tokenizer.json ({e})") from None
+    except Exception as e:  # tokenizers raises a bare Exception on malformed JSON (a truncated file included)
+        reason = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+        raise UserError(f"{p} is not a readable tokenizer.json ({p.stat().st_size:,} bytes; truncated or damaged: "
+                        f"{reason}).\n  {rebuild} (stages 3 onwards must then be redone too: their ids come from it).") from None
     wrong = [t for i, t in enumerate(SPECIAL_TOKENS) if tok.token_to_id(t) != i]
     if wrong:
-        raise UserError(f"{p} is not a Dante tokenizer: special tokens {wrong} are not at their ids (docs/DESIGN.md)")
+        raise UserError(f"{p} is not a Dante tokenizer: special tokens {wrong} are not at their ids (docs/DESIGN.md).\n"
+                        f"  {rebuild}.")
     tok.encode_special_tokens = plain_text
     return tok
 
@@ -350,9 +360,10 @@ def plan_sample(corpus_sources: dict, language_mix: dict, sample_chars: int) -> 
     """Target characters per language (``language_mix`` shares of ``sample_chars``) and per source (the
     language's target split in proportion to each source's characters in stage 1).
 
-    A language with a share but no text is refused here. A source with less text than its target is refused
-    by ``iter_training_sample`` when it runs out (so a shard that cannot be read is reported first); the
-    plan records the largest ``sample_chars`` the corpus can give for that message.
+    A language with a share but no text is refused here. A source whose stage-1 manifest already counts
+    fewer characters than its target is found by ``sample_shortfalls`` (before training starts), and one
+    that runs out while drawing by ``iter_training_sample``; the plan records the largest ``sample_chars``
+    the corpus can give for their messages.
     """
     total_share = sum(language_mix.values())
     plan, problems = {}, []
@@ -384,6 +395,71 @@ def plan_sample(corpus_sources: dict, language_mix: dict, sample_chars: int) -> 
     for p in plan.values():
         p["largest_sample_chars"] = largest
     return plan
+
+
+def sample_shortfalls(plan: dict) -> list[str]:
+    """The sources whose stage-1 character count (manifest) is below their share of the sample: a problem
+    each, found from the manifest alone, so the stage refuses before it reads or writes anything."""
+    out = []
+    for lang, p in plan.items():
+        short = [n for n, sp in p["sources"].items() if sp["available_chars"] < (1 - SHORT_SOURCE_SLACK) * sp["target_chars"]]
+        if short:  # targets are proportional to size, so a language falls short with all its sources: one line
+            out.append(f"cannot draw the tokenizer training sample: {lang!r} gets {p['share']:.0%} of tokenizer.sample_chars, "
+                       f"i.e. {p['target_chars']:,} characters, but stage 1 holds {p['available_chars']:,} (sources "
+                       f"{', '.join(short)}). HINT: lower tokenizer.sample_chars to at most {p['largest_sample_chars']:,}, "
+                       f"add {lang!r} text to the corpus, or lower its share in tokenizer.language_mix.")
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------
+# Preflight (stage 2 --dry-run): how long and how much memory
+# ---------------------------------------------------------------------------------------------------
+
+#: Sample characters per second of one tokenizer (drawing the sample from the stage-1 shards included), the
+#: slowest of the four tokenizers of the tiny profile on the 2-core development machine (shared with other
+#: jobs, 45% of its CPU), 8192 ids, 2M chars: 5.7, 4.5, 8.4, 7.9 s, i.e. 238K-444K chars/s, measured with
+#:     python 1_download_corpus.py --config configs/tiny/corpus.yaml --set run.root=/tmp/m
+#:     /usr/bin/time -v python 2_train_tokenizer.py --config configs/tiny/tokenizer.yaml --set run.root=/tmp/m
+#: (each tokenizer prints "<key>: ..., 2,000,000 sample chars, N s"). Conservative for larger samples: the
+#: merge phase costs about the same at any size (train_tokenizer alone, llama3, 8192 ids: 294K chars/s on
+#: 0.5M chars, 319K on 2M, 555K on 5M), and more cores speed up the pair counting.
+TRAIN_CHARS_PER_SEC = 240_000
+#: The rest of stage 2 in that measurement (imports, the fertility report of 4 tokenizers and 2 references
+#: over the tiny held-out files): 62 s of wall time minus 26.5 s of training.
+REPORT_SECONDS = 36
+#: Peak resident memory of one training per sample character, above the process: ``ru_maxrss`` around
+#: ``train_tokenizer`` on the data/sample text (llama3, 8192 ids) was 55 B/char on 0.5M chars, 28 on 2M,
+#: 17 on 5M (dante and qwen2 on 2M: 25, 33). The trainer's word counts grow slower than the text (fewer new
+#: words per character), so the figure at 2M is an upper bound for larger samples.
+TRAIN_BYTES_PER_CHAR = 30
+#: The stage process without the trainer: the tiny profile peaked at 185 MB (``/usr/bin/time -v`` above),
+#: of which 2M chars x ~27 B/char is the trainer. Tokenizers train one after another, so the peak does not
+#: grow with their number.
+STAGE_BASE_BYTES = 130 << 20
+
+
+def training_estimate(sample_chars: int, n_tokenizers: int) -> dict:
+    """Expected seconds and peak bytes of stage 2 for ``n_tokenizers`` trainings on ``sample_chars`` each,
+    from the measured rates above (the figures ``2_train_tokenizer.py --dry-run`` prints)."""
+    train_s = n_tokenizers * sample_chars / TRAIN_CHARS_PER_SEC
+    return {"train_seconds": train_s, "seconds": train_s + REPORT_SECONDS,
+            "peak_bytes": STAGE_BASE_BYTES + TRAIN_BYTES_PER_CHAR * sample_chars}
+
+
+def preflight_lines(sample_chars: int, plan: dict, n_tokenizers: int) -> list[str]:
+    """What stage 2 will cost, for --dry-run: the sample (per language, against what stage 1 holds), the
+    expected time and the peak memory (``training_estimate``), each with the figures it comes from."""
+    est = training_estimate(sample_chars, n_tokenizers)
+    s = est["seconds"]
+    took = f"{s:.0f} s" if s < 120 else f"{s / 60:.0f} min" if s < 7200 else f"{s / 3600:.1f} h"
+    return [
+        f"sample: {sample_chars:,} chars per tokenizer (the same sample for all {n_tokenizers}): " + ", ".join(
+            f"{lang} {p['target_chars']:,} of {p['available_chars']:,} in 01_corpus" for lang, p in plan.items()),
+        f"expected time: ~{took} = {n_tokenizers} tokenizer(s) x {sample_chars:,} chars / {TRAIN_CHARS_PER_SEC:,} "
+        f"chars/s + ~{REPORT_SECONDS} s report (rates measured on 2 shared cores: dante/tokenizer.py)",
+        f"memory: ~{est['peak_bytes'] / 2**30:.2f} GiB peak = {STAGE_BASE_BYTES >> 20} MiB + {TRAIN_BYTES_PER_CHAR} B "
+        f"per sample char (one training at a time; an upper bound above 2M chars)",
+    ]
 
 
 def _short_source(source: str, lang: str, got: int, plan: dict) -> UserError:

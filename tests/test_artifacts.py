@@ -361,3 +361,14 @@ def test_full_disk_is_a_clear_error_not_a_traceback(tmp_path, capsys):
     assert run_stage("01_corpus", "t", main, argv=_corpus_args(tmp_path)) == 2
     err = capsys.readouterr().err
     assert "no space left" in err and "shard-00001.jsonl.gz" in err and "run.root" in err and "Traceback" not in err
+
+
+def test_tokenizer_path_refuses_a_file_changed_after_stage_2(tmp_path):
+    run = C.RunConfig(name="t", root=str(tmp_path / "runs"))
+    st = A.Stage.open(C.TokenizerStageConfig(run=run), "02_tokenizer")
+    (st.dir / "tokenizer.json").write_text('{"model": "x"}')
+    st.finish(outputs={"tokenizer": "tokenizer.json", "tokenizer_sha256": A.file_sha256(st.dir / "tokenizer.json")})
+    assert A.tokenizer_path(run) == st.dir / "tokenizer.json"
+    (st.dir / "tokenizer.json").write_text('{"model": "y"}')  # still parses: only the checksum can tell
+    with pytest.raises(A.StageError, match=r"(?s)changed after 02_tokenizer finished.*2_train_tokenizer.py --force"):
+        A.tokenizer_path(run)

@@ -55,7 +55,7 @@ def test_every_problem_is_reported_once_with_file_and_key(tmp_path):
 
 
 def test_unknown_key_lists_the_known_ones(tmp_path):
-    with pytest.raises(C.ConfigError, match=r"corpus.doc_per_shard: unknown key \(known: docs_per_shard, non_utf8, sources\)"):
+    with pytest.raises(C.ConfigError, match=r"corpus.doc_per_shard: unknown key \(known: chunk_bytes, docs_per_shard, non_utf8, sources, workers\)"):
         C.load_config(C.CorpusStageConfig, write(tmp_path, {"corpus": {"doc_per_shard": 5}}))
 
 
@@ -125,12 +125,61 @@ def test_set_errors_name_the_key(tmp_path):
     assert "--set optim.x: unknown key 'optim'" in msg
 
 
-def test_set_reaches_into_a_list_of_sources_only_by_file(tmp_path):
-    base = {"corpus": {"sources": [{"name": "a", "kind": "local", "path": "x"}]}}
-    cfg = C.load_config(C.CorpusStageConfig, write(tmp_path, base), ["corpus.docs_per_shard=7", "corpus.non_utf8=error"])
+def test_set_reaches_into_lists_by_item_index(tmp_path):
+    base = {"corpus": {"sources": [{"name": "a", "kind": "local", "path": "x"},
+                                   {"name": "b", "kind": "local", "path": "y", "min_chars": 7}]}}
+    cfg = C.load_config(C.CorpusStageConfig, write(tmp_path, base), [
+        "corpus.docs_per_shard=7", "corpus.non_utf8=error", "corpus.sources.0.min_chars=50", "corpus.sources.1.tier=2"])
     assert (cfg.corpus.docs_per_shard, cfg.corpus.non_utf8) == (7, "error")
+    a, b = cfg.corpus.sources
+    assert (a.name, a.min_chars, a.tier) == ("a", 50, 1) and (b.name, b.min_chars, b.tier) == ("b", 7, 2)
     with pytest.raises(C.ConfigError, match=r"corpus.non_utf8: 'ignore' is not one of \['skip', 'error'\]"):
         C.load_config(C.CorpusStageConfig, write(tmp_path, base), ["corpus.non_utf8=ignore"])
+    # other lists of sections, and a list of plain values (its item replaced whole)
+    sft = {"sft_data": {"sources": [{"name": "s", "kind": "local", "path": "x.jsonl", "format": "messages"}]}}
+    cfg = C.load_config(C.SFTDataStageConfig, write(tmp_path, sft), ["sft_data.sources.0.weight=2.5"])
+    assert cfg.sft_data.sources[0].weight == 2.5
+    tok = {"tokenizer": {"ab_presets": ["dante-elision", "qwen2"], "references": [{"name": "r", "path": "p"}]}}
+    cfg = C.load_config(C.TokenizerStageConfig, write(tmp_path, tok), [
+        "tokenizer.ab_presets.1=gpt2", "tokenizer.references.0.optional=true", "tokenizer.references.0.kind=tiktoken"])
+    assert cfg.tokenizer.ab_presets == ["dante-elision", "gpt2"]
+    assert (cfg.tokenizer.references[0].optional, cfg.tokenizer.references[0].kind) == (True, "tiktoken")
+
+
+def test_set_list_index_errors_name_the_list_and_its_length(tmp_path):
+    base = write(tmp_path, {"corpus": {"sources": [{"name": "a", "kind": "local", "path": "x"}]}})
+    cases = {
+        "corpus.sources.1.min_chars=5": "index 1 is out of range: corpus.sources has 1 item(s) (indices 0..0)",
+        "corpus.sources.x.min_chars=5": "corpus.sources is a list, so the key after it must be an item index",
+        "corpus.sources.0.bogus=1": "unknown key 'corpus.sources.0.bogus'",
+        "corpus.sources.0.min_chars=many": "corpus.sources[0].min_chars: expected an integer, got str 'many'",
+        "corpus.sources.0.kind=ftp": "corpus.sources[0].kind: 'ftp' is not one of ['hf', 'local']",
+        "corpus.docs_per_shard.x=1": "corpus.docs_per_shard is a single value (int)",
+    }
+    for override, expected in cases.items():
+        with pytest.raises(C.ConfigError) as e:
+            C.load_config(C.CorpusStageConfig, base, [override])
+        assert expected in str(e.value) and "expected a list, got dict" not in str(e.value), (override, str(e.value))
+    with pytest.raises(C.ConfigError, match=r"tokenizer.references has 0 item\(s\) \(no index is valid\)"):
+        C.load_config(C.TokenizerStageConfig, None, ["tokenizer.references.0.optional=true"])
+
+
+def test_help_config_lists_item_keys_and_allowed_values():
+    lines = C.describe(C.CorpusStageConfig)
+    text = "\n".join(lines)
+    keys = {f.name for f in dataclasses.fields(C.SourceConfig)}
+    assert {k for k in keys if any(line.lstrip().startswith(f"corpus.sources[].{k} = ") for line in lines)} == keys
+    assert "corpus.sources[].kind = 'local'  [one of 'hf', 'local']" in text
+    assert "corpus.non_utf8 = 'skip'  [one of 'skip', 'error']" in text
+    # every enumeration of every stage shows all its allowed values
+    for stage, (_, cls) in C.STAGES.items():
+        described = "\n".join(C.describe(cls))
+        seen: set = set()
+        _dataclasses_of(cls, seen)
+        for klass in seen:
+            for name, tp in typing.get_type_hints(klass).items():
+                if typing.get_origin(tp) is typing.Literal:
+                    assert "[one of " + ", ".join(map(repr, typing.get_args(tp))) + "]" in described, (stage, name)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -300,3 +349,15 @@ def test_user_error_leaves_nothing_marked_done(tmp_path, capsys):
     assert cli.run_stage("02_tokenizer", "test", main, argv=["--config", str(path)]) == 2
     assert "held-out file it.jsonl.gz is empty" in capsys.readouterr().err
     assert not (tmp_path / "runs" / "t" / "02_tokenizer" / "manifest.json").exists()
+
+
+def test_tokenizer_checks_report_every_bad_setting_together(tmp_path):
+    path = write(tmp_path, {"tokenizer": {"min_frequency": 0, "n_reserved": -1, "sample_chars": 0,
+                                          "heldout": {"fr": "x.jsonl"}, "language_mix": {"it": -1}}})
+    with pytest.raises(C.ConfigError) as e:
+        C.load_config(C.TokenizerStageConfig, path)
+    msg = str(e.value)
+    for key in ("tokenizer.min_frequency=0", "tokenizer.n_reserved=-1", "tokenizer.sample_chars",
+                "tokenizer.heldout: must map language tags", "tokenizer.language_mix: shares"):
+        assert key in msg, key
+    assert e.value.problems and len(e.value.problems) == 5

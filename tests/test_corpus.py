@@ -12,7 +12,6 @@ import json
 import os
 import random
 import runpy
-import shutil
 import signal
 import subprocess
 import sys
@@ -20,13 +19,15 @@ import time
 import unicodedata
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import yaml
 
 from dante import config as C
-from dante import corpus
+from dante import corpus, corpus_chunks
+from dante.dedup import DedupIndex
 
 REPO = Path(__file__).resolve().parent.parent
 SCRIPT = REPO / "1_download_corpus.py"
@@ -430,30 +431,17 @@ def test_sigkill_then_rerun_gives_the_uninterrupted_result(tmp_path, monkeypatch
     _kill_mid_run(kill_cfg, killed_dir)
     progress = json.loads((killed_dir / "progress.json").read_text())["state"]["sources"]
     n_done_before = len(progress["big-a"]["shards"])
-    assert n_done_before >= 3 and progress["big-a"]["stream_state"] is not None
-
-    # a copy of the killed run resumes through `skip(rows)` instead of the saved stream state
-    skip_root = tmp_path / "killed-skip"
-    shutil.copytree(tmp_path / "killed", skip_root)
-    skip_prog_path = skip_root / "t" / "01_corpus" / "progress.json"
-    skip_prog = json.loads(skip_prog_path.read_text())
-    for st in skip_prog["state"]["sources"].values():
-        st["stream_state"] = None
-    skip_prog["config"]["run"]["root"] = str(skip_root)  # same config as the run below
-    skip_prog_path.write_text(json.dumps(skip_prog))
+    assert n_done_before >= 3 and progress["big-a"]["pos"]["at"] is not None
 
     code, out, err = run_stage1(monkeypatch, capsys, "--config", str(kill_cfg))
     assert code == 0, err
     assert "resuming" in out
-    code, _, err = run_stage1(monkeypatch, capsys, "--config", str(kill_cfg), "--set", f"run.root={skip_root}")
-    assert code == 0, err
     code, _, err = run_stage1(monkeypatch, capsys, "--config", str(ref_cfg))
     assert code == 0, err
 
     reference = all_records(stage_dir(tmp_path))
     assert len(reference) > 6000
     assert all_records(killed_dir) == reference
-    assert all_records(skip_root / "t" / "01_corpus") == reference
     ref_m = json.loads((stage_dir(tmp_path) / "manifest.json").read_text())["outputs"]
     got_m = json.loads((killed_dir / "manifest.json").read_text())["outputs"]
     assert got_m == ref_m  # same shards, same statistics (docs, dropped by filter and dedup)
@@ -501,3 +489,267 @@ def test_profile_corpus_configs_point_at_real_sources():
     share = {k: v / sum(chars.values()) for k, v in chars.items()}
     # the reference mix is it 42 / en 36 / code 22 in tokens; chars per token differ by language
     assert share["it"] > share["en"] > share["code"] > 0.15
+
+
+# ---------------------------------------------------------------------------------------------------
+# reliability (issue 13): validate first, byte-identical resume, no debris
+# ---------------------------------------------------------------------------------------------------
+
+TIMING_FIELDS = ("started", "finished", "resumed")
+
+
+def tiny_config(tmp_path: Path, root: Path, name: str = "tiny.yaml", mixed: bool = False, **corpus_kw) -> Path:
+    """The tiny profile with absolute source paths and its run under ``root``. ``mixed``: also a budget
+    that stops a source inside a chunk, and a second reading of the quotes (min_chars 20) whose longer
+    half duplicates the first reading's documents (dedup across sources)."""
+    data = yaml.safe_load((REPO / "configs" / "tiny" / "corpus.yaml").read_text())
+    data["run"]["root"] = str(root)
+    for s in data["corpus"]["sources"]:
+        s["path"] = str(REPO / s["path"])
+    if mixed:
+        sources = data["corpus"]["sources"]
+        next(s for s in sources if s["name"] == "it-diodati")["char_budget"] = 400_000
+        fortunes = next(s for s in sources if s["name"] == "it-fortunes")
+        sources.append({**fortunes, "name": "it-fortunes-short", "min_chars": 20})
+    data["corpus"].update(corpus_kw)
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+def run_script(cfg: Path, *extra: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(SCRIPT), "--config", str(cfg), *extra], cwd=REPO,
+                          env={**os.environ, **OFFLINE_ENV}, capture_output=True, text=True, timeout=timeout)
+
+
+def stage_files(sdir: Path) -> dict[str, bytes]:
+    """Every file of a stage folder, by relative path; the manifest without its timing fields."""
+    out = {}
+    for p in sorted(sdir.rglob("*")):
+        if p.is_file():
+            data = p.read_bytes()
+            if p.name == "manifest.json":
+                m = json.loads(data)
+                for k in TIMING_FIELDS:
+                    m.pop(k, None)
+                m["config"]["run"].pop("root", None)  # output-neutral keys: where the run lives,
+                m["config"]["corpus"].pop("workers", None)  # and how many processes made it
+                data = json.dumps(m, sort_keys=True).encode()
+            out[p.relative_to(sdir).as_posix()] = data
+    return out
+
+
+def kill_at(cfg: Path, sdir: Path, fraction: float, work_s: float, *extra: str) -> bool:
+    """Start stage 1, SIGKILL it ``fraction * work_s`` seconds after its stage folder appears (the work,
+    not the interpreter start); True if it was still running (really killed)."""
+    proc = subprocess.Popen([sys.executable, str(SCRIPT), "--config", str(cfg), *extra], cwd=REPO,
+                            env={**os.environ, **OFFLINE_ENV}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while not (sdir / "progress.json").exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.002)
+        proc.wait(timeout=fraction * work_s)
+        return False
+    except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+        return True
+
+
+def work_seconds(cfg: Path, sdir: Path, *extra: str) -> float:
+    """An uninterrupted run; the seconds from its stage folder appearing to its end."""
+    proc = subprocess.Popen([sys.executable, str(SCRIPT), "--config", str(cfg), *extra], cwd=REPO,
+                            env={**os.environ, **OFFLINE_ENV}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    while not (sdir / "progress.json").exists() and proc.poll() is None:
+        time.sleep(0.002)
+    t0 = time.monotonic()
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err
+    return time.monotonic() - t0
+
+
+def test_dry_run_and_force_refuse_a_missing_source_before_touching_anything(tmp_path):
+    root = tmp_path / "runs"
+    good = tiny_config(tmp_path, root)
+    data = yaml.safe_load(good.read_text())
+    data["corpus"]["sources"][2]["path"] = str(tmp_path / "gone.jsonl.gz")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump(data))
+    r = run_script(bad, "--dry-run")
+    assert r.returncode == 2 and "it-fortunes" in r.stderr and "gone.jsonl.gz" in r.stderr and "Traceback" not in r.stderr
+    assert not root.exists()
+    assert run_script(good).returncode == 0
+    sdir = root / "tiny" / "01_corpus"
+    before = stage_files(sdir)
+    r = run_script(bad, "--force")  # the finished stage must survive a --force that cannot run
+    assert r.returncode == 2 and "gone.jsonl.gz" in r.stderr
+    assert stage_files(sdir) == before
+
+
+def kills_then_reruns_match(tmp_path: Path, seed: int, rounds: int, ref_kw: dict, kill_kw: dict,
+                            rerun_args: tuple[str, ...] = (), second_kill: float = 0.0) -> int:
+    """Per round: SIGKILL stage 1 at a seeded random moment (again in the resumed run with probability
+    ``second_kill``), rerun it, and require exactly the files of an uninterrupted run and no temporary.
+    Returns how many kills landed while the process was running."""
+    ref_cfg = tiny_config(tmp_path, tmp_path / "ref", name="ref.yaml", **ref_kw)
+    work = work_seconds(ref_cfg, tmp_path / "ref" / "tiny" / "01_corpus")
+    reference = stage_files(tmp_path / "ref" / "tiny" / "01_corpus")
+    rng = random.Random(seed)
+    killed = 0
+    for i in range(rounds):
+        root = tmp_path / f"k{i}"
+        sdir = root / "tiny" / "01_corpus"
+        cfg = tiny_config(tmp_path, root, name=f"k{i}.yaml", **kill_kw)
+        killed += kill_at(cfg, sdir, rng.uniform(0.0, 0.9), work)
+        if rng.random() < second_kill:  # a second kill during the resumed run
+            killed += kill_at(cfg, sdir, rng.uniform(0.0, 0.5), work)
+        r = run_script(cfg, *rerun_args)
+        assert r.returncode == 0, r.stderr
+        assert not [p for p in sdir.rglob("*.tmp")], "temporaries left in a finished stage"
+        assert stage_files(sdir) == reference
+    return killed
+
+
+def test_sigkill_at_random_moments_then_rerun_is_byte_identical(tmp_path):
+    """Seeded random kill points over the whole run (first shard, mid-source, the final writes)."""
+    kw = {"docs_per_shard": 200}
+    killed = kills_then_reruns_match(tmp_path, 13, 3, kw, kw, second_kill=0.5)
+    assert killed >= 2, "the kills landed after the runs ended; the kill window is wrong"
+
+
+# ---------------------------------------------------------------------------------------------------
+# parallel stage 1 (issue 15): same bytes for any worker count, zstd shards, old shards still read
+# ---------------------------------------------------------------------------------------------------
+
+SMALL_CHUNKS = {"docs_per_shard": 150, "chunk_bytes": 65536}  # many chunks and shards, cut across each other
+
+
+def test_one_two_three_workers_write_identical_bytes(tmp_path):
+    outputs = []
+    for w in (1, 2, 3):
+        cfg = tiny_config(tmp_path, tmp_path / f"w{w}", name=f"w{w}.yaml", mixed=True, workers=w, **SMALL_CHUNKS)
+        r = run_script(cfg)
+        assert r.returncode == 0, r.stderr
+        assert f"{w} worker process(es)" in r.stdout
+        outputs.append(stage_files(tmp_path / f"w{w}" / "tiny" / "01_corpus"))
+    assert outputs[0] == outputs[1] == outputs[2]
+    shards = [k for k in outputs[0] if k.endswith(".jsonl.zst")]
+    assert len(shards) > 12 and all(outputs[0][k][:4] == corpus.ZSTD_MAGIC for k in shards)
+    # the shards hold what the manifest counts, readable by stage 2/3's reader
+    m = json.loads((tmp_path / "w1" / "tiny" / "01_corpus" / "manifest.json").read_text())
+    files = corpus.corpus_files(tmp_path / "w1" / "tiny" / "01_corpus", m)
+    assert sum(1 for f in files for _ in corpus.iter_shard_texts(f.path)) == m["counts"]["docs"]
+    src = m["outputs"]["sources"]
+    assert 400_000 <= src["it-diodati"]["chars"] < 400_000 + 20_000 and src["it-diodati"]["docs_read"] < 348
+    assert src["it-fortunes-short"]["dropped_dedup"] == src["it-fortunes"]["docs"] > 1000
+
+
+def test_kill_with_two_workers_then_rerun_with_one_gives_the_same_bytes(tmp_path):
+    kw = {"mixed": True, **SMALL_CHUNKS}
+    killed = kills_then_reruns_match(tmp_path, 15, 2, {"workers": 1, **kw}, {"workers": 2, **kw},
+                                     rerun_args=("--set", "corpus.workers=1"))
+    assert killed >= 1
+
+
+@pytest.mark.parametrize("workers", [-1, 2 * (os.cpu_count() or 1) + 1])
+def test_bad_worker_count_is_refused(tmp_path, monkeypatch, capsys, workers):
+    cfg = tiny_config(tmp_path, tmp_path / "runs", workers=workers)
+    code, _, err = run_stage1(monkeypatch, capsys, "--config", str(cfg), "--dry-run")
+    assert code == 2 and f"corpus.workers={workers}" in err and "--set corpus.workers=" in err
+    assert not (tmp_path / "runs").exists()
+
+
+def test_truncated_zstd_shard_is_a_clear_error(tmp_path):
+    path = tmp_path / "shard-00000.jsonl.zst"
+    corpus.write_shard(path, [{"text": f"{LOREM} {i}"} for i in range(500)])
+    assert len(list(corpus.iter_shard_texts(path))) == 500
+    path.write_bytes(path.read_bytes()[:-40])
+    with pytest.raises(corpus.UserError) as e:
+        list(corpus.iter_shard_texts(path))
+    assert str(path) in str(e.value) and "truncated" in str(e.value) and "--force" in str(e.value)
+
+
+def test_version_1_gzip_shards_are_still_read(tmp_path):
+    """A stage 1 written by format version 1 (gzip shards) reads the same through corpus_files / iter_shard_texts."""
+    sdir = tmp_path / "01_corpus"
+    texts = [f"{LOREM} {i}" for i in range(7)]
+    corpus.write_shard(sdir / "a" / "shard-00000.jsonl.gz", [{"text": t, "source": "a", "lang": "it", "tier": 1} for t in texts])
+    raw = (sdir / "a" / "shard-00000.jsonl.gz").read_bytes()
+    assert raw[:2] == corpus.GZIP_MAGIC
+    manifest = {"format_version": 1, "outputs": {"sources": {"a": {"lang": "it", "tier": 1, "shards": ["a/shard-00000.jsonl.gz"]}}}}
+    assert 1 in corpus.READABLE_FORMATS
+    [f] = corpus.corpus_files(sdir, manifest)
+    assert [t for _, t in corpus.iter_shard_texts(f.path)] == texts
+
+
+def test_malformed_jsonl_names_the_file_and_line(tmp_path, monkeypatch, capsys):
+    good = [json.dumps({"text": f"{LOREM} {i}"}) for i in range(5)]
+    (tmp_path / "bad.jsonl").write_text("\n".join(good[:3] + ['{"text": "cut in the mid'] + good[3:]) + "\n")
+    cfg = write_config(tmp_path, [source("s", tmp_path / "bad.jsonl")])
+    code, _, err = run_stage1(monkeypatch, capsys, "--config", str(cfg))
+    assert code == 2 and "Traceback" not in err
+    assert f"{tmp_path / 'bad.jsonl'}:4: not a JSON record" in err and "'s'" in err
+
+
+def test_a_source_that_cannot_be_cut_says_so(tmp_path, monkeypatch, capsys):
+    (tmp_path / "book.txt").write_text("Primo paragrafo abbastanza lungo.\n\nSecondo paragrafo abbastanza lungo.")
+    cfg = write_config(tmp_path, [source("book", tmp_path / "book.txt", format="txt", sample_by="paragraph")])
+    code, out, err = run_stage1(monkeypatch, capsys, "--config", str(cfg))
+    assert code == 0, err
+    assert "source 'book': one txt file read by paragraph cannot be cut; it runs on one worker" in out
+
+
+def test_line_chunks_are_a_function_of_the_file_and_resume_at_any_chunk(tmp_path):
+    rng = random.Random(3)
+    lines = [("x" * rng.randint(0, 300)) for _ in range(400)] + ["y" * 5000] + ["z" * 10 for _ in range(50)]
+    data = ("\n".join(lines)).encode()  # the last line has no newline
+    (tmp_path / "f.jsonl").write_bytes(data)
+    (tmp_path / "f.jsonl.gz").write_bytes(gzip.compress(data))
+    for name in ("f.jsonl", "f.jsonl.gz"):
+        files = [tmp_path / name]
+        chunks = list(corpus_chunks.line_chunks(files, None, 0, 1024))
+        assert b"".join(c.payload for c in chunks) == data
+        assert all(c.payload.endswith(b"\n") for c in chunks[:-1]) and max(len(c.payload) for c in chunks) >= 5000
+        assert [c.index for c in chunks] == list(range(len(chunks)))
+        assert [c.first_line for c in chunks] == [1 + sum(p.payload.count(b"\n") for p in chunks[:k]) for k in range(len(chunks))]
+        for k in (1, len(chunks) // 2, len(chunks) - 1):
+            again = list(corpus_chunks.line_chunks(files, chunks[k].pos, k, 1024))
+            assert [(c.index, c.pos, c.payload) for c in again] == [(c.index, c.pos, c.payload) for c in chunks[k:]]
+
+
+def test_dedup_index_agrees_with_a_python_set():
+    rng = np.random.default_rng(0)
+    index, seen = DedupIndex(capacity=16), set()
+    for _ in range(60):
+        keys = rng.integers(0, 5000, size=rng.integers(1, 400), dtype=np.uint64)  # many repeats, and key 0
+        keys = np.concatenate([keys, rng.integers(0, 2**64 - 1, size=50, dtype=np.uint64, endpoint=True)])
+        present = index.contains(keys)
+        assert present.tolist() == [int(k) in seen or (k == 0 and 1 in seen) or (k == 1 and 0 in seen) for k in keys]
+        _, first = np.unique(keys, return_index=True)
+        new = keys[np.sort(first)]
+        new = new[~index.contains(new)]
+        index.add_new(new)
+        seen.update(int(k) for k in new)
+    assert len(index) == len({1 if k == 0 else k for k in seen}) and index.nbytes / len(index) <= 24
+
+
+def test_hub_stream_chunks_resume_from_their_recorded_state(tmp_path):
+    """Hub rows come in batches; restarting from any chunk's recorded position (stream state, else the
+    row count to skip) yields the same chunks, across the dataset's file boundary."""
+    repo = tmp_path / "hub-repo" / "data"
+    repo.mkdir(parents=True)
+    pq.write_table(pa.table({"content": [f"{LOREM} {i}" for i in range(250)]}), repo / "train-00000-of-00002.parquet")
+    pq.write_table(pa.table({"content": [f"{LOREM} {i}" for i in range(250, 400)]}), repo / "train-00001-of-00002.parquet")
+    src = C.SourceConfig(name="hub", kind="hf", hf_id=str(tmp_path / "hub-repo"), text_field="content", lang="it")
+    chunks = list(corpus_chunks.hub_chunks(corpus.open_stream(src), None, 0, "content", "hub", rows_per_chunk=60))
+    assert [r["content"] for c in chunks for r in c.payload] == [f"{LOREM} {i}" for i in range(400)]
+    assert len(chunks) == 7 and chunks[3].pos["stream_state"] is not None
+    for k in (2, 4):
+        for at in (chunks[k].pos, {"rows": chunks[k].pos["rows"], "stream_state": None}):
+            ds = corpus.open_stream(src)
+            if at["stream_state"] is not None:
+                ds.load_state_dict(at["stream_state"])
+            else:
+                ds = ds.skip(at["rows"])
+            again = list(corpus_chunks.hub_chunks(ds, at, k, "content", "hub", rows_per_chunk=60))
+            assert [(c.index, c.payload, c.first_line) for c in again] == [(c.index, c.payload, c.first_line) for c in chunks[k:]]

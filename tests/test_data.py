@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import torch
 
+from dante.errors import UserError
 from dante.pretrain_data import DataError, TieredMemmapDataset, ValidationWindows, row_range
 
 
@@ -123,3 +124,17 @@ def test_validation_windows_fixed_disjoint_and_cover_tiers():
     for b in per_rank[0]:
         assert torch.equal(b["tokens"][:, 1:], b["targets"][:, :-1])
         assert all(decode(v)[2] % 16 == 0 for v in b["tokens"][:, 0])  # stride seq_len from each shard start
+
+
+def test_a_served_id_beyond_the_vocabulary_is_a_user_error_naming_the_shard():
+    """Ids are checked per batch too: a shard damaged after its verified-once marker cannot reach the embedding."""
+    tiers = {1: [np.arange(200, dtype=np.uint16)], 2: [np.arange(200, dtype=np.uint16)]}
+    tiers[2][0][50:] = 9000
+    ds = TieredMemmapDataset(tiers, {1: 1.0, 2: 1.0}, 16, 4, 0, shard_names={1: ["a.bin"], 2: ["b.bin"]}, vocab_size=8192)
+    with pytest.raises(UserError, match=r"b\.bin: a window holds token id 9000 >= vocab size 8192.*--verify"):
+        for step in range(50):
+            ds.batch(step, 0, 0, 1)
+    val = ValidationWindows({2: tiers[2]}, seq_len=16, micro_batch=4, vocab_size=8192)
+    with pytest.raises(UserError, match="token id 9000"):
+        list(val.batches(0, 1, max_batches=4))
+    assert ValidationWindows({1: tiers[1]}, seq_len=16, micro_batch=4, vocab_size=8192).batches(0, 1, 2)  # fine

@@ -20,10 +20,10 @@ PACKAGE = ROOT / "dante"
 LAYERS: dict[int, list[str]] = {
     0: ["errors", "report_format"],                       # stdlib only
     1: ["config"],                                        # typed config: errors, yaml
-    2: ["artifacts", "rope", "loss"],                     # run folders/manifests; pure math
-    3: ["model", "cli", "metrics", "corpus", "pretokenizers"],  # the transformer; command line; logs; stage 1; regexes
+    2: ["artifacts", "rope", "loss", "dedup"],            # run folders/manifests; pure math; stage 1's key set
+    3: ["model", "cli", "metrics", "corpus", "corpus_chunks", "pretokenizers"],  # transformer; CLI; logs; stage 1, its chunks; regexes
     4: ["tokenizer", "flops"],                            # stage 2; FLOP/memory model and --dry-run plan
-    5: ["shards", "sft_packing", "chat_format", "sft_data", "fertility", "checkpoint"],  # stages 3, 6; checkpoints
+    5: ["shards", "fast_encode", "sft_packing", "chat_format", "sft_data", "fertility", "checkpoint"],  # stages 3 (+ its tiktoken path), 6; checkpoints
     6: ["pretrain_data", "kernels", "transforms", "distributed", "prefetch", "backends", "engine", "sft_train",
         "evaluation"],  # training (stages 4, 5, 7); stage 8
     7: ["export", "extend"],                              # stage 9; stage 5 (uses stage 8's measurements)

@@ -6,8 +6,16 @@ Tokenizers are trained inside the tests with dante.tokenizer.train_tokenizer on 
 
 from __future__ import annotations
 
+import gzip
 import json
+import os
+import random
 import runpy
+import shutil
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -410,12 +418,12 @@ def run_with_tokenizer(tmp_path, tokenizer):
     return run
 
 
-def stage6(run, tmp_path, capsys, sources_yaml: str, extra: str = "") -> tuple[int, str]:
+def stage6(run, tmp_path, capsys, sources_yaml: str, extra: str = "", args: tuple = ()) -> tuple[int, str]:
     cfg = tmp_path / "sft_data.yaml"
     cfg.write_text(f"run: {{name: {run.name}, root: {run.root}, seed: 5}}\nsft_data:\n{extra}  sources:\n{sources_yaml}")
     script = runpy.run_path(str(ROOT / "6_build_sft.py"), run_name="stage6_test")
     code = run_stage("06_sft_data", "stage 6", script["main"], format_version=sft.FORMAT_VERSION,
-                     dry_run=script["dry_run"], argv=["--config", str(cfg)])
+                     validate=script["validate"], dry_run=script["dry_run"], argv=["--config", str(cfg), *args])
     out = capsys.readouterr()
     return code, out.out + out.err
 
@@ -461,6 +469,12 @@ def test_stage6_end_to_end_writes_arrays_and_manifest(run_with_tokenizer, tmp_pa
     code, out = stage6(run_with_tokenizer, tmp_path, capsys, SAMPLE_SOURCES,
                        "  block_size: 512\n  heldout_fraction: 0.1\n  overlong: truncate\n")
     assert code == 0 and "already complete" in out
+    # --force with a source that cannot be read is refused before the finished folder is reset
+    before = {f.name: f.read_bytes() for f in d.iterdir()}
+    code, out = stage6(run_with_tokenizer, tmp_path, capsys, SAMPLE_SOURCES.replace("code_messages", "gone"),
+                       "  block_size: 512\n  heldout_fraction: 0.1\n  overlong: truncate\n", args=("--force",))
+    assert code == 2 and "gone.jsonl" in out
+    assert {f.name: f.read_bytes() for f in d.iterdir()} == before
 
 
 def test_stage6_resumes_after_an_interruption(run_with_tokenizer, tmp_path, capsys, monkeypatch):
@@ -495,6 +509,19 @@ def test_stage6_bad_inputs_give_clear_errors(run_with_tokenizer, tmp_path, capsy
     # a missing local file, found before any work
     code, out = stage6(run_with_tokenizer, tmp_path, capsys, one.replace("it_messages", "nope"), "  block_size: 512\n")
     assert code == 2 and "no file matches" in out
+    # an empty file: said so, naming it (not an empty "dropped by reason" list)
+    (tmp_path / "empty.jsonl").write_text("\n")
+    code, out = stage6(run_with_tokenizer, tmp_path, capsys, one.replace(str(SAMPLE / "it_messages.jsonl"),
+                                                                         str(tmp_path / "empty.jsonl")), "  block_size: 512\n")
+    assert code == 2 and "empty.jsonl is empty" in out and "dropped by reason" not in out, out
+    assert not d.exists()  # refused before the folder was made
+    # a gzip cut short after its first rows: the file and the fix, not a raw EOFError
+    data = gzip.compress((SAMPLE / "it_messages.jsonl").read_bytes())
+    (tmp_path / "cut.jsonl.gz").write_bytes(data[: len(data) // 2])
+    code, out = stage6(run_with_tokenizer, tmp_path, capsys, one.replace(str(SAMPLE / "it_messages.jsonl"),
+                                                                         str(tmp_path / "cut.jsonl.gz")), "  block_size: 512\n")
+    assert code == 2 and "cut.jsonl.gz cannot be read after line" in out and "Traceback" not in out, out
+    assert not (d / "manifest.json").exists()
     # block size shorter than every conversation, policy drop: all counted as overlong -> nothing left
     code, out = stage6(run_with_tokenizer, tmp_path, capsys, one, "  block_size: 20\n  overlong: drop\n")
     assert code == 2 and "no conversation survived" in out and "overlong: 28" in out and "raise sft_data.block_size" in out
@@ -508,9 +535,65 @@ def test_stage6_requires_the_tokenizer(tmp_path, capsys):
     assert code == 2 and "2_train_tokenizer.py" in out
 
 
+def test_stage6_refuses_a_truncated_tokenizer_naming_the_file_and_the_fix(run_with_tokenizer, tmp_path, capsys):
+    path = Path(run_with_tokenizer.root) / "t" / "02_tokenizer" / "tokenizer.json"
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    one = f"    - {{name: a, kind: local, path: {SAMPLE / 'it_messages.jsonl'}, format: messages}}\n"
+    code, out = stage6(run_with_tokenizer, tmp_path, capsys, one, "  block_size: 512\n")
+    assert code == 2 and str(path) in out and "truncated or damaged" in out, out
+    assert "python 2_train_tokenizer.py" in out and "--force" in out and "Traceback" not in out
+    assert not (Path(run_with_tokenizer.root) / "t" / "06_sft_data").exists()
+
+
 def test_profiles_load():
     for profile in ("tiny", "dante-2b"):
         cfg = load_config(SFTDataStageConfig, ROOT / "configs" / profile / "sft_data.yaml")
         assert {s.lang for s in cfg.sft_data.sources} >= {"it", "en"}
         assert not sft.check_sources([s for s in cfg.sft_data.sources if s.kind == "local"], cfg.sft_data.block_size)
     assert SPECIAL_TOKENS[chat_format.SPECIAL_IDS[chat_format.EOT]] == "<|eot|>" and json.dumps(chat_format.SPECIAL_IDS)
+
+
+TIMING_FIELDS = ("started", "finished", "resumed")  # facts about one execution, not about the outputs
+
+
+def _stage6_files(d: Path) -> dict[str, bytes]:
+    out = {}
+    for p in sorted(d.rglob("*")):
+        if p.is_file():
+            data = p.read_bytes()
+            if p.name == "manifest.json":
+                m = json.loads(data)
+                data = json.dumps({k: v for k, v in m.items() if k not in TIMING_FIELDS}, sort_keys=True).encode()
+            out[str(p.relative_to(d))] = data
+    return out
+
+
+def test_stage6_sigkill_at_random_points_then_rerun_gives_the_same_bytes(tmp_path, tokenizer):
+    """The tiny profile, killed (SIGKILL) at seeded random moments of its work, then rerun: every file equals
+    an uninterrupted run's byte for byte (manifests without their timing fields), and no temporary is left."""
+    write_tokenizer_stage(RunConfig(name="tiny", root=str(tmp_path / "runs")), tokenizer)
+    cmd = [sys.executable, str(ROOT / "6_build_sft.py"), "--config", "configs/tiny/sft_data.yaml",
+           "--set", f"run.root={tmp_path / 'runs'}"]
+    env = {**os.environ, "DS_ACCELERATOR": "cpu"}
+    d = tmp_path / "runs/tiny/06_sft_data"
+    r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+    reference = _stage6_files(d)
+    n_lines = len(r.stdout.splitlines())  # one per source, then one per split
+    rng = random.Random(1306)
+    killed = 0
+    for after_line in rng.sample(range(n_lines), 4):  # 4 different moments: encoding, packing, final writes
+        shutil.rmtree(d)
+        delay = rng.uniform(0.0, 0.02)
+        p = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for _ in range(after_line + 1):  # the kill lands between two log lines of the work, not at import
+            p.stdout.readline()
+        time.sleep(delay)
+        p.send_signal(signal.SIGKILL)
+        p.communicate(timeout=60)
+        killed += p.returncode == -signal.SIGKILL
+        r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert _stage6_files(d) == reference, f"differs after a kill after log line {after_line} + {delay:.3f} s"
+        assert not [p for p in d.rglob(".*") if p.name.endswith(".tmp")]
+    assert killed >= 2  # most points must interrupt real work (each one reached a log line of it first)

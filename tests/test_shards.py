@@ -6,6 +6,8 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -15,12 +17,22 @@ from pathlib import Path
 import numpy as np
 import pytest
 from test_tokenizer import N_RESERVED, ROOT, run_script, sample_docs, write_stage1
-from tokenizers import AddedToken, Tokenizer, models
+from tokenizers import AddedToken, Tokenizer, decoders, models
 
 from dante import config as C
 from dante.artifacts import Stage, stable_unit
+from dante.errors import UserError
+from dante.pretrain_data import TieredMemmapDataset, ValidationWindows
 from dante.shards import SPLITS, ShardReader, check_dtype_fits, list_shards
-from dante.tokenizer import EOS_ID, SPECIAL_TOKENS, all_special_tokens, load_tokenizer, train_tokenizer
+from dante.tokenizer import (
+    EOS_ID,
+    SPECIAL_TOKENS,
+    all_special_tokens,
+    build_pre_tokenizer,
+    byte_symbols,
+    load_tokenizer,
+    train_tokenizer,
+)
 
 SEED = 1234
 
@@ -94,29 +106,109 @@ def _snapshot(d: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(d.glob("t*-*-*.*"))}
 
 
-def test_sigkill_then_resume_gives_identical_shards(tmp_path, capsys):
-    ref_root, kill_root = tmp_path / "ref", tmp_path / "kill"
-    make_run(ref_root, copies=3, per_shard=10)
-    make_run(kill_root, copies=3, per_shard=10)
-    rc, out = run_script("3_tokenize_shards.py", ["--config", str(shards_yaml(tmp_path / "r.yaml", ref_root, shard_tokens=1500))], capsys)
+TIMING_FIELDS = ("started", "finished", "throughput", "resumed")
+
+
+def _all_files(d: Path) -> dict[str, bytes]:
+    """Every file under ``d`` by relative path; manifest.json without its timing fields."""
+    out = {}
+    for p in sorted(x for x in d.rglob("*") if x.is_file()):
+        data = p.read_bytes()
+        if p.name == "manifest.json":
+            m = json.loads(data)
+            data = json.dumps({k: v for k, v in m.items() if k not in TIMING_FIELDS}, sort_keys=True).encode()
+        out[str(p.relative_to(d))] = data
+    return out
+
+
+def _tiny_profile_args(root: Path, **over) -> list[str]:
+    """configs/tiny/shards.yaml (the tiny profile) pointed at a test run; shards small enough to be many."""
+    sets = {"run.root": str(root), "run.name": "t", "shards.shard_tokens": 1500} | over
+    return ["--config", str(ROOT / "configs/tiny/shards.yaml")] + [a for k, v in sets.items() for a in ("--set", f"{k}={v}")]
+
+
+def _start(args: list[str]) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, str(ROOT / "3_tokenize_shards.py"), *args], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+
+
+def test_sigkill_at_random_points_then_rerun_gives_identical_files(tmp_path, capsys):
+    """Tiny profile; SIGKILL (stage and workers) once mid-run for sure and at a seeded random time; the rerun's
+    files, manifest included (without timing fields), equal an uninterrupted run's byte for byte."""
+    root = tmp_path / "runs"
+    make_run(root, copies=2, per_shard=10)
+    args = _tiny_profile_args(root)
+    out_dir = root / "t/03_shards"
+    t0 = time.time()
+    rc, out = run_script("3_tokenize_shards.py", args, capsys)
+    ref_seconds = time.time() - t0
     assert rc == 0, out
-    reference = _snapshot(ref_root / "t/03_shards")
-    cfg = shards_yaml(tmp_path / "k.yaml", kill_root, shard_tokens=1500)
-    out_dir = kill_root / "t/03_shards"
-    proc = subprocess.Popen([sys.executable, str(ROOT / "3_tokenize_shards.py"), "--config", str(cfg)], cwd=ROOT,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    reference = _all_files(out_dir)
+    assert "manifest.json" in reference and len([k for k in reference if k.endswith(".bin")]) >= 6
+    rng = random.Random(SEED)
+    points = ["mid-run", rng.uniform(0.3, 1.0 + ref_seconds)]  # a sure mid-run kill, a seeded one (start-up included)
+    killed_mid_run = 0
+    for point in points:
+        shutil.rmtree(out_dir)
+        proc = _start(args)
+        if point == "mid-run":
+            deadline = time.time() + 60
+            while time.time() < deadline and not any(out_dir.glob("t1-train-0000[3-9].bin")):
+                time.sleep(0.005)
+        else:
+            time.sleep(point)
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        killed_mid_run += not (out_dir / "manifest.json").exists()
+        rc, out = run_script("3_tokenize_shards.py", args, capsys)
+        assert rc == 0, (point, out)
+        again = _all_files(out_dir)
+        assert sorted(again) == sorted(reference), point
+        assert [k for k in reference if again[k] != reference[k]] == [], point
+    assert killed_mid_run >= 1, "every kill came after the end; make the input larger"
+
+
+def test_two_concurrent_runs_one_succeeds_one_names_the_holder(tmp_path):
+    root = tmp_path / "runs"
+    make_run(root, copies=3, per_shard=10)
+    args = _tiny_profile_args(root)
+    out_dir = root / "t/03_shards"
+    first = _start(args)
     deadline = time.time() + 60
-    while time.time() < deadline and not any(out_dir.glob("t1-train-0000[3-9].bin")):
+    while time.time() < deadline and not (out_dir / "progress.json").exists():
         time.sleep(0.005)
-    os.killpg(proc.pid, signal.SIGKILL)  # the stage and its worker processes, mid-run
-    proc.wait()
-    assert not (out_dir / "manifest.json").exists(), "the run finished before the kill; make the input larger"
-    assert (out_dir / "progress.json").exists()
-    rc, out = run_script("3_tokenize_shards.py", ["--config", str(cfg)], capsys)
-    assert rc == 0 and "resuming" in out, out
-    assert _snapshot(out_dir) == reference
-    m = json.loads((out_dir / "manifest.json").read_text())
-    assert m["counts"] == json.loads((ref_root / "t/03_shards/manifest.json").read_text())["counts"]
+    os.killpg(first.pid, signal.SIGSTOP)  # holds the lock mid-run for as long as the second one needs
+    try:
+        second = subprocess.run([sys.executable, str(ROOT / "3_tokenize_shards.py"), *args], cwd=ROOT,
+                                capture_output=True, text=True, timeout=120)
+    finally:
+        os.killpg(first.pid, signal.SIGCONT)
+    out_first, _ = first.communicate(timeout=120)
+    assert first.returncode == 0, out_first
+    assert second.returncode == 2, second.stdout + second.stderr
+    assert f"pid {first.pid}" in second.stderr and "being run by another process" in second.stderr
+    assert "Traceback" not in second.stderr
+    assert (out_dir / "manifest.json").is_file()
+    assert ShardReader(next(out_dir.glob("t1-train-*.bin"))).check_crc() is None
+
+
+def test_force_with_bad_inputs_changes_nothing(tmp_path, capsys):
+    """validate runs before --force resets the folder: a rejected command leaves the finished stage as it was."""
+    root = tmp_path / "runs"
+    make_run(root)
+    cfg = shards_yaml(tmp_path / "s.yaml", root)
+    assert run_script("3_tokenize_shards.py", ["--config", str(cfg)], capsys)[0] == 0
+    out_dir = root / "t/03_shards"
+    before = _all_files(out_dir)
+    tok = root / "t/02_tokenizer/tokenizer.json"
+    tok.write_text(tok.read_text()[:-40])  # truncated tokenizer.json
+    missing = root / "t/01_corpus/en-b/shard-00001.jsonl.gz"
+    missing.unlink()
+    for extra in (["--force"], ["--force", "--dry-run"]):
+        rc, out = run_script("3_tokenize_shards.py", ["--config", str(cfg), *extra], capsys)
+        assert rc == 2, out
+        assert "tokenizer.json" in out and "shard-00001.jsonl.gz" in out and "Traceback" not in out
+        assert _all_files(out_dir) == before
 
 
 def test_verify_names_bad_files(tmp_path, capsys):
@@ -166,3 +258,193 @@ def test_bad_inputs_are_refused_and_nothing_marked_done(tmp_path, capsys):
     assert not (tmp_path / "runs/t/03_shards/manifest.json").exists()
     check_dtype_fits(70_000, "uint32", Path("x"))  # what the hint says works
     assert SPECIAL_TOKENS[EOS_ID] == "<|end_of_text|>"
+
+
+def _finished_shards(tmp_path, capsys) -> Path:
+    make_run(tmp_path / "runs")
+    assert run_script("3_tokenize_shards.py", ["--config", str(shards_yaml(tmp_path / "s.yaml", tmp_path / "runs"))],
+                      capsys)[0] == 0
+    return tmp_path / "runs/t/03_shards"
+
+
+def _damage(path: Path, how: str) -> None:
+    data = bytearray(path.read_bytes())
+    if how == "flip64":  # 64 bytes inside the tokens, size unchanged
+        for i in range(64):
+            data[300 + 7 * i] ^= 0x5A
+    elif how == "truncate":
+        data = data[:-10]
+    elif how == "header":
+        data[0:8] = b"NOTDANTE"
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("how, expect", [("flip64", "checksum mismatch in bytes 0..") , ("truncate", "truncated"),
+                                         ("header", "not a Dante shard")])
+def test_training_readers_refuse_a_damaged_shard(tmp_path, capsys, how, expect):
+    """Stages 4 and 5 read through TieredMemmapDataset / ValidationWindows: a damaged shard is a UserError
+    naming the file, the problem and both fixes, also after an earlier open left its verified-once marker."""
+    d = _finished_shards(tmp_path, capsys)
+    TieredMemmapDataset.from_stage_dir(d, {1: 1.0, 2: 1.0}, 16, 2, SEED)  # intact: verified, markers written
+    assert (d / "verified" / "t1-train-00000.bin.json").is_file()
+    victim = d / "t1-train-00001.bin"
+    _damage(victim, how)
+    with pytest.raises(UserError) as e:
+        TieredMemmapDataset.from_stage_dir(d, {1: 1.0, 2: 1.0}, 16, 2, SEED)
+    msg = str(e.value)
+    assert victim.name in msg and expect in msg and "--verify" in msg and "--force" in msg, msg
+    val = d / "t1-val-00000.bin"
+    _damage(val, how)
+    with pytest.raises(UserError, match="t1-val-00000.bin"):
+        ValidationWindows.from_stage_dir(d, 16, 2)
+
+
+def test_readers_refuse_ids_beyond_the_vocabulary(tmp_path, capsys):
+    d = _finished_shards(tmp_path, capsys)
+    vocab = json.loads((d / "manifest.json").read_text())["outputs"]["vocab_size"]
+    data = TieredMemmapDataset.from_stage_dir(d, {1: 1.0, 2: 1.0}, 16, 2, SEED)
+    assert data.vocab_size == vocab
+    with pytest.raises(UserError) as e:  # model.vocab_size smaller than the ids in the shards
+        TieredMemmapDataset.from_stage_dir(d, {1: 1.0, 2: 1.0}, 16, 2, SEED, vocab_size=300)
+    assert "not below the vocabulary size 300" in str(e.value) and f"model.vocab_size={vocab}" in str(e.value)
+    with pytest.raises(UserError, match="vocabulary size 300"):
+        ValidationWindows.from_stage_dir(d, 16, 2, vocab_size=300)
+
+
+def test_marker_makes_later_opens_cheap_and_follows_the_file(tmp_path, capsys):
+    """The full check runs once per file version: the marker's key is (size, mtime_ns, checksums hash)."""
+    d = _finished_shards(tmp_path, capsys)
+    TieredMemmapDataset.from_stage_dir(d, {1: 1.0}, 16, 2, SEED)
+    marker = d / "verified" / "t1-train-00000.bin.json"
+    saved = json.loads(marker.read_text())
+    assert saved["max_id"] == int(np.asarray(ShardReader(d / "t1-train-00000.bin").tokens).max())
+    stamp = marker.stat().st_mtime_ns
+    TieredMemmapDataset.from_stage_dir(d, {1: 1.0}, 16, 2, SEED)
+    assert marker.stat().st_mtime_ns == stamp  # not rechecked
+    shard = d / "t1-train-00000.bin"
+    shard.write_bytes(shard.read_bytes())  # same bytes, new mtime: checked again (and still fine)
+    TieredMemmapDataset.from_stage_dir(d, {1: 1.0}, 16, 2, SEED)
+    assert json.loads(marker.read_text())["key"] != saved["key"]
+    assert run_script("3_tokenize_shards.py", ["--config", str(tmp_path / "s.yaml"), "--verify"], capsys)[0] == 0
+
+
+# ---------------------------------------------------------------------------------------------------
+# The tiktoken path (#15): equal bytes where proven, refused with the reason where not
+# ---------------------------------------------------------------------------------------------------
+
+
+def _encoder_run(tmp_path, capsys, root: Path, encoder: str, force: bool, **over) -> tuple[dict, dict, str]:
+    args = _tiny_profile_args(root, **{"shards.encoder": encoder} | over) + (["--force"] if force else [])
+    rc, out = run_script("3_tokenize_shards.py", args, capsys)
+    assert rc == 0, out
+    d = root / "t/03_shards"
+    return _snapshot(d), json.loads((d / "manifest.json").read_text()), out
+
+
+def test_tiktoken_path_is_byte_identical_to_tokenizers_path(tmp_path, capsys):
+    """Tiny profile (its Dante tokenizer of make_run): auto picks tiktoken after the proof; same shard bytes."""
+    root = tmp_path / "runs"
+    make_run(root, copies=2)
+    fast, m_fast, out = _encoder_run(tmp_path, capsys, root, "auto", False)
+    assert m_fast["encoder"]["used"] == "tiktoken" and m_fast["encoder"]["checked_docs"] > 100, m_fast["encoder"]
+    assert "encoder: tiktoken (ids equal" in out
+    slow, m_slow, _ = _encoder_run(tmp_path, capsys, root, "tokenizers", True)
+    assert m_slow["encoder"]["used"] == "tokenizers"
+    assert fast == slow and len(fast) > 20
+    assert m_fast["counts"] == m_slow["counts"] and m_fast["outputs"]["checksums"] == m_slow["outputs"]["checksums"]
+
+
+def _real_text() -> dict[str, list[str]]:
+    out = {}
+    for f in sorted((ROOT / "data/sample").glob("*.jsonl.gz")):
+        with gzip.open(f, "rt", encoding="utf-8") as fh:
+            out[f.name.split(".")[0]] = [json.loads(line)["text"] for line in fh]
+    return out
+
+
+def test_tiktoken_path_equals_tokenizers_path_at_32k_on_real_text(tmp_path, capsys):
+    """A 32K llama3 tokenizer (the tiny profile's preset) trained here on data/sample's real text, stage 1
+    from the same text: both encoders write the same shard bytes."""
+    texts = _real_text()
+    tok = train_tokenizer([t for ts in texts.values() for t in ts], 32768, "llama3", n_reserved=248)
+    assert tok.get_vocab_size() == 32768
+    root = tmp_path / "runs"
+    sources = {name: (name.split("-")[0], 2 if name.startswith("code") else 1, ts, 100) for name, ts in texts.items()}
+    run = write_stage1(root, sources)
+    write_stage2(run, tok)
+    over = {"shards.shard_tokens": 200_000}
+    fast, m_fast, _ = _encoder_run(tmp_path, capsys, root, "tiktoken", False, **over)
+    slow, m_slow, _ = _encoder_run(tmp_path, capsys, root, "tokenizers", True, **over)
+    assert m_fast["encoder"]["used"] == "tiktoken" and m_fast["encoder"]["fallback_docs"] == 0
+    assert fast == slow and m_fast["counts"] == m_slow["counts"]
+    assert m_fast["counts"]["total"]["train"]["tokens"] > 1_000_000
+
+
+def _edited(tok: Tokenizer, edit) -> Tokenizer:
+    """A copy of ``tok`` with its saved JSON state changed by ``edit``."""
+    state = json.loads(tok.to_str())
+    edit(state)
+    return Tokenizer.from_str(json.dumps(state))
+
+
+def _che_tokenizer() -> Tokenizer:
+    """A valid Dante tokenizer tiktoken gets wrong: merges h+e, c+h, ch+e. On "che" tokenizers stops at
+    c|he ((c, he) is no merge); tiktoken merges c+he because "che" is a token."""
+    specials = all_special_tokens(N_RESERVED)
+    symbols = byte_symbols()
+    vocab = {t: i for i, t in enumerate(specials + symbols + ["he", "ch", "che"])}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[("h", "e"), ("c", "h"), ("ch", "e")]))
+    tok.pre_tokenizer = build_pre_tokenizer("llama3")
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in specials])
+    return tok
+
+
+def test_a_tokenizer_tiktoken_cannot_reproduce_is_refused_and_stage_3_completes(tmp_path, capsys):
+    root = tmp_path / "runs"
+    run, _ = make_run(root)
+    base = load_tokenizer(root / "t/02_tokenizer/tokenizer.json")
+    cases = {
+        "normalizer": (_edited(base, lambda s: s.update(normalizer={"type": "Lowercase"})),
+                       "it has a normalizer (Lowercase); tiktoken applies none"),
+        "two regexes": (_edited(base, lambda s: s["pre_tokenizer"]["pretokenizers"].insert(
+            0, {"type": "Split", "pattern": {"Regex": r"\p{N}"}, "behavior": "Isolated", "invert": False})),
+            "applies 2 split regexes in sequence"),
+        "BPE differs": (_che_tokenizer(), "tiktoken's ids differ from tokenizers' on this run's documents"),
+    }
+    for name, (tok, reason) in cases.items():
+        write_stage2(run, tok)
+        rc, out = run_script("3_tokenize_shards.py", _tiny_profile_args(root, **{"shards.encoder": "tiktoken"}) + ["--force"], capsys)
+        assert rc == 2 and reason in out and "shards.encoder=auto" in out, (name, out)
+        assert not (root / "t/03_shards").exists(), name  # refused before any work: no folder left
+        _, m, out = _encoder_run(tmp_path, capsys, root, "auto", True)
+        assert m["encoder"]["used"] == "tokenizers" and reason in m["encoder"]["reason"], (name, m["encoder"])
+        assert "the tiktoken path is off because" in out and reason in out
+    assert "ids differ at token" in m["encoder"]["reason"] and "che" in m["encoder"]["reason"]
+    # the fallback's shards are tokenizers' own ids
+    d = root / "t/03_shards"
+    tok = load_tokenizer(root / "t/02_tokenizer/tokenizer.json")
+    r = ShardReader(sorted(d.glob("t1-train-*.bin"))[0])
+    s, e = next(r.complete_documents())
+    assert r.tokens[s:e - 1].tolist() == tok.encode(tok.decode(r.tokens[s:e - 1].tolist())).ids
+
+
+def test_stage_3_reads_a_version_1_gzip_corpus(tmp_path):
+    """A 01_corpus written before zstd (format version 1, gzip shards) is still stage 3's input."""
+    from dante import corpus as corpus_mod
+    from dante.artifacts import Stage
+    from dante.shards import validate_stage
+    from dante.tokenizer import train_tokenizer
+    from tests.helpers import sft_sample_texts, write_tokenizer_stage
+
+    run = C.RunConfig(name="v1", root=str(tmp_path / "runs"))
+    st = Stage.open(C.CorpusStageConfig(run=run), "01_corpus", format_version=1)
+    texts = [f"Documento numero {i}: l'intelligenza dell'algoritmo." for i in range(9)]
+    corpus_mod.write_shard(st.dir / "a" / "shard-00000.jsonl.gz",
+                           [{"text": t, "source": "a", "lang": "it", "tier": 1} for t in texts])
+    assert (st.dir / "a" / "shard-00000.jsonl.gz").read_bytes()[:2] == corpus_mod.GZIP_MAGIC
+    st.finish(outputs={"sources": {"a": {"lang": "it", "tier": 1, "shards": ["a/shard-00000.jsonl.gz"]}}})
+    write_tokenizer_stage(run, train_tokenizer(sft_sample_texts(), vocab_size=600, n_reserved=8, pinned_chars=[]))
+    cfg = C.ShardsStageConfig(run=run)
+    plan = validate_stage(Stage.prepare(cfg, "03_shards"), cfg)
+    assert len(plan.files) == 1

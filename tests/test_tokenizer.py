@@ -11,18 +11,21 @@ import base64
 import gzip
 import io
 import json
+import os
 import random
 import runpy
+import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import regex
-from tokenizers import ByteLevelBPETokenizer, Regex, Tokenizer, pre_tokenizers
+from tokenizers import ByteLevelBPETokenizer, Regex, Tokenizer, models, pre_tokenizers
 
 from dante import config as C
 from dante import corpus
 from dante import fertility as F
+from dante import tokenizer as T
 from dante.artifacts import Stage
 from dante.errors import UserError
 from dante.tokenizer import (
@@ -437,7 +440,7 @@ def test_stage2_bad_inputs(tmp_path, capsys):
     # a stage-1 shard with bytes that are not UTF-8
     shard = tmp_path / "runs/t/01_corpus/en-src/shard-00001.jsonl.gz"
     shard.write_bytes(gzip.compress(b'{"text": "caf\xe9 latte"}\n'))
-    cfg = stage2_config(tmp_path, {"it": ["ciao"]}, extra="  language_mix: {it: 0.5, en: 0.5}\n")
+    cfg = stage2_config(tmp_path, {"it": ["ciao"]}, extra="  language_mix: {it: 0.6, en: 0.4}\n")
     rc, out = run_script("2_train_tokenizer.py", ["--config", str(cfg), "--force"], capsys)
     assert rc == 2 and "shard-00001.jsonl.gz" in out and "UTF-8" in out
     assert not (tmp_path / "runs/t/02_tokenizer/manifest.json").exists()
@@ -445,3 +448,93 @@ def test_stage2_bad_inputs(tmp_path, capsys):
     cfg = stage2_config(tmp_path, {"it": ["ciao"]}, extra="    - {name: gone, kind: tiktoken, path: /nonexistent.model}\n")
     rc, out = run_script("2_train_tokenizer.py", ["--config", str(cfg), "--force"], capsys)
     assert rc == 2 and "gone" in out and "fetch_reference_tokenizers" in out
+
+
+def run_real_script(script: str, args: list[str]) -> tuple[int, str]:
+    """The script as a user runs it: a fresh interpreter, its real exit code and output."""
+    r = subprocess.run([sys.executable, str(ROOT / script), *args], capture_output=True, text=True, timeout=300,
+                       cwd=ROOT, env={**os.environ, "DS_ACCELERATOR": "cpu"})
+    return r.returncode, r.stdout + r.stderr
+
+
+def test_stage2_refused_start_leaves_no_folder(tmp_path):
+    cfg = stage2_config(tmp_path, {"it": ["ciao"]})
+    d = tmp_path / "runs/t/02_tokenizer"
+    rc, out = run_real_script("2_train_tokenizer.py", ["--config", str(cfg)])  # no stage 1: refused by validate
+    assert rc == 2 and "1_download_corpus.py" in out and "Traceback" not in out, out
+    assert not d.exists()
+    # refused in main, after the folder was opened: a stage-1 shard that is not UTF-8 (found while drawing)
+    docs = sample_docs()
+    write_stage1(tmp_path / "runs", {"it-src": ("it", 1, docs["it"], 20), "en-src": ("en", 1, docs["en"], 20)})
+    (tmp_path / "runs/t/01_corpus/en-src/shard-00001.jsonl.gz").write_bytes(gzip.compress(b'{"text": "caf\xe9"}\n'))
+    cfg = stage2_config(tmp_path, {"it": ["ciao"]}, extra="  language_mix: {it: 0.6, en: 0.4}\n")
+    rc, out = run_real_script("2_train_tokenizer.py", ["--config", str(cfg)])
+    assert rc == 2 and "shard-00001.jsonl.gz" in out and "Traceback" not in out, out
+    assert not d.exists()
+
+
+def test_stage2_dry_run_checks_corpus_files_and_heldout(tmp_path):
+    docs = sample_docs()
+    write_stage1(tmp_path / "runs", {"it-src": ("it", 1, docs["it"], 20), "en-src": ("en", 1, docs["en"], 20),
+                                     "code-src": ("code", 2, docs["code"], 10)})
+    cfg = stage2_config(tmp_path, {"it": ["ciao"]})
+    (tmp_path / "held-it.jsonl.gz").unlink()
+    (tmp_path / "runs/t/01_corpus/en-src/shard-00002.jsonl.gz").unlink()
+    rc, out = run_real_script("2_train_tokenizer.py", ["--config", str(cfg), "--dry-run"])
+    assert rc == 2 and "Traceback" not in out, out
+    assert "held-it.jsonl.gz" in out and "shard-00002.jsonl.gz" in out  # both problems, one message
+    assert not (tmp_path / "runs/t/02_tokenizer").exists()
+    # a sample larger than stage 1 holds is refused from the manifest's counts, before any training
+    cfg = stage2_config(tmp_path, {"it": ["ciao"]}).read_text().replace("sample_chars: 60000", "sample_chars: 900000")
+    (tmp_path / "big.yaml").write_text(cfg)
+    (tmp_path / "runs/t/01_corpus/en-src/shard-00002.jsonl.gz").touch()
+    rc, out = run_real_script("2_train_tokenizer.py", ["--config", str(tmp_path / "big.yaml"), "--dry-run"])
+    assert rc == 2 and "lower tokenizer.sample_chars to at most" in out, out
+
+
+def test_stage2_changed_config_on_a_finished_run_is_refused(tmp_path, capsys):
+    docs = sample_docs()
+    write_stage1(tmp_path / "runs", {"it-src": ("it", 1, docs["it"], 20), "en-src": ("en", 1, docs["en"], 20),
+                                     "code-src": ("code", 2, docs["code"], 10)})
+    cfg = stage2_config(tmp_path, sample_docs(seed=5))
+    rc, out = run_script("2_train_tokenizer.py", ["--config", str(cfg), "--set", "tokenizer.baseline=false"], capsys)
+    assert rc == 0, out
+    d = tmp_path / "runs/t/02_tokenizer"
+    before = {p: p.read_bytes() for p in d.rglob("*") if p.is_file()}
+    rc, out = run_real_script("2_train_tokenizer.py", ["--config", str(cfg), "--set", "tokenizer.baseline=false",
+                                                       "--set", "tokenizer.vocab_size=4096"])
+    assert rc == 2 and "tokenizer.vocab_size: 600 -> 4096" in out and "--force" in out, out
+    assert {p: p.read_bytes() for p in d.rglob("*") if p.is_file()} == before
+    rc, out = run_real_script("2_train_tokenizer.py", ["--config", str(cfg), "--set", "tokenizer.baseline=false"])
+    assert rc == 0 and "nothing to do" in out, out  # the same config stays a no-op
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbled", "empty", "not_dante"])
+def test_damaged_tokenizer_file_names_the_file_and_the_fix(tmp_path, dante_tok, base_tok, damage):
+    path = tmp_path / "tokenizer.json"
+    good = dante_tok.to_str().encode()
+    data = {"truncated": good[: len(good) // 3], "garbled": good[:100] + b"\xff\x00{{" + good[104:], "empty": b"",
+            "not_dante": Tokenizer(models.BPE()).to_str().encode()}[damage]
+    path.write_bytes(data)
+    with pytest.raises(UserError) as e:
+        load_tokenizer(path)
+    assert str(path) in str(e.value) and "python 2_train_tokenizer.py" in str(e.value) and "--force" in str(e.value)
+
+
+def test_stage2_dry_run_states_sample_time_and_memory_and_writes_nothing(tmp_path):
+    docs = sample_docs()
+    write_stage1(tmp_path / "runs", {"it-src": ("it", 1, docs["it"], 20), "en-src": ("en", 1, docs["en"], 20),
+                                     "code-src": ("code", 2, docs["code"], 10)})
+    cfg = stage2_config(tmp_path, sample_docs(seed=5), extra="  ab_presets: [qwen2]\n")
+    before = sorted((p, p.stat().st_mtime_ns) for p in tmp_path.rglob("*"))
+    rc, out = run_real_script("2_train_tokenizer.py", ["--config", str(cfg), "--dry-run"])
+    assert rc == 0, out
+    assert sorted((p, p.stat().st_mtime_ns) for p in tmp_path.rglob("*")) == before  # nothing written, not even a lock
+    est = T.training_estimate(60000, 3)  # the run's tokenizer, the baseline, one A/B preset
+    assert "sample: 60,000 chars per tokenizer (the same sample for all 3): code 13,200 of" in out
+    assert f"3 tokenizer(s) x 60,000 chars / {T.TRAIN_CHARS_PER_SEC:,} chars/s" in out
+    assert f"~{est['seconds']:.0f} s" in out
+    assert f"~{est['peak_bytes'] / 2**30:.2f} GiB peak" in out and f"{T.TRAIN_BYTES_PER_CHAR} B per sample char" in out
+    # the estimate is linear in the number of tokenizers and in the sample
+    one, four = T.training_estimate(10**9, 1), T.training_estimate(10**9, 4)
+    assert four["train_seconds"] == pytest.approx(4 * one["train_seconds"]) and four["peak_bytes"] == one["peak_bytes"]

@@ -152,6 +152,17 @@ def test_stage2_refuses_a_share_the_corpus_cannot_give(tmp_path, capsys):
                                      "code-src": ("code", 2, docs["code"], 10)})
     cfg = stage2_config(tmp_path, {"it": ["ciao"]})
     rc, out = run_script("2_train_tokenizer.py", ["--config", str(cfg), "--set", "tokenizer.sample_chars=200000"], capsys)
-    assert rc == 2 and re.search(r"source '\w+-src' holds [\d,]+ characters, but its share is", out), out
+    # found from stage 1's manifest before anything is read or written, one line per language
+    assert rc == 2 and re.search(r"'code' gets 22% of tokenizer.sample_chars, i.e. 44,000 characters, but stage 1 "
+                                 r"holds [\d,]+ \(sources code-src\)", out), out
     assert "lower tokenizer.sample_chars to at most" in out
+    assert not (tmp_path / "runs/t/02_tokenizer").exists()
+    # a manifest that overstates the sources: the draw runs out of text and says so, naming the source
+    manifest = tmp_path / "runs/t/01_corpus/manifest.json"
+    m = json.loads(manifest.read_text())
+    for source in m["outputs"]["sources"].values():
+        source["chars"] *= 3
+    manifest.write_text(json.dumps(m))
+    rc, out = run_script("2_train_tokenizer.py", ["--config", str(cfg), "--set", "tokenizer.sample_chars=150000"], capsys)
+    assert rc == 2 and re.search(r"source 'code-src' holds [\d,]+ characters, but its share is", out), out
     assert not (tmp_path / "runs/t/02_tokenizer/manifest.json").exists()

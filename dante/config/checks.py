@@ -16,6 +16,7 @@ Example::
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Any, Callable
 
 from dante.config.schema import (
@@ -243,6 +244,12 @@ def check_corpus_stage(cfg: CorpusStageConfig) -> list[str]:
             p.append(f"{key}.text_field={s.text_field!r}: must name a field (dotted path allowed, e.g. translation.it)")
     if c.docs_per_shard <= 0:
         p.append("corpus.docs_per_shard: must be > 0")
+    if c.chunk_bytes < 1024:
+        p.append(f"corpus.chunk_bytes={c.chunk_bytes}: must be >= 1024 (default {4 << 20})")
+    cores = os.cpu_count() or 1
+    if c.workers < 0 or c.workers > 2 * cores:
+        p.append(f"corpus.workers={c.workers}: must be 0 (all {cores} cores) or 1..{2 * cores} (at most twice the "
+                 f"cores of this machine); e.g. --set corpus.workers={cores}")
     return p
 
 
@@ -258,6 +265,12 @@ def check_tokenizer_stage(cfg: TokenizerStageConfig) -> list[str]:
         p.append("tokenizer.language_mix: shares must be >= 0 and not all 0")
     if t.sample_chars <= 0:
         p.append("tokenizer.sample_chars: must be > 0")
+    if t.min_frequency < 1:
+        p.append(f"tokenizer.min_frequency={t.min_frequency}: must be >= 1 (a merge needs a pair seen at least once)")
+    if t.n_reserved < 0:
+        p.append(f"tokenizer.n_reserved={t.n_reserved}: must be >= 0")
+    if not _lang_paths_ok(t.heldout):
+        p.append(f"tokenizer.heldout: must map language tags ({', '.join(LANGS)}) to file paths, got {t.heldout!r}")
     return p
 
 
@@ -270,6 +283,8 @@ def check_shards_stage(cfg: ShardsStageConfig) -> list[str]:
         p.append("shards.val_fraction: must be in [0, 1)")
     if s.workers < 0 or s.batch_docs <= 0:
         p.append("shards.workers must be >= 0 and shards.batch_docs > 0")
+    if s.encoder_check_docs <= 0:
+        p.append("shards.encoder_check_docs: must be > 0 (the tiktoken path is used only after this many documents agree)")
     return p
 
 

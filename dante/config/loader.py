@@ -5,7 +5,9 @@ Design choices
   raised together as ``ConfigError``, each line naming the file and the dotted key (litgpt's
   ``validate_args`` style). Nothing is taken from file names.
 - Types are checked strictly (a YAML ``"3"`` is not an int); ints are accepted where a float is asked.
-- ``--set`` values are parsed as YAML scalars/flow collections, then type-checked like file values.
+- ``--set`` values are parsed as YAML scalars/flow collections, then type-checked like file values. A
+  list takes item indices (``--set corpus.sources.0.min_chars=50``): the item must exist (in the file or
+  the list's default), since an item made up from one key would miss the keys that identify it.
 - The steps are separate functions so each can grow on its own: ``_walk_override`` resolves a dotted key
   against the dataclasses, ``_parse_override_value`` reads the value, ``_check_value`` checks it against
   the annotation, and ``_type_name`` is how ``describe`` prints a type.
@@ -59,6 +61,18 @@ def _yaml_load(text: str) -> Any:
 
 
 def _type_name(tp: Any) -> str:
+    """How ``describe`` and the errors print an annotation: an enumeration with its allowed values
+    (``one of 'skip', 'error'``), lists with their item type, ``X or null`` for an optional."""
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(v) for v in typing.get_args(tp))
+    if origin in (Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return " or ".join(_type_name(a) for a in args) + (" or null" if len(args) < len(typing.get_args(tp)) else "")
+    if origin is list:
+        return f"list of {_type_name((typing.get_args(tp) or (Any,))[0])}"
+    if tp is dict or origin is dict:
+        return "mapping"
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 
@@ -144,38 +158,101 @@ def _parse_override_value(tp: Any, raw: str) -> Any:
     return value
 
 
-def _walk_override(data: dict, cls: type, dotted: str, problems: list[str]) -> tuple[dict, str, Any] | None:
-    """Resolve ``a.b.c`` against ``cls``: the raw dict to write into (created on the way), the last key and
-    its annotation (None inside a free-form dict field); None after reporting an unknown key."""
+def _unwrap_optional(tp: Any) -> Any:
+    """``X | None`` -> X (what a dotted key walks into); any other annotation unchanged."""
+    if typing.get_origin(tp) in (Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return args[0] if len(args) == 1 else tp
+    return tp
+
+
+def _list_item_type(tp: Any) -> Any:
+    """The item annotation of a ``list[X]`` field, or None when ``tp`` is not a list."""
+    tp = _unwrap_optional(tp)
+    if tp is list:
+        return Any
+    if typing.get_origin(tp) is list:
+        return (typing.get_args(tp) or (Any,))[0]
+    return None
+
+
+def _default_list(cls: type, name: str) -> list:
+    """The default of list field ``name`` of ``cls`` in its raw (YAML) form, to index into when the file
+    does not set the list."""
+    return [dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v for v in getattr(cls(), name)]
+
+
+def _walk_override(data: dict, cls: type, dotted: str, problems: list[str]) -> tuple[Any, Any, Any] | None:
+    """Resolve ``a.b.c`` against ``cls``: the raw container to write into (created on the way), the last key
+    (an int for a list item) and its annotation (None inside a free-form dict field); None after reporting
+    the problem. A list of sections takes item indices: ``corpus.sources.0.min_chars``."""
     parts = dotted.split(".")
-    node: dict = data
-    node_cls: type | None = cls
+    node: Any = data
+    tp: Any = cls  # annotation of ``node``: a dataclass, a list type, or None (free-form mapping)
     for i, part in enumerate(parts):
         last = i == len(parts) - 1
-        if node_cls is None:
-            # inside a free-form dict field: any key, any value
+        here = ".".join(parts[:i])
+        if tp is None:  # inside a free-form dict field: any key, any value
             if last:
                 return node, part, None
-            node = node.setdefault(part, {})
+            if not isinstance(node.get(part), dict):
+                node[part] = {}
+            node = node[part]
             continue
-        names = {f.name for f in dataclasses.fields(node_cls)}
+        item_tp = _list_item_type(tp)
+        if item_tp is not None:
+            n = len(node)
+            span = f"indices 0..{n - 1}" if n else "no index is valid"
+            if not part.isdigit():
+                problems.append(f"--set {dotted}: {here} is a list, so the key after it must be an item index "
+                                f"({n} item(s): {span}), got {part!r}")
+                return None
+            idx = int(part)
+            if idx >= n:
+                problems.append(f"--set {dotted}: index {idx} is out of range: {here} has {n} item(s) ({span}); "
+                                f"add items to the list in the config file")
+                return None
+            if last:
+                return node, idx, item_tp
+            if dataclasses.is_dataclass(item_tp) and not isinstance(node[idx], dict):
+                problems.append(f"--set {dotted}: {here}[{idx}] is {type(node[idx]).__name__}, not a mapping")
+                return None
+            if not dataclasses.is_dataclass(item_tp) and _list_item_type(item_tp) is None:
+                problems.append(f"--set {dotted}: {here}[{idx}] is a single value; nothing to set inside it")
+                return None
+            node, tp = node[idx], item_tp
+            continue
+        names = {f.name for f in dataclasses.fields(tp)}
         if part not in names:
             key = ".".join(parts[: i + 1])
             problems.append(f"--set {dotted}: unknown key {key!r} (known: {', '.join(sorted(names))})")
             return None
-        tp = _hints(node_cls)[part]
+        field_tp = _hints(tp)[part]
         if last:
-            return node, part, tp
+            return node, part, field_tp
+        inner = _unwrap_optional(field_tp)
+        key = ".".join(parts[: i + 1])
+        if _list_item_type(inner) is not None:
+            if part not in node:
+                node[part] = _default_list(tp, part)
+            if not isinstance(node[part], list):
+                problems.append(f"--set {dotted}: {key} is {type(node[part]).__name__} in the config, not a list")
+                return None
+            node, tp = node[part], inner
+            continue
+        if not (dataclasses.is_dataclass(inner) or inner is dict or typing.get_origin(inner) is dict or inner is Any):
+            problems.append(f"--set {dotted}: {key} is a single value ({_type_name(field_tp)}); nothing to set inside it")
+            return None
         if not isinstance(node.get(part), dict):
             node[part] = {}
         node = node[part]
-        node_cls = tp if dataclasses.is_dataclass(tp) else None
+        tp = inner if dataclasses.is_dataclass(inner) else None
     raise AssertionError("unreachable: a dotted key has at least one part")
 
 
 def _set_dotted(data: dict, cls: type, dotted: str, raw: str, problems: list[str]) -> None:
     """Apply one ``a.b.c=value`` override onto the raw YAML dict (validated later with the rest)."""
-    target = _walk_override(data, cls, dotted, problems)
+    target = _walk_override(data, cls, dotted, problems)  # (dict, str) or (list, int)
     if target is not None:
         node, key, tp = target
         node[key] = _parse_override_value(tp, raw)
@@ -275,7 +352,9 @@ def field_docs(cls: type) -> dict[str, str]:
 
 
 def describe(cls: type, prefix: str = "") -> list[str]:
-    """One line per leaf key: dotted name, type, default, doc (for --help-config)."""
+    """One line per leaf key: dotted name, type (an enumeration with its allowed values), default, doc
+    (for --help-config). A list of sections is followed by the keys of one item, as ``corpus.sources[].kind``
+    (set one with ``--set corpus.sources.0.kind=local``)."""
     lines = []
     docs = field_docs(cls)
     hints = _hints(cls)
@@ -283,9 +362,14 @@ def describe(cls: type, prefix: str = "") -> list[str]:
     for f in dataclasses.fields(cls):
         key = f"{prefix}{f.name}"
         tp = hints[f.name]
+        item = _list_item_type(tp)
         if dataclasses.is_dataclass(tp):
             lines.append(f"{key}:  ({docs.get(f.name, '')})")
             lines.extend(describe(tp, key + "."))
+        elif item is not None and dataclasses.is_dataclass(item):
+            lines.append(f"  {key} = {getattr(defaults, f.name)!r}  [list of {item.__name__}]  {docs.get(f.name, '')} "
+                         f"Each item has the keys {key}[].* below; --set {key}.<index>.<key>=... sets one.")
+            lines.extend(describe(item, key + "[]."))
         else:
             lines.append(f"  {key} = {getattr(defaults, f.name)!r}  [{_type_name(tp)}]  {docs.get(f.name, '')}")
     return lines
