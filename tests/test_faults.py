@@ -61,7 +61,7 @@ TIMEOUT = 240  # one script run; the slowest here takes ~10 s on 2 loaded cores
 # stage ran, not what it produced; found by diffing two uninterrupted runs (test_uninterrupted_rerun...).
 # git_commit is here too: the code version, which a commit made while the tests run changes (not a kill).
 TIMING_KEYS = {"started", "finished", "saved", "host", "resumed", "resumed_from_step", "train_seconds_this_run",
-               "train_seconds", "seconds", "git_commit"}
+               "train_seconds", "seconds", "tokens_per_second", "git_commit"}
 # Fields of a metrics.jsonl row (and TensorBoard tags train/<field>) that measure wall time.
 METRIC_TIMING = {"tokens_per_sec", "step_time_s", "elapsed_s", "mfu"}
 JSON_WITHOUT_TIMING = {"manifest.json", "meta.json"}
@@ -167,6 +167,9 @@ class Harness:
         self.store.mkdir(parents=True, exist_ok=True)
         for stage in STAGES:
             log = self.base / f"{stage}.ops"
+            # from the stored inputs, as every trial starts: a later stage may write into an earlier one's
+            # folder (stage 4's verified-once markers in 03_shards/), which a reference must not carry over
+            self.reset(stage)
             t0 = time.monotonic()
             r = self.run_to_end(stage, log=log)
             assert r.returncode == 0, f"reference run of {stage} failed:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
