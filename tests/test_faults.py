@@ -491,10 +491,10 @@ def test_sigkill_during_force_then_rerun(harness, stage):
     assert r.returncode == 0, _tail(r)
     ops = read_ops(log)
     writes = [(op, n) for _, op, n, path in ops if op in ("replace", "rename") and f"/{stage}/" in path]
-    # the reset: unlinks of the old files, before the first write into the folder (full paths, or bare names
-    # where shutil.rmtree works through directory descriptors)
+    # the reset: unlinks of the old files before the first write into the folder (in the folder, or in the
+    # ".<stage>.deleting-*" folder it was renamed to; bare names where rmtree works through directory fds)
     first_write = next(i for i, (_, op, n, _) in enumerate(ops) if (op, n) == writes[0])
-    deletes = [n for _, op, n, path in ops[:first_write] if op == "unlink" and (f"/{stage}/" in path or "/" not in path)]
+    deletes = [n for _, op, n, path in ops[:first_write] if op == "unlink" and (stage in path or "/" not in path)]
     assert deletes, f"no deletion seen in the --force run of {stage}: {ops[:8]}"
     rng = random.Random(SEED + 100 + int(stage[:2]))
     inside = [t for t, _, _, path in ops if f"/{stage}" in path]
