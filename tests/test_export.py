@@ -520,3 +520,14 @@ def test_profile_configs_are_valid(monkeypatch):
     for profile in ("tiny", "dante-2b"):
         cfg = C.load_config(C.ExportStageConfig, REPO / "configs" / profile / "export.yaml")
         assert export.config_problems(cfg) == []
+
+
+def test_a_chat_prompt_longer_than_the_context_is_skipped_not_a_traceback(tmp_path, tokenizer_file, heldout_file):
+    """A 64-position chat model: the built-in chat prompt does not fit, so greedy verification skips it
+    (and says so) instead of raising the KV cache's ValueError."""
+    run = make_run(tmp_path, tokenizer_file, random_model(max_seq_len=64), stage="07_sft")
+    Stage.open(C.SFTDataStageConfig(run=run), "06_sft_data").finish()
+    manifest = run_export(export_cfg(run, heldout_file, verify_seq_len=64))
+    greedy = manifest["verification"]["greedy"]
+    assert greedy["skipped_longer_than_context"] >= 1 and greedy["prompts"] >= 1
+    assert greedy["identical"] + len(greedy["ties"]) == greedy["prompts"]
