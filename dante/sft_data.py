@@ -471,6 +471,13 @@ def _shares(values: dict[str, float]) -> dict[str, float]:
     return {k: round(v / total, 6) if total else 0.0 for k, v in values.items()}
 
 
+def _drop_hint(reasons: Counter, block_size: int) -> str:
+    """The fix for a source (or run) whose every conversation was dropped, from the commonest reason."""
+    if reasons and reasons.most_common(1)[0][0] == "overlong":
+        return f"raise sft_data.block_size (now {block_size}) or set sft_data.overlong: truncate"
+    return "check the source's format and columns against its rows"
+
+
 def pack_splits(directory: str | Path, sources: list[EncodedSource], block_size: int, user_weight: float,
                 vocab_size: int, seed: int) -> tuple[dict, dict]:
     """Pack and write the train and eval splits; return (outputs, statistics) for the manifest."""
@@ -484,13 +491,9 @@ def pack_splits(directory: str | Path, sources: list[EncodedSource], block_size:
         if not reasons:  # hub sources that streamed nothing (an empty local file is refused before the work)
             raise UserError(f"no conversation in any source: the sources {[es.name for es in sources]} yielded no rows.\n"
                             "  HINT: check each source's hf_id/hf_config/split (or path) and max_rows.")
-        if reasons.most_common(1)[0][0] == "overlong":
-            hint = f"raise sft_data.block_size (now {block_size}) or set sft_data.overlong: truncate"
-        else:
-            hint = "check each source's format and columns against its rows"
         raise UserError(problems_message("no conversation survived in any source; dropped by reason",
                                          [f"{r}: {n}, e.g. {examples.get(r, '')}" for r, n in reasons.most_common()])
-                        + f"\n  HINT: {hint}.")
+                        + f"\n  HINT: {_drop_hint(reasons, block_size)}.")
     outputs, stats = {}, {}
     for split_no, split in enumerate(("train", "eval")):
         parts = []
@@ -581,6 +584,17 @@ def build_sft_stage(stage: Stage, cfg: C.SFTDataStageConfig, log: Callable[[str]
             continue
         t0 = time.time()
         es = encode_source(src, iter_source_rows(src), encoder, s, cfg.run.seed)
+        if es.stats["rows_read"] and not es.stats["kept"]:
+            # as stage 1 refuses a source that kept no document: a declared source that contributes nothing is
+            # a wrong format, column, path or block size, not data to train on (checked before its cache is recorded)
+            st = es.stats
+            examples = {r: ex[0] for r, ex in st.get("drop_examples", {}).items()}
+            reasons = Counter(st["dropped_by_reason"])
+            raise UserError(problems_message(
+                f"source {src.name!r}: no conversation survived of its {st['rows_read']} rows; dropped by reason",
+                [f"{r}: {n}" + (f", e.g. {examples[r]}" if r in examples else "") for r, n in reasons.most_common()])
+                + f"\n  HINT: {_drop_hint(reasons, s.block_size)} (sft_data.sources[{s.sources.index(src)}]), "
+                  f"or remove the source.")
         es.save(cache)
         done[src.name] = es.stats
         stage.save_progress({"tokenizer_sha256": tok_hash, "sources": done})

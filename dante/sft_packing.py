@@ -18,6 +18,7 @@ Example::
 
 from __future__ import annotations
 
+import hashlib
 import struct
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -26,8 +27,8 @@ from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 
-from dante.artifacts import atomic_path
-from dante.errors import UserError
+from dante.artifacts import atomic_path, file_sha256
+from dante.errors import UserError, problems_message
 from dante.tokenizer import PAD, SPECIAL_TOKENS
 
 #: version of the packed block files (their header); bump when the layout changes
@@ -155,12 +156,14 @@ def write_packed(
     dtypes = packed_dtypes(vocab_size, block_size)
     lut = class_weights(user_weight)
     pad_id = PAD_ID
-    files = {}
+    files, hashes = {}, {kind: hashlib.sha256() for kind in ARRAY_KINDS}
     with ExitStack() as stack:
         for kind in ARRAY_KINDS:
             tmp = stack.enter_context(atomic_path(packed_path(directory, split, kind)))
             f = stack.enter_context(open(tmp, "wb"))
-            f.write(_header(kind, dtypes[kind], pad_id, len(blocks), block_size))
+            header = _header(kind, dtypes[kind], pad_id, len(blocks), block_size)
+            f.write(header)
+            hashes[kind].update(header)
             files[kind] = f
         for lo in range(0, len(blocks), chunk_blocks):
             chunk = blocks[lo : lo + chunk_blocks]
@@ -179,12 +182,14 @@ def write_packed(
                     pos_BT[r, at : at + n] = np.arange(n)
                     at += n
             for kind, arr in (("tokens", tokens_BT), ("weights", weights_BT), ("docs", docs_BT), ("pos", pos_BT)):
-                files[kind].write(np.ascontiguousarray(arr, dtypes[kind]).tobytes())
+                data = np.ascontiguousarray(arr, dtypes[kind]).tobytes()
+                files[kind].write(data)
+                hashes[kind].update(data)  # hashed as written: stage 7 checks the files against it
         for f in files.values():
             f.flush()
     return {
         kind: {"path": packed_path(directory, split, kind).name, "dtype": str(dtypes[kind]),
-               "shape": [len(blocks), block_size], "header_bytes": HEADER_BYTES}
+               "shape": [len(blocks), block_size], "header_bytes": HEADER_BYTES, "sha256": hashes[kind].hexdigest()}
         for kind in ARRAY_KINDS
     }
 
@@ -229,8 +234,21 @@ def _open_array(path: Path, kind: str) -> tuple[np.ndarray, int]:
     return np.memmap(path, dtype=dtype, mode="r", offset=HEADER_BYTES, shape=(n_blocks, block_size)), pad_id
 
 
-def load_packed(directory: str | Path, split: str) -> PackedSFT:
-    """Memory-map ``{split}.{tokens,weights,docs,pos}.bin`` from a 06_sft_data folder (split: train or eval)."""
+def load_packed(directory: str | Path, split: str, recorded: dict | None = None) -> PackedSFT:
+    """Memory-map ``{split}.{tokens,weights,docs,pos}.bin`` from a 06_sft_data folder (split: train or eval).
+
+    ``recorded``: stage 6's manifest ``outputs[split]``; each file is checked against the sha256 recorded
+    there (one read of the arrays, ~1 GB/s: SFT data is small next to pretraining shards), so a damaged
+    file is refused instead of silently trained on. Manifests from before the checksums are not checked."""
+    problems = []
+    for kind in ARRAY_KINDS:
+        want = ((recorded or {}).get(kind) or {}).get("sha256")
+        path = packed_path(directory, split, kind)
+        if want and path.is_file() and file_sha256(path) != want:
+            problems.append(f"{path}: its sha256 differs from the one stage 6 recorded (damaged or replaced)")
+    if problems:
+        raise UserError(problems_message("06_sft_data cannot be trusted", problems)
+                        + "\n  HINT: rebuild it with `python 6_build_sft.py --config configs/<profile>/sft_data.yaml --force`.")
     arrays, pads = {}, set()
     for kind in ARRAY_KINDS:
         arrays[kind], pad = _open_array(packed_path(directory, split, kind), kind)

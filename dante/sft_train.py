@@ -236,7 +236,8 @@ def plan_sft(cfg: C.SFTStageConfig, world_size: int, require: Callable[[str], di
                         f"{built_with[:12]}...): rebuild it with `python 6_build_sft.py --force`")
     raise_problems(UserError, "stage 7 cannot start", problems)  # the arrays are not worth opening otherwise
 
-    train, held_out = load_packed(sft_dir, "train"), load_packed(sft_dir, "eval")
+    outs = m6.get("outputs") or {}
+    train, held_out = load_packed(sft_dir, "train", outs.get("train")), load_packed(sft_dir, "eval", outs.get("eval"))
     weighted = float(m6.get("counts", {}).get("train", {}).get("weighted_tokens", 0.0))
     if train.n_blocks == 0 or weighted <= 0:
         raise UserError(f"{sft_dir}: the training split has no weighted tokens; check stage 6's sources")

@@ -597,3 +597,30 @@ def test_stage6_sigkill_at_random_points_then_rerun_gives_the_same_bytes(tmp_pat
         assert _stage6_files(d) == reference, f"differs after a kill after log line {after_line} + {delay:.3f} s"
         assert not [p for p in d.rglob(".*") if p.name.endswith(".tmp")]
     assert killed >= 2  # most points must interrupt real work (each one reached a log line of it first)
+
+
+def test_stage6_refuses_a_source_that_keeps_nothing(run_with_tokenizer, tmp_path, capsys):
+    """One good source and one that is not JSON Lines at all: refused naming the empty-handed source, not a
+    success that silently trains on the other."""
+    (tmp_path / "prose.jsonl").write_text("just prose\n" * 20)
+    two = (f"    - {{name: a, kind: local, path: {SAMPLE / 'it_messages.jsonl'}, format: messages}}\n"
+           f"    - {{name: prose, kind: local, path: {tmp_path / 'prose.jsonl'}, format: messages}}\n")
+    code, out = stage6(run_with_tokenizer, tmp_path, capsys, two, "  block_size: 512\n")
+    assert code == 2 and "source 'prose': no conversation survived of its 20 rows" in out, out
+    assert "sft_data.sources[1]" in out and "Traceback" not in out
+    assert not (Path(run_with_tokenizer.root) / "t" / "06_sft_data" / "manifest.json").exists()
+
+
+def test_packed_files_are_checked_against_the_checksums_stage_6_recorded(tmp_path, encoder):
+    """Flipped bytes keep a file's size and header: only the recorded sha256 tells (stage 7 passes it)."""
+    es = encoded_source(encoder, CONVERSATIONS * 4)
+    items = np.stack([np.zeros(len(es), np.int64), es.offsets[:-1], es.offsets[1:]], axis=1)
+    blocks = sft_packing.pack_best_fit(es.lengths(), 256)
+    recorded = sft_packing.write_packed(tmp_path, "train", [es], items, blocks, 256, encoder.vocab_size, user_weight=0.5)
+    assert sft_packing.load_packed(tmp_path, "train", recorded).n_blocks == len(blocks)
+    path = tmp_path / "train.tokens.bin"
+    data = bytearray(path.read_bytes())
+    data[-64:] = bytes(b ^ 0xFF for b in data[-64:])
+    path.write_bytes(bytes(data))
+    with pytest.raises(UserError, match=r"(?s)train.tokens.bin: its sha256 differs.*6_build_sft.py --config"):
+        sft_packing.load_packed(tmp_path, "train", recorded)
