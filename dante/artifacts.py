@@ -362,20 +362,20 @@ def remove_debris(folder: Path) -> list[Path]:
     return removed
 
 
-def _dotted(d: Any, key: str) -> Any:
+_MISSING = object()
+
+
+def _dotted(d: Any, key: str, default: Any = None) -> Any:
+    """The value at a dotted key of nested dicts, or ``default`` when a part is missing."""
     for part in key.split("."):
         if not isinstance(d, dict) or part not in d:
-            return None
+            return default
         d = d[part]
     return d
 
 
 def _has(d: Any, key: str) -> bool:
-    for part in key.split("."):
-        if not isinstance(d, dict) or part not in d:
-            return False
-        d = d[part]
-    return True
+    return _dotted(d, key, _MISSING) is not _MISSING
 
 
 def finished_config_changes(saved: dict, live: dict) -> list[str]:

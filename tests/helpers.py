@@ -65,3 +65,26 @@ def write_pretrain_inputs(run: RunConfig) -> int:
     write_text_shards(st, tokenizer, stage_dir(run, "02_tokenizer") / "tokenizer.json",
                       {(1, "train"): it[:-4], (2, "train"): code[:-1], (1, "val"): it[-4:] + code[-1:]})
     return tokenizer.get_vocab_size()
+
+
+#: manifest fields that describe one execution (when, whether resumed), not the outputs
+EXECUTION_FIELDS = ("started", "finished", "resumed")
+
+
+def stage_files(folder: Path, drop: tuple[str, ...] = EXECUTION_FIELDS, drop_config: tuple[str, ...] = ()) -> dict[str, bytes]:
+    """Every file under ``folder`` by relative path, for byte-for-byte comparisons of two runs; manifest.json
+    without the ``drop`` fields and the dotted ``drop_config`` keys of its config (output-neutral keys)."""
+    out = {}
+    for p in sorted(x for x in folder.rglob("*") if x.is_file()):
+        data = p.read_bytes()
+        if p.name == "manifest.json":
+            m = {k: v for k, v in json.loads(data).items() if k not in drop}
+            for key in drop_config:
+                *parents, last = key.split(".")
+                node = m.get("config", {})
+                for part in parents:
+                    node = node.get(part, {})
+                node.pop(last, None)
+            data = json.dumps(m, sort_keys=True).encode()
+        out[p.relative_to(folder).as_posix()] = data
+    return out

@@ -28,6 +28,7 @@ import yaml
 from dante import config as C
 from dante import corpus, corpus_chunks
 from dante.dedup import DedupIndex
+from tests.helpers import stage_files as helper_stage_files
 
 REPO = Path(__file__).resolve().parent.parent
 SCRIPT = REPO / "1_download_corpus.py"
@@ -523,20 +524,9 @@ def run_script(cfg: Path, *extra: str, timeout: float = 300) -> subprocess.Compl
 
 
 def stage_files(sdir: Path) -> dict[str, bytes]:
-    """Every file of a stage folder, by relative path; the manifest without its timing fields."""
-    out = {}
-    for p in sorted(sdir.rglob("*")):
-        if p.is_file():
-            data = p.read_bytes()
-            if p.name == "manifest.json":
-                m = json.loads(data)
-                for k in TIMING_FIELDS:
-                    m.pop(k, None)
-                m["config"]["run"].pop("root", None)  # output-neutral keys: where the run lives,
-                m["config"]["corpus"].pop("workers", None)  # and how many processes made it
-                data = json.dumps(m, sort_keys=True).encode()
-            out[p.relative_to(sdir).as_posix()] = data
-    return out
+    """Every file of a stage folder, by relative path; the manifest without its timing fields and the
+    output-neutral keys (where the run lives, and how many processes made it)."""
+    return helper_stage_files(sdir, TIMING_FIELDS, ("run.root", "corpus.workers"))
 
 
 def kill_at(cfg: Path, sdir: Path, fraction: float, work_s: float, *extra: str) -> bool:

@@ -35,7 +35,7 @@ from dante.config import (
 )
 from dante.errors import UserError
 from dante.tokenizer import EOT_ID, SPECIAL_TOKENS, to_transformers, train_tokenizer
-from tests.helpers import sft_sample_texts, write_tokenizer_stage  # noqa: E402
+from tests.helpers import sft_sample_texts, stage_files, write_tokenizer_stage  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLE = ROOT / "data" / "sft_sample"
@@ -553,19 +553,8 @@ def test_profiles_load():
     assert SPECIAL_TOKENS[chat_format.SPECIAL_IDS[chat_format.EOT]] == "<|eot|>" and json.dumps(chat_format.SPECIAL_IDS)
 
 
-TIMING_FIELDS = ("started", "finished", "resumed")  # facts about one execution, not about the outputs
-
-
 def _stage6_files(d: Path) -> dict[str, bytes]:
-    out = {}
-    for p in sorted(d.rglob("*")):
-        if p.is_file():
-            data = p.read_bytes()
-            if p.name == "manifest.json":
-                m = json.loads(data)
-                data = json.dumps({k: v for k, v in m.items() if k not in TIMING_FIELDS}, sort_keys=True).encode()
-            out[str(p.relative_to(d))] = data
-    return out
+    return stage_files(d)
 
 
 def test_stage6_sigkill_at_random_points_then_rerun_gives_the_same_bytes(tmp_path, tokenizer):

@@ -33,6 +33,7 @@ from dante.tokenizer import (
     load_tokenizer,
     train_tokenizer,
 )
+from tests.helpers import stage_files
 
 SEED = 1234
 
@@ -120,14 +121,7 @@ def _json_diff(a: bytes | None, b: bytes | None, prefix: str = "") -> list[str]:
 
 def _all_files(d: Path) -> dict[str, bytes]:
     """Every file under ``d`` by relative path; manifest.json without its timing fields."""
-    out = {}
-    for p in sorted(x for x in d.rglob("*") if x.is_file()):
-        data = p.read_bytes()
-        if p.name == "manifest.json":
-            m = json.loads(data)
-            data = json.dumps({k: v for k, v in m.items() if k not in TIMING_FIELDS}, sort_keys=True).encode()
-        out[str(p.relative_to(d))] = data
-    return out
+    return stage_files(d, TIMING_FIELDS)
 
 
 def _tiny_profile_args(root: Path, **over) -> list[str]:
