@@ -113,8 +113,14 @@ def write_configs(root: str | Path, where: Path, docs: dict[str, dict] | None = 
     return out
 
 
+#: what a launcher sets; a test process that ran a training stage in-process holds the single rank's values
+#: (init_distributed sets them), and a script inheriting MASTER_PORT would reuse a port its killed
+#: predecessor just left in TIME_WAIT (EADDRINUSE, seen in CI)
+LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
 def script_env() -> dict:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("DANTE_FAULT")}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DANTE_FAULT") and k not in LAUNCHER_VARS}
     env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1",
                HF_DATASETS_OFFLINE="1", PYTHONPATH=str(REPO))
     return env
