@@ -23,6 +23,7 @@ Examples::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gzip
 import json
 import os
@@ -49,6 +50,11 @@ class Measured:
     tokens: int
     peak_rss_mb: float
     out_bytes: int
+    main_cpu: float = 0.0
+    """CPU seconds of the script's own process (stage 1: the committer, and the chunks it took while
+    the worker processes started)"""
+    total_cpu: float = 0.0
+    """CPU seconds of the script and every process under it"""
     inner_seconds: float = 0.0
     """stage 3: the encode loop's own seconds (its manifest's throughput.seconds: no start-up, no encoder proof)"""
 
@@ -99,17 +105,20 @@ def build_input(sources: list[tuple[dict, list[str]]], target_chars: int, folder
     return cfg_path
 
 
-def run_script(repo: Path, script: str, args: list[str], env: dict) -> tuple[float, float]:
-    """Run ``script`` of ``repo`` with ``args``; (wall seconds, peak MB). Exits on failure.
+def run_script(repo: Path, script: str, args: list[str], env: dict) -> tuple[float, float, float, float]:
+    """Run ``script`` of ``repo`` with ``args``; (wall seconds, peak MB, CPU seconds of the script's own
+    process, CPU seconds of it and all its descendants). Exits on failure.
 
     Peak memory is the largest sum of RSS over the process and all its descendants (the workers), sampled
-    every 20 ms with psutil (a DeepSpeed dependency, so always installed): what the machine must hold."""
+    every 20 ms with psutil (a DeepSpeed dependency, so always installed): what the machine must hold.
+    CPU times are each process's last sample (user + system), so each misses at most its last 20 ms."""
     import psutil
 
     start = time.perf_counter()
     proc = subprocess.Popen([sys.executable, str(repo / script), *args], cwd=repo, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     ps, peak = psutil.Process(proc.pid), 0
+    cpu: dict[int, float] = {}
     out_chunks: list[str] = []
     import threading
 
@@ -119,6 +128,10 @@ def run_script(repo: Path, script: str, args: list[str], env: dict) -> tuple[flo
         try:
             tree = [ps, *ps.children(recursive=True)]
             peak = max(peak, sum(_rss(p) for p in tree))
+            for p in tree:
+                with contextlib.suppress(psutil.Error):
+                    t = p.cpu_times()
+                    cpu[p.pid] = t.user + t.system
         except psutil.NoSuchProcess:
             pass
         time.sleep(0.02)
@@ -126,7 +139,7 @@ def run_script(repo: Path, script: str, args: list[str], env: dict) -> tuple[flo
     reader.join()
     if proc.returncode != 0:
         raise SystemExit(f"{script} {' '.join(args)} failed ({proc.returncode}):\n{''.join(out_chunks)[-4000:]}")
-    return seconds, peak / 2**20
+    return seconds, peak / 2**20, cpu.get(proc.pid, 0.0), sum(cpu.values())
 
 
 def _rss(p) -> int:
@@ -157,6 +170,10 @@ def main() -> int:
                     help="corpus config whose char_budget sum the per-core rates are extrapolated to")
     ap.add_argument("--cores", default="16,64", help="core counts for the extrapolation")
     ap.add_argument("--tokenizer-chars", type=int, default=2_000_000, help="stage-2 sample size (one run, reused)")
+    ap.add_argument("--repeat", type=int, default=1,
+                    help="run stage 1 this many times per size and worker count and keep the fastest (a shared "
+                         "machine's other jobs only ever slow a run down)")
+    ap.add_argument("--stages", default="1,3", help="'1' measures stage 1 only (no tokenizer, no stage 3)")
     ap.add_argument("--keep", default="", help="keep the work folder here (default: a temporary folder)")
     args = ap.parse_args()
     sizes = [int(float(s) * 1e6) for s in args.sizes.split(",")]
@@ -178,12 +195,21 @@ def main() -> int:
                 root = work / f"runs-{label}-{size // 1_000_000}M-w{w}"
                 common = ["--set", f"run.root={root}", "--set", "run.name=bench"]
                 s1 = sets(STAGE1_SETTINGS[label](w))
-                sec, peak = run_script(repo, "1_download_corpus.py", ["--config", str(cfg_path), *common, *s1], env)
+                runs = []
+                for _ in range(max(1, args.repeat)):
+                    if (root / "bench" / "01_corpus").exists():
+                        shutil.rmtree(root / "bench" / "01_corpus")
+                    runs.append(run_script(repo, "1_download_corpus.py", ["--config", str(cfg_path), *common, *s1], env))
+                sec, peak, main_cpu, total_cpu = min(runs)
+                spread = f" (best of {len(runs)}: {', '.join(f'{r[0]:.2f}' for r in runs)} s)" if len(runs) > 1 else ""
                 m1 = json.loads((root / "bench" / "01_corpus" / "manifest.json").read_text())
                 chars = int(m1["counts"]["chars"])
-                results.append(Measured(label, "1", size, w, sec, chars, 0, peak, folder_bytes(root / "bench" / "01_corpus")))
+                results.append(Measured(label, "1", size, w, sec, chars, 0, peak, folder_bytes(root / "bench" / "01_corpus"),
+                                        main_cpu, total_cpu))
                 print(f"  {label:8} {size / 1e6:5.0f}M w{w} stage 1: {sec:7.2f} s  {chars / sec / 1e6:6.2f} M chars/s  "
-                      f"peak {peak:7.0f} MB", flush=True)
+                      f"peak {peak:7.0f} MB{spread}", flush=True)
+                if "3" not in args.stages.split(","):
+                    continue
                 if tok_folder is None:  # one tokenizer for every run: stage 3's speed, not stage 2's, is measured
                     tok_args = ["--config", str(REPO / "configs" / "tiny" / "tokenizer.yaml"), *common,
                                 *sets({"tokenizer.sample_chars": args.tokenizer_chars, "tokenizer.baseline": "false",
@@ -198,7 +224,7 @@ def main() -> int:
                     if out.exists():
                         shutil.rmtree(out)
                     s3 = ["--config", str(repo / "configs" / "tiny" / "shards.yaml"), *common, *sets(extra)]
-                    sec, peak = run_script(repo, "3_tokenize_shards.py", s3, env)
+                    sec, peak, main_cpu, total_cpu = run_script(repo, "3_tokenize_shards.py", s3, env)
                     m3 = json.loads((out / "manifest.json").read_text())
                     tokens = sum(int(v["tokens"]) for v in m3["counts"]["total"].values())
                     used = (m3.get("encoder") or {}).get("used", "tokenizers")
@@ -206,7 +232,7 @@ def main() -> int:
                         print(f"  note: {enc_label} asked, {used} used: {(m3.get('encoder') or {}).get('reason')}")
                     inner = float(m3.get("throughput", {}).get("seconds") or sec)
                     results.append(Measured(f"{label}/{enc_label}", "3", size, w, sec, chars, tokens, peak,
-                                            folder_bytes(out), inner))
+                                            folder_bytes(out), main_cpu, total_cpu, inner))
                     print(f"  {label + '/' + enc_label:16} {size / 1e6:5.0f}M w{w} stage 3: {sec:7.2f} s  "
                           f"{tokens / sec / 1e3:7.0f} K tok/s (encode loop {tokens / inner / 1e3:7.0f} K tok/s, "
                           f"{tokens / inner / w / 1e3:7.0f} per worker)  peak {peak:7.0f} MB", flush=True)
@@ -226,12 +252,13 @@ def print_table(results: list[Measured]) -> None:
     print("seconds and rates are wall clock of the whole script (start-up included); 'loop K tok/s' is stage 3's "
           "encode loop alone")
     print(f"{'code':18} {'stage':>5} {'input':>7} {'workers':>7} {'seconds':>8} {'M chars/s':>9} {'K tok/s':>8} "
-          f"{'loop K tok/s':>12} {'peak MB':>8} {'out MB':>8}")
+          f"{'loop K tok/s':>12} {'peak MB':>8} {'out MB':>8} {'CPU s':>7} {'main CPU s':>10}")
     for r in results:
         tok = f"{r.tokens / r.seconds / 1e3:8.0f}" if r.tokens else f"{'':>8}"
         loop = f"{r.tokens / r.inner_seconds / 1e3:12.0f}" if r.tokens else f"{'':>12}"
         print(f"{r.label:18} {r.stage:>5} {r.size_chars / 1e6:6.0f}M {r.workers:7d} {r.seconds:8.2f} "
-              f"{r.chars / r.seconds / 1e6:9.2f} {tok} {loop} {r.peak_rss_mb:8.0f} {r.out_bytes / 1e6:8.1f}")
+              f"{r.chars / r.seconds / 1e6:9.2f} {tok} {loop} {r.peak_rss_mb:8.0f} {r.out_bytes / 1e6:8.1f} "
+              f"{r.total_cpu:7.2f} {r.main_cpu:10.2f}")
     speedups(results)
 
 
@@ -259,26 +286,38 @@ def speedups(results: list[Measured]) -> None:
 
 
 def extrapolate(results: list[Measured], corpus_cfg: Path, cores: list[int]) -> None:
+    """Hours for the corpus config's character budget on ``cores`` cores, from the largest input's
+    per-core rates. Stage 1 is bounded twice: by its workers (CPU seconds of all processes per character,
+    spread over the cores) and by its one committer (its own CPU seconds per character, which no core
+    count divides); the larger bound is taken. Linear scaling beyond the measured cores is an assumption."""
     cfg = yaml.safe_load(corpus_cfg.read_text(encoding="utf-8"))
     budget = sum(int(s.get("char_budget") or 0) for s in cfg["corpus"]["sources"])
     mine = [r for r in results if r.label.startswith("this")]
     if not mine or not budget:
         return
     biggest = max(r.size_chars for r in mine)
-    best1 = max((r for r in mine if r.stage == "1" and r.size_chars == biggest), key=lambda r: r.chars / r.seconds / r.workers)
-    best3 = max((r for r in mine if r.stage == "3" and r.size_chars == biggest),
-                key=lambda r: r.tokens / r.inner_seconds / r.workers)
-    c1 = best1.chars / best1.seconds / best1.workers
-    tok_per_char = best3.tokens / best3.chars
-    t3 = best3.tokens / best3.inner_seconds / best3.workers  # the proof and start-up are fixed costs
-    print(f"extrapolation to {corpus_cfg} ({budget / 1e9:.0f}B chars, ~{budget * tok_per_char / 1e9:.0f}B tokens at "
-          f"this tokenizer's {tok_per_char:.3f} tokens/char): per-core rates from the {biggest / 1e6:.0f}M input, "
-          f"stage 1 {c1 / 1e6:.2f} M chars/s/core ({best1.workers} workers), stage 3 {t3 / 1e3:.0f} K tok/s/core "
-          f"({best3.label}, {best3.workers} workers); assumes linear scaling per core (an estimate, not a measurement)")
+    s1 = [r for r in mine if r.stage == "1" and r.size_chars == biggest]
+    par = max(s1, key=lambda r: r.workers)
+    cpu_per_char = par.total_cpu / par.chars  # every process: what the cores must supply
+    committer_rate = par.chars / par.main_cpu if par.workers > 1 and par.main_cpu else 0.0
+    s3 = [r for r in mine if r.stage == "3" and r.size_chars == biggest]
+    best3 = max(s3, key=lambda r: r.tokens / r.inner_seconds / r.workers) if s3 else None
+    tok_per_char = best3.tokens / best3.chars if best3 else 0.0
+    t3 = best3.tokens / best3.inner_seconds / best3.workers if best3 else 0.0  # the proof and start-up are fixed costs
+    print(f"extrapolation to {corpus_cfg} ({budget / 1e9:.0f}B chars"
+          + (f", ~{budget * tok_per_char / 1e9:.0f}B tokens at this tokenizer's {tok_per_char:.3f} tokens/char" if best3 else "")
+          + f"), from the {biggest / 1e6:.0f}M input: stage 1 {1 / cpu_per_char / 1e6:.1f} M chars per CPU-second "
+          f"({par.workers} workers, all processes)"
+          + (f", its committer {committer_rate / 1e6:.0f} M chars/s at most" if committer_rate else "")
+          + (f"; stage 3 {t3 / 1e3:.0f} K tok/s per core ({best3.label}, {best3.workers} workers)" if best3 else "")
+          + "; assumes linear scaling per core (an estimate, not a measurement)")
     for n in cores:
-        h1 = budget / (c1 * n) / 3600
-        h3 = budget * tok_per_char / (t3 * n) / 3600
-        print(f"  {n:3d} cores: stage 1 {h1:6.1f} h + stage 3 {h3:6.1f} h = {h1 + h3:6.1f} h")
+        h1 = max(budget * cpu_per_char / n, budget / committer_rate if committer_rate else 0.0) / 3600
+        line = f"  {n:3d} cores: stage 1 {h1:6.1f} h"
+        if best3:
+            h3 = budget * tok_per_char / (t3 * n) / 3600
+            line += f" + stage 3 {h3:6.1f} h = {h1 + h3:6.1f} h"
+        print(line)
 
 
 # How each code version is told its worker count and encoder (the baseline predates corpus.workers and

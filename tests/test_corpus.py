@@ -499,14 +499,22 @@ def test_profile_corpus_configs_point_at_real_sources():
 TIMING_FIELDS = ("started", "finished", "resumed")
 
 
-def tiny_config(tmp_path: Path, root: Path, name: str = "tiny.yaml", mixed: bool = False, **corpus_kw) -> Path:
+def tiny_config(tmp_path: Path, root: Path, name: str = "tiny.yaml", mixed: bool = False, plain: bool = False,
+                **corpus_kw) -> Path:
     """The tiny profile with absolute source paths and its run under ``root``. ``mixed``: also a budget
     that stops a source inside a chunk, and a second reading of the quotes (min_chars 20) whose longer
-    half duplicates the first reading's documents (dedup across sources)."""
+    half duplicates the first reading's documents (dedup across sources). ``plain``: the sources
+    decompressed (.jsonl: chunks the workers read themselves) instead of the embedded .jsonl.gz."""
     data = yaml.safe_load((REPO / "configs" / "tiny" / "corpus.yaml").read_text())
     data["run"]["root"] = str(root)
     for s in data["corpus"]["sources"]:
         s["path"] = str(REPO / s["path"])
+        if plain:
+            out = tmp_path / "plain" / Path(s["path"]).name.removesuffix(".gz")
+            if not out.exists():
+                out.parent.mkdir(exist_ok=True)
+                out.write_bytes(gzip.decompress(Path(s["path"]).read_bytes()))
+            s["path"] = str(out)
     if mixed:
         sources = data["corpus"]["sources"]
         next(s for s in sources if s["name"] == "it-diodati")["char_budget"] = 400_000
@@ -518,9 +526,13 @@ def tiny_config(tmp_path: Path, root: Path, name: str = "tiny.yaml", mixed: bool
     return path
 
 
-def run_script(cfg: Path, *extra: str, timeout: float = 300) -> subprocess.CompletedProcess:
+def run_script(cfg: Path, *extra: str, timeout: float = 300, env: dict | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, str(SCRIPT), "--config", str(cfg), *extra], cwd=REPO,
-                          env={**os.environ, **OFFLINE_ENV}, capture_output=True, text=True, timeout=timeout)
+                          env={**os.environ, **OFFLINE_ENV, **(env or {})}, capture_output=True, text=True, timeout=timeout)
+
+
+# a small run would otherwise be done by the committer before the worker processes are up (dante.corpus._Pool)
+POOL_ONLY = {"DANTE_CORPUS_INLINE_START": "0"}
 
 
 def stage_files(sdir: Path) -> dict[str, bytes]:
@@ -533,7 +545,7 @@ def kill_at(cfg: Path, sdir: Path, fraction: float, work_s: float, *extra: str) 
     """Start stage 1, SIGKILL it ``fraction * work_s`` seconds after its stage folder appears (the work,
     not the interpreter start); True if it was still running (really killed)."""
     proc = subprocess.Popen([sys.executable, str(SCRIPT), "--config", str(cfg), *extra], cwd=REPO,
-                            env={**os.environ, **OFFLINE_ENV}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                            env={**os.environ, **OFFLINE_ENV, **POOL_ONLY}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 120
         while not (sdir / "progress.json").exists() and proc.poll() is None and time.monotonic() < deadline:
@@ -614,13 +626,18 @@ def test_sigkill_at_random_moments_then_rerun_is_byte_identical(tmp_path):
 SMALL_CHUNKS = {"docs_per_shard": 150, "chunk_bytes": 65536}  # many chunks and shards, cut across each other
 
 
-def test_one_two_three_workers_write_identical_bytes(tmp_path):
+@pytest.mark.parametrize("plain", [False, True], ids=["jsonl.gz", "jsonl"])
+def test_one_two_three_workers_write_identical_bytes(tmp_path, plain):
+    """1 worker (inline), 2 (every chunk through the processes), 3 (the committer takes the first chunks
+    while the processes start): the same files, byte for byte, for compressed and plain inputs."""
     outputs = []
-    for w in (1, 2, 3):
-        cfg = tiny_config(tmp_path, tmp_path / f"w{w}", name=f"w{w}.yaml", mixed=True, workers=w, **SMALL_CHUNKS)
-        r = run_script(cfg)
+    for w, env in ((1, {}), (2, POOL_ONLY), (3, {})):
+        cfg = tiny_config(tmp_path, tmp_path / f"w{w}", name=f"w{w}.yaml", mixed=True, plain=plain, workers=w, **SMALL_CHUNKS)
+        r = run_script(cfg, env=env)
         assert r.returncode == 0, r.stderr
         assert f"{w} worker process(es)" in r.stdout
+        if env:
+            assert "by the 2 worker processes, 0 by the committer" in r.stdout, r.stdout
         outputs.append(stage_files(tmp_path / f"w{w}" / "tiny" / "01_corpus"))
     assert outputs[0] == outputs[1] == outputs[2]
     shards = [k for k in outputs[0] if k.endswith(".jsonl.zst")]
@@ -635,7 +652,7 @@ def test_one_two_three_workers_write_identical_bytes(tmp_path):
 
 
 def test_kill_with_two_workers_then_rerun_with_one_gives_the_same_bytes(tmp_path):
-    kw = {"mixed": True, **SMALL_CHUNKS}
+    kw = {"mixed": True, "plain": True, **SMALL_CHUNKS}
     killed = kills_then_reruns_match(tmp_path, 15, 2, {"workers": 1, **kw}, {"workers": 2, **kw},
                                      rerun_args=("--set", "corpus.workers=1"))
     assert killed >= 1
@@ -647,6 +664,57 @@ def test_bad_worker_count_is_refused(tmp_path, monkeypatch, capsys, workers):
     code, _, err = run_stage1(monkeypatch, capsys, "--config", str(cfg), "--dry-run")
     assert code == 2 and f"corpus.workers={workers}" in err and "--set corpus.workers=" in err
     assert not (tmp_path / "runs").exists()
+
+
+def test_shards_are_the_workers_frames_closed_by_an_end_mark(tmp_path, monkeypatch):
+    """A worker's frames go into the shard as they are when all their records are kept; a frame cut by a
+    duplicate, the budget or a shard boundary is re-encoded from exactly the kept records."""
+    monkeypatch.setattr(corpus_chunks, "FRAME_BYTES", 2048)
+    lines = [json.dumps({"text": f"{LOREM} {i}"}) for i in range(60)]
+    (tmp_path / "a.jsonl").write_text("\n".join(lines) + "\n")
+    rules = corpus_chunks.SourceRules("a", "it", 1, 1, "text", "skip", "jsonl", "line")
+    [chunk] = corpus_chunks.line_chunks([tmp_path / "a.jsonl"], None, 0, 1 << 20)
+    r = corpus_chunks.process_chunk(chunk, rules)
+    assert len(r.frame_first) > 3  # several frames in one chunk
+    everything = corpus_chunks.records_frames(r, np.arange(60))
+    assert b"".join(everything) == r.frames  # all kept: the worker's bytes, unchanged
+
+    def records(frames):
+        return [json.loads(x)["text"] for f in frames for x in zstd_content(f).splitlines()]
+
+    some = np.array([0, 1, 2, 5, 7, 30, 59])
+    assert records(corpus_chunks.records_frames(r, some)) == [f"{LOREM} {i}" for i in some]
+    # split at a frame boundary (as two shards would), the pieces are the frames of the whole, in order
+    cut = int(r.frame_first[2])
+    subset = np.array([i for i in range(60) if i % 4])
+    head, tail = subset[subset < cut], subset[subset >= cut]
+    assert corpus_chunks.records_frames(r, head) + corpus_chunks.records_frames(r, tail) == corpus_chunks.records_frames(r, subset)
+
+
+def zstd_content(frame: bytes) -> bytes:
+    import zstandard
+
+    return zstandard.ZstdDecompressor().decompress(frame)
+
+
+def test_a_shard_cut_between_frames_or_miscounted_is_refused_and_a_format_2_shard_reads(tmp_path):
+    import zstandard
+
+    recs = [json.dumps({"text": f"{LOREM} {i}"}) + "\n" for i in range(9)]
+    frames = [corpus_chunks.compress_frame("".join(recs[k:k + 3]).encode()) for k in (0, 3, 6)]
+    path = tmp_path / "shard-00000.jsonl.zst"
+    path.write_bytes(b"".join(frames) + corpus.end_mark(9))
+    assert [t for _, t in corpus.iter_shard_texts(path)] == [f"{LOREM} {i}" for i in range(9)]
+    assert zstandard.ZstdDecompressor().decompressobj().decompress(path.read_bytes())  # a plain zstd stream
+    for bad, why in ((b"".join(frames[:2]), "without the shard's end mark"),
+                     (b"".join(frames) + corpus.end_mark(8), "counts 8 records, 9 were read"),
+                     (b"".join(frames) + corpus.end_mark(9) + b"x", "after the shard's end mark")):
+        path.write_bytes(bad)
+        with pytest.raises(corpus.UserError) as e:
+            list(corpus.iter_shard_texts(path))
+        assert why in str(e.value) and str(path) in str(e.value) and "--force" in str(e.value)
+    path.write_bytes(corpus_chunks.compress_frame("".join(recs).encode()))  # format 2: one frame, no end mark
+    assert len(list(corpus.iter_shard_texts(path))) == 9
 
 
 def test_truncated_zstd_shard_is_a_clear_error(tmp_path):
@@ -698,13 +766,18 @@ def test_line_chunks_are_a_function_of_the_file_and_resume_at_any_chunk(tmp_path
     for name in ("f.jsonl", "f.jsonl.gz"):
         files = [tmp_path / name]
         chunks = list(corpus_chunks.line_chunks(files, None, 0, 1024))
-        assert b"".join(c.payload for c in chunks) == data
-        assert all(c.payload.endswith(b"\n") for c in chunks[:-1]) and max(len(c.payload) for c in chunks) >= 5000
+        pieces = [corpus_chunks.line_bytes(c) for c in chunks]
+        assert b"".join(pieces) == data
+        assert all(p.endswith(b"\n") for p in pieces[:-1]) and max(len(p) for p in pieces) >= 5000
+        # a plain file's chunk carries only its bounds (the worker reads them); a compressed one its bytes
+        assert {c.kind for c in chunks} == ({"lines"} if name.endswith(".gz") else {"span"})
         assert [c.index for c in chunks] == list(range(len(chunks)))
-        assert [c.first_line for c in chunks] == [1 + sum(p.payload.count(b"\n") for p in chunks[:k]) for k in range(len(chunks))]
+        # the file line of each chunk's first row (a plain file's counted only when a message needs it)
+        assert [corpus_chunks.line_number(c, 0) for c in chunks] == [
+            1 + sum(corpus_chunks.line_bytes(p).count(b"\n") for p in chunks[:k]) for k in range(len(chunks))]
         for k in (1, len(chunks) // 2, len(chunks) - 1):
             again = list(corpus_chunks.line_chunks(files, chunks[k].pos, k, 1024))
-            assert [(c.index, c.pos, c.payload) for c in again] == [(c.index, c.pos, c.payload) for c in chunks[k:]]
+            assert [(c.index, c.pos, corpus_chunks.line_bytes(c)) for c in again] == [(c.index, c.pos, corpus_chunks.line_bytes(c)) for c in chunks[k:]]
 
 
 def test_dedup_index_agrees_with_a_python_set():
