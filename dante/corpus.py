@@ -115,6 +115,7 @@ from dante.corpus_chunks import (  # noqa: F401 -- part of this module's API
     ChunkResult,
     SourceError,
     ZSTD_LEVEL,
+    HF_CHUNK_ROWS,
     SourceRules,
     compress_frame,
     cuttable_note,
@@ -127,6 +128,7 @@ from dante.corpus_chunks import (  # noqa: F401 -- part of this module's API
     process_chunk,
     process_task,
     records_frames,
+    stream_shard_chunks,
 )
 from dante.dedup import (
     DedupIndex,
@@ -532,7 +534,11 @@ class _Pool:
                     raise UserError(f"stage 1 could not start its {self.workers} worker processes ({self._failed}); "
                                     f"HINT: --set corpus.workers=1 runs without them")
                 self.counts["committer"] += 1
-                window.append((run, item, _Ready(process_chunk(item, run.rules))))
+                if item.kind == "stream-shard":  # its frames go to disk here too: a shard can be gigabytes
+                    result = process_task((item, run.rules, str(self.spool_dir / f".spool-{n}.tmp")))
+                else:
+                    result = process_chunk(item, run.rules)
+                window.append((run, item, _Ready(result)))
             while window and (len(window) >= 2 * self.workers or _done(window[0][2])):
                 yield _fetch(*window.popleft())
         while window:
@@ -561,12 +567,18 @@ class _Pool:
 def _fetch(run: "_SourceRun", item: Any, fut: Any) -> tuple["_SourceRun", Any, Any]:
     """The task's result, its frames read back from the worker's spool file."""
     result = fut and fut.get()
-    if result is not None and result.spool:
+    if isinstance(result, ChunkResult):
+        unspool(result)
+    return run, item, result  # a stream shard's list is read one result at a time, by the commit
+
+
+def unspool(result: ChunkResult) -> ChunkResult:
+    if result.spool:
         path = Path(result.spool)
         result.frames = path.read_bytes()
         path.unlink()
         result.spool = None
-    return run, item, result
+    return result
 
 
 def _done(fut: Any) -> bool:
@@ -616,6 +628,18 @@ class _SourceRun:
         self.pos = pos
         if src.kind == "hf":
             ds = open_stream(src)
+            with _no_torch_import():
+                sharded = ds.reshard() if hasattr(ds, "reshard") else ds  # parquet: one shard per row group
+            shards = getattr(sharded, "num_shards", 1) or 1
+            if shards > 1:
+
+                def make_shard(k: int):
+                    with _no_torch_import():
+                        return sharded.shard(num_shards=shards, index=k)
+
+                return stream_shard_chunks(shards, make_shard, pos["at"], pos["chunk"])
+            print(f"[01_corpus] source {src.name!r}: the hub stream is one shard (a file that cannot be split); it is "
+                  f"read in this process, {HF_CHUNK_ROWS} rows per chunk, processed by the workers", flush=True)
             at = pos["at"] or {}
             if at.get("stream_state") is not None:
                 ds.load_state_dict(at["stream_state"])
@@ -640,8 +664,16 @@ class _SourceRun:
             self.bar = tqdm(total=budget or None, initial=self.stats.chars, unit="char", unit_scale=True,
                             desc=f"{self.src.name} ({self.src.lang}, tier {self.src.tier})", mininterval=0.5, file=sys.stderr)
         before = self.stats.chars
-        skip = self.pos["row"] if chunk.index == self.pos["chunk"] else 0
-        stopped = self._commit(chunk, r, skip, self.src.char_budget)
+        first_row = 0  # of this part, in the chunk (a stream shard comes as several parts)
+        stopped = False
+        for part in r if isinstance(r, list) else [r]:
+            unspool(part)
+            skip = self.pos["row"] - first_row if chunk.index == self.pos["chunk"] else 0
+            stopped = self._commit(chunk, part, min(max(skip, 0), part.rows), self.src.char_budget, first_row)
+            first_row += part.rows
+            part.frames = b""  # committed: free it before the next part is read
+            if stopped:
+                break
         self.bar.update(self.stats.chars - before)
         self._drain(block=False)
         if stopped:
@@ -678,8 +710,9 @@ class _SourceRun:
             self.bar.close()
             self.bar = None
 
-    def _commit(self, chunk: Chunk, r: ChunkResult, skip: int, budget: int) -> bool:
+    def _commit(self, chunk: Chunk, r: ChunkResult, skip: int, budget: int, first_row: int = 0) -> bool:
         """Apply dedup and the budget to one chunk's rows from ``skip`` on; True when the budget is reached.
+        ``first_row``: where ``r``'s rows start in the chunk (a stream shard's later parts).
         Vectorized over the chunk (a Python loop per document was a third of the committer's time); the
         shard boundaries, the budget's stop row and every statistic are those of a row-by-row pass."""
         st = self.stats
@@ -718,7 +751,7 @@ class _SourceRun:
                 if at == stop + 1:
                     self.dedup.add_new(r.keys[kept[:last]])
                     return True
-                self._flush({"chunk": chunk.index, "row": cursor, "at": chunk.pos})
+                self._flush({"chunk": chunk.index, "row": first_row + cursor, "at": chunk.pos})
         self.dedup.add_new(r.keys[kept])
         count_rows(r.rows)
         if r.error is not None:

@@ -14,8 +14,12 @@ local jsonl, txt by line    a line-aligned byte range of the (decompressed) file
                             bytes are sent
 local txt by paragraph/doc  one file (a single file cannot be cut: the log says so)
 local parquet               one row group (a file written as one group cannot be cut: log)
-hub (kind hf)               ``HF_CHUNK_ROWS`` consecutive rows of the one stream (read in the
-                            committer's process; only their processing runs on the workers)
+hub (kind hf)               one shard of the stream after ``IterableDataset.reshard()`` (a parquet
+                            row group; ``ds.shard(n, k)``, picklable): the worker streams it itself,
+                            in batches of ``HF_CHUNK_ROWS`` rows, each batch's frames spooled to disk.
+                            A stream of one shard (one file that cannot be split) is read by the
+                            committer in batches of ``HF_CHUNK_ROWS`` rows, one chunk each (the log says
+                            so); only their processing runs on the workers
 ==========================  ========================================================================
 
 ``process_chunk`` (in a worker process, or inline for one worker) parses the rows, applies the non-UTF-8
@@ -312,6 +316,20 @@ def hub_chunks(ds, start: dict | None, index: int, text_field: str, src_name: st
         pos = {"rows": rows, "stream_state": stream_state(ds)}
 
 
+def stream_shard_chunks(shards: int, make_shard, start: dict | None, index: int) -> Iterator[Chunk]:
+    """One chunk per stream shard, from the recorded one on: ``make_shard(k)`` is ``ds.shard(shards, k)``
+    of the resharded stream (concatenated in k order they are the stream in its own order, as the
+    ``datasets`` documentation of ``shard`` states). The shard count is part of each position: a dataset
+    whose files changed since the run started is refused on resume."""
+    start = start or {"shard": 0, "of": shards}
+    if start.get("of") != shards:
+        raise SourceError(f"the hub dataset now has {shards} stream shards, {start.get('of')} when this run started "
+                          f"(its files changed): rerun with --force to start the source over")
+    for k in range(start["shard"], shards):
+        yield Chunk(index, {"shard": k, "of": shards}, "stream-shard", make_shard(k), f"stream shard {k + 1} of {shards}")
+        index += 1
+
+
 def stream_state(ds) -> Any:
     try:
         state = ds.state_dict()
@@ -526,12 +544,44 @@ def records_frames(r: ChunkResult, cands: np.ndarray) -> list[bytes]:
     return out
 
 
-def process_task(task: tuple[Chunk, SourceRules, str]) -> ChunkResult:
+def process_task(task: tuple[Chunk, SourceRules, str]) -> ChunkResult | list[ChunkResult]:
     """``process_chunk`` for ``multiprocessing`` (one picklable argument), its frames written to the
-    spool file named in the task (plain write, no fsync: the committer reads and deletes it at once)."""
+    spool file named in the task (plain write, no fsync: the committer reads and deletes it at once).
+    A stream shard gives one result per batch of rows, each with its own spool file."""
     chunk, rules, spool = task
-    result = process_chunk(chunk, rules)
+    if chunk.kind == "stream-shard":
+        return process_stream_shard(chunk, rules, spool)
+    return _spooled(process_chunk(chunk, rules), spool)
+
+
+def _spooled(result: ChunkResult, spool: str) -> ChunkResult:
     with open(spool, "wb") as f:
         f.write(result.frames)
     result.frames, result.spool = b"", spool
     return result
+
+
+def process_stream_shard(chunk: Chunk, rules: SourceRules, spool: str) -> list[ChunkResult]:
+    """Stream one shard of a hub dataset and process it in batches of ``HF_CHUNK_ROWS`` rows: a list of
+    results in row order, their frames on disk (a row group can hold gigabytes of text). A failure while
+    streaming (network, a damaged file) ends the list with a result carrying the error, after the rows
+    read before it."""
+    top = rules.text_field.split(".")[0]
+    results: list[ChunkResult] = []
+    rows = 0
+    try:
+        for batch in chunk.payload.iter(batch_size=HF_CHUNK_ROWS):
+            if top not in batch:
+                raise SourceError(f"source {rules.name!r}: text field {rules.text_field!r} not found at row {rows + 1} of "
+                                  f"{chunk.label} (available: {sorted(batch)}); set text_field in the source config")
+            part = Chunk(chunk.index, chunk.pos, "rows", [{top: v} for v in batch[top]], chunk.label, rows + 1)
+            results.append(_spooled(process_chunk(part, rules), f"{spool}.{len(results)}"))
+            rows += results[-1].rows
+            if results[-1].error is not None:
+                return results
+    except Exception as e:  # noqa: BLE001 -- the source fails (recorded), the stage goes on
+        message = str(e) if isinstance(e, SourceError) else (
+            f"source {rules.name!r}: reading {chunk.label} failed after {rows} rows ({type(e).__name__}: {e})")
+        results.append(_spooled(process_chunk(Chunk(chunk.index, chunk.pos, "rows", []), rules), f"{spool}.{len(results)}"))
+        results[-1].error = message
+    return results

@@ -202,9 +202,10 @@ def test_hf_kind_streams_a_dataset_folder(tmp_path, monkeypatch, capsys):
                    repo / "train-00000-of-00001.parquet")
     cfg = write_config(tmp_path, [{"name": "hub", "kind": "hf", "hf_id": str(tmp_path / "hub-repo"),
                                     "text_field": "content", "lang": "code", "tier": 1, "min_chars": 20}])
-    code, _, err = run_stage1(monkeypatch, capsys, "--config", str(cfg))
+    code, out, err = run_stage1(monkeypatch, capsys, "--config", str(cfg))
     assert code == 0, err
     assert [r["text"] for r in all_records(stage_dir(tmp_path))] == [LOREM + " uno", LOREM + " due"]
+    assert "source 'hub': the hub stream is one shard (a file that cannot be split); it is read in this process" in out
 
 
 def test_dotted_text_field_reaches_nested_mapping(tmp_path, monkeypatch, capsys):
@@ -715,6 +716,70 @@ def test_a_shard_cut_between_frames_or_miscounted_is_refused_and_a_format_2_shar
         assert why in str(e.value) and str(path) in str(e.value) and "--force" in str(e.value)
     path.write_bytes(corpus_chunks.compress_frame("".join(recs).encode()))  # format 2: one frame, no end mark
     assert len(list(corpus.iter_shard_texts(path))) == 9
+
+
+def hub_config(tmp_path: Path, root: Path, name: str, **corpus_kw) -> Path:
+    """A kind-hf source over a local parquet dataset (the same ``load_dataset(..., streaming=True)`` path
+    as the hub) of 3 files, 8 row groups, one of them longer than a batch of HF_CHUNK_ROWS rows; a second
+    one whose first 200 rows repeat the first's (dedup across sources) and that stops at a budget inside
+    its third row group."""
+    repo = tmp_path / "hub-repo" / "data"
+    if not repo.exists():
+        repo.mkdir(parents=True)
+        rng = random.Random(5)
+        texts = [f"{LOREM[:rng.randint(40, 400)]} {i}" for i in range(5200)]
+        pq.write_table(pa.table({"content": texts[:600]}), repo / "train-00000-of-00003.parquet", row_group_size=150)
+        pq.write_table(pa.table({"content": texts[600:3000] + texts[:50]}), repo / "train-00001-of-00003.parquet",
+                       row_group_size=2450)
+        pq.write_table(pa.table({"content": texts[3000:]}), repo / "train-00002-of-00003.parquet", row_group_size=1100)
+        other = tmp_path / "hub-repo-2" / "data"
+        other.mkdir(parents=True)
+        more = texts[5000:] + [f"{LOREM[:rng.randint(40, 400)]} altro {i}" for i in range(3000)]
+        pq.write_table(pa.table({"content": more}), other / "train-00000-of-00001.parquet", row_group_size=1000)
+    sources = [{"name": "hub", "kind": "hf", "hf_id": str(tmp_path / "hub-repo"), "text_field": "content", "lang": "it",
+                "tier": 1, "min_chars": 30},
+               {"name": "hub-again", "kind": "hf", "hf_id": str(tmp_path / "hub-repo-2"), "text_field": "content",
+                "lang": "it", "tier": 2, "min_chars": 30, "char_budget": 300_000}]
+    cfg = {"run": {"name": "tiny", "root": str(root)}, "corpus": {"docs_per_shard": 700, "non_utf8": "skip", **corpus_kw,
+                                                               "sources": sources}}
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return path
+
+
+def test_hub_stream_shards_are_processed_by_the_workers_with_the_same_bytes(tmp_path):
+    """A hub source is cut by IterableDataset.reshard()/shard() (parquet: one chunk per row group) and each
+    worker streams its own shards: 1, 2 and 3 workers write the same files, byte for byte."""
+    outputs = []
+    for w, env in ((1, {}), (2, POOL_ONLY), (3, {})):
+        r = run_script(hub_config(tmp_path, tmp_path / f"w{w}", f"w{w}.yaml", workers=w), env=env)
+        assert r.returncode == 0, r.stderr
+        if env:
+            assert "by the 2 worker processes, 0 by the committer" in r.stdout, r.stdout
+        outputs.append(stage_files(tmp_path / f"w{w}" / "tiny" / "01_corpus"))
+    assert outputs[0] == outputs[1] == outputs[2]
+    m = json.loads((tmp_path / "w1" / "tiny" / "01_corpus" / "manifest.json").read_text())
+    hub, again = m["outputs"]["sources"]["hub"], m["outputs"]["sources"]["hub-again"]
+    assert (hub["docs_read"], hub["dropped_dedup"], hub["docs"]) == (5250, 50, 5200)  # the 50 repeated rows
+    assert again["dropped_dedup"] == 200 and 2000 < again["docs_read"] < 3000 and again["chars"] >= 300_000
+    texts = [t for f in corpus.corpus_files(tmp_path / "w1" / "tiny" / "01_corpus", m) if f.source == "hub"
+             for _, t in corpus.iter_shard_texts(f.path)]
+    assert len(texts) == 5200 and texts[0].endswith(" 0") and texts[-1].endswith(" 5199")  # the stream's order
+
+
+def test_kill_with_two_workers_inside_a_hub_stream_shard_then_rerun_with_one(tmp_path):
+    ref = hub_config(tmp_path, tmp_path / "ref", "ref.yaml", workers=1, docs_per_shard=300)
+    work = work_seconds(ref, tmp_path / "ref" / "tiny" / "01_corpus")
+    reference = stage_files(tmp_path / "ref" / "tiny" / "01_corpus")
+    rng, killed = random.Random(8), 0
+    for i in range(3):
+        root = tmp_path / f"k{i}"
+        cfg = hub_config(tmp_path, root, f"k{i}.yaml", workers=2, docs_per_shard=300)
+        killed += kill_at(cfg, root / "tiny" / "01_corpus", rng.uniform(0.1, 0.9), work)
+        r = run_script(cfg, "--set", "corpus.workers=1")
+        assert r.returncode == 0, r.stderr
+        assert stage_files(root / "tiny" / "01_corpus") == reference
+    assert killed >= 1
 
 
 def test_truncated_zstd_shard_is_a_clear_error(tmp_path):
