@@ -2,11 +2,12 @@
 (The shard writer and the readers of stage 1's shards share the record format, so they stay together;
 the chunks and the worker are in ``dante.corpus_chunks``, the dedup set in ``dante.dedup``.)
 
-Reading: hub sources stream through ``datasets`` (``load_dataset(hf_id, ..., streaming=True)``); local
-jsonl / txt / parquet files are read directly, in deterministic chunks (``dante.corpus_chunks``: line-aligned
-byte ranges of ``corpus.chunk_bytes``, parquet row groups, whole files where a source cannot be cut, which
-the log says). ``corpus.workers`` processes (0: all cores) turn each chunk's rows into candidates through
-the same steps:
+Reading: hub sources stream through ``datasets`` (``load_dataset(hf_id, ..., streaming=True)``, cut by
+``IterableDataset.reshard()`` / ``shard()``: a parquet row group per chunk, streamed by the worker that
+processes it); local jsonl / txt / parquet files are read directly, in deterministic chunks
+(``dante.corpus_chunks``: line-aligned byte ranges of ``corpus.chunk_bytes``, parquet row groups, whole files
+where a source cannot be cut, which the log says). ``corpus.workers`` processes (0: all cores; 1: all in
+this process) turn each chunk's rows into candidates and compressed records through the same steps:
 
 1. text extraction (``text_field``, a dotted path reaches into nested mappings such as Europarl's
    ``translation.it``; a missing field fails the source with the list of available fields; a line that is
@@ -34,14 +35,18 @@ finished folder came from a run killed inside a progress write: nothing removed 
 resumed and finished; nothing else writes progress, so no write races the manifest.)
 
 Output: ``01_corpus/<source>/shard-NNNNN.jsonl.zst``, records ``{"text", "source", "lang", "tier"}``,
-``docs_per_shard`` documents each, one zstd frame (level ``ZSTD_LEVEL``, with checksum; identical content
-gives identical bytes), written by a thread pool while the committer goes on, and beside each a
-``shard-NNNNN.hashes`` file (the shard's dedup keys, little-endian uint64). Format version 2; version-1
-gzip shards (``.jsonl.gz``) are still read by the readers below (they go by the magic bytes).
+``docs_per_shard`` documents each: zstd frames (level ``ZSTD_LEVEL``, content size and checksum in each;
+the workers' frames of ~``FRAME_BYTES``, copied as they are, or re-encoded by the committer where a shard
+boundary, a duplicate or the budget cuts one), then an end mark (``END_MAGIC``: a skippable frame holding
+the record count, so a file cut between frames is refused). Any zstd decoder reads a shard as one stream
+(``zstd -dc shard-00000.jsonl.zst``). Beside each, ``shard-NNNNN.hashes`` (the shard's dedup keys,
+little-endian uint64). Both are written by writer threads while the committer goes on. Format version 3;
+the readers below also read version 2 (one frame, no end mark) and version 1 (gzip, ``.jsonl.gz``): they
+go by the magic bytes.
 
 Resume: when a shard is written (shards are recorded strictly in order), ``progress.json`` records per
 source the shards, the position after the shard's last document (chunk number, row in it, and the
-chunk's start: file and byte offset, row group, or the hub stream's ``state_dict()`` / row count) and the
+chunk's start: file and byte offset, row group, stream shard, or the hub stream's ``state_dict()`` / row count) and the
 statistics. A killed run reloads the dedup keys of the recorded shards, rebuilds the chunks from that
 position (same bounds, same numbers) and continues at the recorded row. A failing source (missing hub
 dataset, bad bytes with policy ``error``, bad JSON, no document kept) records its error and the others go
@@ -58,22 +63,15 @@ UserError naming the file), ``read_shard`` / ``iter_documents`` the raw records.
 Memory: the dedup set holds one 64-bit key per kept document in a numpy open-addressing table,
 10.7-21.3 bytes per key (measured numbers and the command: ``dante.dedup``); 64-bit keys collide with
 probability ~n^2/2^65 (4e-4 at 1.2e8 documents: expect no false duplicate). The committer keeps at most
-2 x workers chunks in flight (each ~``chunk_bytes``) and the shards being written.
+2 x workers chunks in flight, their compressed frames (~1/3 of the text; a worker spools them to a file in
+``.spool-<pid>/``, read back in one call), and the shard being filled.
 
-Speed: drive it with ``python 1_download_corpus.py --config <yaml> --set corpus.workers=N`` (or
-``build_corpus(Stage.open(cfg, "01_corpus", FORMAT_VERSION), cfg)`` with ``cfg.corpus.workers = N``).
-Measured on this 2-core machine while other jobs kept its load at 6-8, so wall times mostly show the
-contention: 55.8M characters of real text (the CPython stdlib as 1,786 code documents, 31.5M chars, and
-the embedded sample's prose x4 with a unique header line, 24.6M chars; plain .jsonl): 1 worker 6.3-8.9 s
-(6.3-8.9M chars/s, 3.0 CPU-s, 130 MB peak RSS), 2 workers 9.1-14.4 s (5.0 CPU-s, 148 MB); the
-version-1 code 18.6 s (6.5 CPU-s, 434 MB). Per core (CPU time, ``time.process_time``): the worker's
-part (parse, NFC, filter, hash, encode) 47M chars/s; zstd level 3 (in the writer threads) 73M chars/s;
-reading and cutting chunks 430M chars/s; dedup 3.5G chars/s (0.4 us per document). On that input the documents, their order and every
-statistic equal the version-1 code's (datasets reading, gzip); shards 14.2 MB zstd vs 14.0 MB gzip.
-The committer's own share with 2 workers (reading and cutting the chunks, the pipes to the workers and
-back): 0.55 CPU-s for those 56M chars, i.e. it saturates near 100M chars/s per core, about 2-3 workers'
-worth of work at 47M chars/s each; hub sources add their streaming (parquet decode) to it, as they are
-read in this process.
+Speed (``python bench/data_scale.py``; numbers, machine and commands in docs/PERFORMANCE.md, "Data
+preparation at scale"): one worker runs everything in this process, 41M chars/s on the 2-core dev VM
+(200M characters of real text); 2 workers 1.5-1.7x that; the old one-process gzip code 13M chars/s. The
+committer's own CPU (cutting chunks, dedup, copying frames, writing) was 1.4 CPU-s per 200M chars, so it
+can serve ~140M chars/s: about 4-5 workers' output on such a core. Past that, the committer is the
+bottleneck (an estimate: only 2 cores were measured).
 
 Example::
 
@@ -848,8 +846,8 @@ def build_corpus(stage: Stage, cfg: C.CorpusStageConfig) -> dict:
         done = [n for n, s in sources.items() if s["status"] == "done"]
         print(f"[01_corpus] resuming: {len(done)} source(s) complete, {len(dedup):,} dedup keys reloaded", flush=True)
 
-    def save() -> None:
-        stage.save_progress(progress)
+    recorder = _ProgressWriter(stage, progress)
+    save = recorder.save
 
     workers = worker_count(corpus)
     print(f"[01_corpus] {workers} worker process(es)", flush=True)
@@ -922,6 +920,7 @@ def build_corpus(stage: Stage, cfg: C.CorpusStageConfig) -> dict:
                     save()
                     _print_source_summary(run.src, run.state)
     finally:
+        recorder.close()
         pool.close()
         shutil.rmtree(spool, ignore_errors=True)  # a late write of a dead run's worker then fails: no debris
     print(f"[01_corpus] {pool.summary()}", flush=True)
@@ -950,6 +949,31 @@ def _print_source_summary(src: C.SourceConfig, state: dict) -> None:
         f"{len(state['shards'])} shard(s)",
         flush=True,
     )
+
+
+class _ProgressWriter:
+    """``progress.json`` written by one background thread, snapshots in the order they were taken.
+
+    Each save is an atomic write with an fsync; done in the committer it blocked the pipeline once per shard
+    (measured, 2 workers, 1000M characters: 11.0 s with the fsyncs in the committer's path, 9.8-10.1 s
+    without any fsync). A snapshot is taken only after its shards' files are written, so a kill loses at most
+    the last few records: the rerun resumes earlier and writes those shards again, to the same bytes."""
+
+    def __init__(self, stage: Stage, progress: dict) -> None:
+        self.stage, self.progress = stage, progress
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="progress")
+        self.last = None
+
+    def save(self) -> None:
+        if self.last is not None and self.last.done():
+            self.last.result()  # a failed write (disk full) stops the stage here
+        snapshot = json.loads(json.dumps(self.progress))  # a deep copy: the committer goes on changing it
+        self.last = self.pool.submit(self.stage.save_progress, snapshot)
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True)
+        if self.last is not None:
+            self.last.result()
 
 
 def _describe_files(files: list[Path]) -> list[dict]:

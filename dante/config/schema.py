@@ -201,9 +201,9 @@ class CorpusConfig:
     non_utf8: Literal["skip", "error"] = "skip"
     """Undecodable bytes (or U+FFFD left by an upstream decoder) in a document: 'skip' drops and counts it, 'error' fails the source."""
     workers: int = 0
-    """Processes that parse, normalize, filter and hash chunks of the sources; 0 = all cores. Outputs do not depend on it."""
+    """Processes that parse, normalize, filter, hash and compress chunks of the sources; 0 = all cores, 1 = everything in the stage's own process. Outputs do not depend on it."""
     chunk_bytes: int = 4 << 20
-    """Bytes of a local jsonl/txt file per unit of parallel work (cut at a line end). Outputs do not depend on it; resume positions do."""
+    """Bytes of a local jsonl/txt file per unit of parallel work (cut at a line end). The documents and their order do not depend on it; the shard bytes (zstd frames are cut per chunk) and resume positions do."""
 
 
 @dataclass
