@@ -67,11 +67,11 @@ probability ~n^2/2^65 (4e-4 at 1.2e8 documents: expect no false duplicate). The 
 ``.spool-<pid>/``, read back in one call), and the shard being filled.
 
 Speed (``python bench/data_scale.py``; numbers, machine and commands in docs/PERFORMANCE.md, "Data
-preparation at scale"): one worker runs everything in this process, 41M chars/s on the 2-core dev VM
-(200M characters of real text); 2 workers 1.5-1.7x that; the old one-process gzip code 13M chars/s. The
-committer's own CPU (cutting chunks, dedup, copying frames, writing) was 1.4 CPU-s per 200M chars, so it
-can serve ~140M chars/s: about 4-5 workers' output on such a core. Past that, the committer is the
-bottleneck (an estimate: only 2 cores were measured).
+preparation at scale"): on the 2-core dev VM, real text, one worker (everything in this process) 50-57M
+chars/s, 3.4x the old one-process gzip code; 2 workers 1.62x one at 200M and 480M characters, 1.82x at
+1000M (fixed costs: the worker processes' start, the last shards' fsync). The committer's own CPU was
+0.98-2.5 s per run (1.5 at 480M, start-up included), so one committer can serve ~300M chars/s: about 6
+workers' output. Past that it is the bottleneck (an estimate: only 2 cores were measured).
 
 Example::
 
