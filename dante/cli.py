@@ -168,18 +168,3 @@ def run_stage(
             f"no space left on the device (or quota exceeded) while writing {where}.\n"
             f"  HINT: free space there (`df -h {where}`) or set run.root to a larger disk (copy the earlier stages' "
             f"folders); then rerun the same command: finished work is kept and the stage resumes."))
-    finally:
-        close_process_group()
-
-
-def close_process_group() -> None:
-    """Tear down the ranks' process group before the interpreter exits. Left to interpreter exit, gloo's
-    threads were sometimes still running when their C++ objects were destroyed: the process aborted
-    ("terminate called without an active exception", exit -6) after printing its error, instead of
-    exiting 2 (seen in CI, tests/test_launchers.py, a refused launch). Stages 1-3 never import torch."""
-    dist = sys.modules.get("torch.distributed")
-    if dist is not None and dist.is_available() and dist.is_initialized():
-        try:
-            dist.destroy_process_group()
-        except Exception as e:  # noqa: BLE001 -- the exit code already says what happened
-            print(f"[dante] note: destroying the process group failed ({type(e).__name__}: {e})", file=sys.stderr)
