@@ -303,17 +303,23 @@ def hub_chunks(ds, start: dict | None, index: int, text_field: str, src_name: st
     each, carrying only the text's top-level column to the workers. ``ds`` is already at ``start`` (the
     caller restored its state); each chunk's ``pos`` holds the stream state before its first row."""
     rows = (start or {}).get("rows", 0)
-    top = text_field.split(".")[0]
     pos = {"rows": rows, "stream_state": stream_state(ds)}
     for batch in ds.iter(batch_size=rows_per_chunk):
-        if top not in batch:
-            raise SourceError(f"source {src_name!r}: text field {text_field!r} not found at row {rows + 1} "
-                              f"(available: {sorted(batch)}); set text_field in the source config")
-        values = batch[top]
-        yield Chunk(index, pos, "rows", [{top: v} for v in values], first_line=rows + 1)
+        values = batch_rows(batch, text_field, src_name, f"row {rows + 1}")
+        yield Chunk(index, pos, "rows", values, first_line=rows + 1)
         index += 1
         rows += len(values)
         pos = {"rows": rows, "stream_state": stream_state(ds)}
+
+
+def batch_rows(batch: dict, text_field: str, src_name: str, where: str) -> list[dict]:
+    """The rows of one ``IterableDataset.iter`` batch, reduced to the text's top-level column (all a worker
+    needs); SourceError naming the columns there are if the column is missing."""
+    top = text_field.split(".")[0]
+    if top not in batch:
+        raise SourceError(f"source {src_name!r}: text field {text_field!r} not found at {where} "
+                          f"(available: {sorted(batch)}); set text_field in the source config")
+    return [{top: v} for v in batch[top]]
 
 
 def stream_shard_chunks(shards: int, make_shard, start: dict | None, index: int) -> Iterator[Chunk]:
@@ -566,15 +572,12 @@ def process_stream_shard(chunk: Chunk, rules: SourceRules, spool: str) -> list[C
     results in row order, their frames on disk (a row group can hold gigabytes of text). A failure while
     streaming (network, a damaged file) ends the list with a result carrying the error, after the rows
     read before it."""
-    top = rules.text_field.split(".")[0]
     results: list[ChunkResult] = []
     rows = 0
     try:
         for batch in chunk.payload.iter(batch_size=HF_CHUNK_ROWS):
-            if top not in batch:
-                raise SourceError(f"source {rules.name!r}: text field {rules.text_field!r} not found at row {rows + 1} of "
-                                  f"{chunk.label} (available: {sorted(batch)}); set text_field in the source config")
-            part = Chunk(chunk.index, chunk.pos, "rows", [{top: v} for v in batch[top]], chunk.label, rows + 1)
+            values = batch_rows(batch, rules.text_field, rules.name, f"row {rows + 1} of {chunk.label}")
+            part = Chunk(chunk.index, chunk.pos, "rows", values, chunk.label, rows + 1)
             results.append(_spooled(process_chunk(part, rules), f"{spool}.{len(results)}"))
             rows += results[-1].rows
             if results[-1].error is not None:
